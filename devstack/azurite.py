@@ -1,0 +1,119 @@
+"""Launching Azurite (Blob, Queue and Table) from the repo's pinned npm package.
+
+HTTPS with the devstack CA and `--oauth basic`, so that both connection strings and managed-identity
+bearer tokens work; in memory, so every stack starts empty; never phoning home.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from .ca import TlsFiles
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+AZURITE_JS = REPO_ROOT / "node_modules" / "azurite" / "dist" / "src" / "azurite.js"
+ACCOUNT_NAME = "devstoreaccount1"
+# Azurite's published, well-known development key: not a secret.
+ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+class AzuriteUnavailable(RuntimeError):
+    """Node or the Azurite package is missing; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class AzuritePorts:
+    blob: int
+    queue: int
+    table: int
+
+
+def endpoint(port: int) -> str:
+    return f"https://127.0.0.1:{port}/{ACCOUNT_NAME}"
+
+
+def connection_string(ports: AzuritePorts, *, services: tuple[str, ...] = ("Blob", "Queue", "Table")) -> str:
+    parts = ["DefaultEndpointsProtocol=https", f"AccountName={ACCOUNT_NAME}", f"AccountKey={ACCOUNT_KEY}"]
+    by_name = {"Blob": ports.blob, "Queue": ports.queue, "Table": ports.table}
+    parts += [f"{name}Endpoint={endpoint(by_name[name])}" for name in services]
+    return ";".join(parts) + ";"
+
+
+def find_node() -> str:
+    node = shutil.which("node")
+    if node is None:
+        raise AzuriteUnavailable(
+            "Node.js is not on PATH: the local stack runs Azurite with Node 20 or newer. "
+            "Install Node.js (e.g. `apt-get install nodejs npm`) and run `make run` again."
+        )
+    if not AZURITE_JS.exists():
+        raise AzuriteUnavailable(
+            f"Azurite is not installed in {AZURITE_JS.parents[3]}: run `npm ci` (make does it for you)."
+        )
+    return node
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM Azurite if `devstack up` dies without cleaning up (even by SIGKILL)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def command(node: str, ports: AzuritePorts, tls: TlsFiles) -> list[str]:
+    return [
+        node,
+        str(AZURITE_JS),
+        "--blobPort",
+        str(ports.blob),
+        "--queuePort",
+        str(ports.queue),
+        "--tablePort",
+        str(ports.table),
+        "--cert",
+        str(tls.server_cert),
+        "--key",
+        str(tls.server_key),
+        "--oauth",
+        "basic",
+        "--inMemoryPersistence",
+        "--disableTelemetry",
+        "--skipApiVersionCheck",
+        "--silent",
+    ]
+
+
+def start(ports: AzuritePorts, tls: TlsFiles, workspace: Path, log_path: Path) -> subprocess.Popen:
+    node = find_node()
+    workspace.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("wb")
+    try:
+        return subprocess.Popen(
+            command(node, ports, tls),
+            cwd=workspace,  # in-memory, but anything Azurite still writes stays in the state folder
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+            process_group=0,
+        )
+    finally:
+        log.close()
+
+
+def stop(process: subprocess.Popen, timeout: float = 5.0) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -1,0 +1,134 @@
+"""Pure rules of the emulated ACS resource: token shape, revocation, expiry, limits, fault settings."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from devstack.acs_state import LIMITS, AcsError, AcsResource, Faults, RateWindow, check_expires_in
+from devstack.keys import SigningKey
+
+KEY = SigningKey.generate()
+
+
+class Clock:
+    def __init__(self, now: float = 1_700_000_000.25) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _resource(clock: Clock | None = None) -> AcsResource:
+    return AcsResource(
+        resource_id="2dee53b4-368b-45b4-ab52-8493fb117652",
+        signing_key=KEY,
+        teams_app_id="app",
+        teams_issuer="http://issuer",
+        teams_issuer_key=KEY,
+        clock=clock or Clock(),
+    )
+
+
+def test_token_has_acs_claims_and_decodes_as_standard_base64():
+    resource = _resource()
+    for _ in range(200):
+        identity = resource.create_identity()
+        token = resource.issue(identity, ["chat", "voip"], 60).token
+        header_b64, payload_b64, _sig = token.split(".")
+        payload = json.loads(base64.b64decode(payload_b64 + "=="))
+        assert payload == json.loads(base64.urlsafe_b64decode(payload_b64 + "=="))
+    header = json.loads(base64.urlsafe_b64decode(header_b64 + "=="))
+    assert header["alg"] == "RS256" and header["kid"] and header["x5t"] and header["typ"] == "JWT"
+    assert payload["skypeid"] == identity.removeprefix("8:")
+    assert payload["acsScope"] == "chat,voip" and payload["resourceId"] == resource.resource_id
+    assert payload["csi"] == str(payload["iat"]) and payload["exp"] == payload["iat"] + 3600
+
+
+def test_revocation_beats_tokens_of_the_same_second_but_not_later_ones():
+    clock = Clock()
+    resource = _resource(clock)
+    identity = resource.create_identity()
+    before = resource.issue(identity, ["chat"], 60).token
+    resource.revoke(identity)
+    after = resource.issue(identity, ["chat"], 60).token  # same clock reading
+    assert resource.verify(before) == (False, "revoked")
+    assert resource.verify(after) == (True, "valid")
+
+
+def test_expired_tokens_are_invalid():
+    clock = Clock()
+    resource = _resource(clock)
+    token = resource.issue(resource.create_identity(), ["chat"], 60).token
+    clock.now += 3599
+    assert resource.verify(token) == (True, "valid")
+    clock.now += 1
+    assert resource.verify(token) == (False, "expired")
+
+
+def test_tokens_from_another_key_are_invalid():
+    other = AcsResource(
+        resource_id="x",
+        signing_key=SigningKey.generate(),
+        teams_app_id="a",
+        teams_issuer="i",
+        teams_issuer_key=KEY,
+    )
+    token = other.issue(other.create_identity(), ["chat"], 60).token
+    assert _resource().verify(token)[0] is False
+
+
+def test_deleted_identity_is_gone_for_good():
+    resource = _resource()
+    identity = resource.create_identity()
+    resource.delete(identity)
+    for act in (
+        lambda: resource.issue(identity, ["chat"], 60),
+        lambda: resource.revoke(identity),
+        lambda: resource.delete(identity),
+    ):
+        with pytest.raises(AcsError) as caught:
+            act()
+        assert (caught.value.status, caught.value.code) == (401, "IdentityNotOwned")
+    assert resource.stats()["liveIdentities"] == 0
+
+
+@pytest.mark.parametrize("value", [59, 1441, 0, -5, "60", 60.0, True])
+def test_expiry_must_be_an_integer_in_bounds(value):
+    with pytest.raises(AcsError) as caught:
+        check_expires_in(value)
+    assert caught.value.status == 400 and caught.value.code == "ValidationError"
+
+
+def test_rate_window_enforces_the_documented_limit_and_slides():
+    window = RateWindow()
+    limit = LIMITS["deleteIdentity"]
+    assert limit == 500
+    for i in range(limit):
+        assert window.admit("deleteIdentity", 100.0 + i * 0.01) is None
+    wait = window.admit("deleteIdentity", 110.0)
+    assert wait is not None and 1 <= wait <= 31
+    assert window.admit("issueAccessToken", 110.0) is None  # limits are per operation
+    assert window.admit("deleteIdentity", 130.01) is None  # the first calls left the window
+
+
+def test_limits_switch_answers_429_with_retry_after():
+    clock = Clock()
+    resource = _resource(clock)
+    resource.faults.update({"limits": True})
+    for _ in range(LIMITS["revokeAccessTokens"]):
+        resource.check_limit("revokeAccessTokens")
+    with pytest.raises(AcsError) as caught:
+        resource.check_limit("revokeAccessTokens")
+    assert caught.value.status == 429 and caught.value.retry_after >= 1
+
+
+def test_faults_update_is_all_or_nothing():
+    faults = Faults()
+    with pytest.raises(ValueError, match="errorRate"):
+        faults.update({"latencyMs": 50, "errorRate": 3})
+    assert faults.latencyMs == 0
+    faults.update({"latencyMs": 50, "errorRate": 1})
+    assert (faults.latencyMs, faults.errorRate) == (50, 1.0)

@@ -1,0 +1,178 @@
+"""`python -m devstack up | token`: readiness, env.json, clean shutdown, fail-fast, user tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jwt
+import pytest
+import requests
+
+from tests.conftest import REPO_ROOT, start_stack, stop_stack, wait_for_env
+
+
+def _token(stack, *args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "devstack", "token", *args, "--state-dir", str(stack.state_dir)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return out.stdout
+
+
+def _verify_with_discovery(stack, token: str) -> dict:
+    discovery = requests.get(stack["issuer"] + "/.well-known/openid-configuration", timeout=10).json()
+    assert discovery["issuer"] == stack["issuer"]
+    signing_key = jwt.PyJWKClient(discovery["jwks_uri"]).get_signing_key_from_jwt(token)
+    return jwt.decode(
+        token, signing_key.key, algorithms=["RS256"], audience=stack["audience"], issuer=discovery["issuer"]
+    )
+
+
+def test_env_json_has_the_contract_keys(stack):
+    for key in (
+        "acs_endpoint",
+        "acs_connection_string",
+        "tables_connection_string",
+        "issuer",
+        "audience",
+        "ca_bundle",
+    ):
+        assert stack[key], key
+    assert stack["acs_connection_string"].startswith(f"endpoint={stack['acs_endpoint']};accesskey=")
+
+
+def test_token_prints_only_a_verifiable_user_jwt(stack):
+    out = _token(stack, "alice@example.com", "--role", "TokenService.Admin", "--role", "Reader")
+    assert out.count("\n") == 1
+    token = out.strip()
+    header = jwt.get_unverified_header(token)
+    assert header["alg"] == "RS256" and header["kid"]
+    claims = _verify_with_discovery(stack, token)
+    assert claims["sub"] == "alice@example.com"
+    assert claims["roles"] == ["TokenService.Admin", "Reader"]
+    assert claims["tid"] == stack["tenant_id"]
+    assert claims["exp"] - claims["iat"] == 3600 and claims["nbf"] <= time.time()
+
+
+def test_token_oid_is_stable_per_user_and_distinct_across_users(stack):
+    a1 = jwt.decode(_token(stack, "alice").strip(), options={"verify_signature": False})
+    a2 = jwt.decode(_token(stack, "alice", "--minutes", "5").strip(), options={"verify_signature": False})
+    b = jwt.decode(_token(stack, "bob").strip(), options={"verify_signature": False})
+    assert a1["oid"] == a2["oid"] != b["oid"]
+    assert a1["roles"] == [] and a2["exp"] - a2["iat"] == 300
+
+
+def test_token_keeps_odd_subjects_verbatim(stack):
+    sub = "tenant/ü ser#1?x=%2F"
+    claims = _verify_with_discovery(stack, _token(stack, sub).strip())
+    assert claims["sub"] == sub
+
+
+def test_token_without_a_running_stack_says_so(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "devstack", "token", "alice", "--state-dir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode != 0
+    assert "no running stack" in out.stderr and "make run" in out.stderr
+
+
+def test_up_prints_no_secret_and_stops_every_child(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "devstack", "up", "--free-ports", "--state-dir", str(tmp_path / "s")],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    env = wait_for_env(process, tmp_path / "s")
+    azurite_port = env["ports"]["table"]
+    with socket.create_connection(("127.0.0.1", azurite_port), timeout=5):
+        pass
+    process.send_signal(signal.SIGINT)  # Ctrl-C
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 0
+    printed = (out + err).decode()
+    assert "Local stack is up" in printed
+    access_key = env["acs_connection_string"].split("accesskey=")[1]
+    assert access_key not in printed and env["identity_header"] not in printed
+    for port in env["ports"].values():
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    assert not (tmp_path / "s" / "env.json").exists()
+
+
+def test_azurite_dies_with_a_killed_stack(tmp_path):
+    process = start_stack(tmp_path / "s")
+    env = wait_for_env(process, tmp_path / "s")
+    process.kill()  # no chance to clean up: the kernel's parent-death signal must do it
+    process.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", env["ports"]["table"]), timeout=1).close()
+        except OSError:
+            return
+        time.sleep(0.2)
+    pytest.fail("Azurite outlived its parent")
+
+
+def test_taken_port_fails_fast_with_a_clear_message(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        started = time.monotonic()
+        process = start_stack(tmp_path / "s", "--issuer-port", str(port))
+        _out, err = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert time.monotonic() - started < 10
+    message = err.decode()
+    assert f"Port {port}" in message and "dev OpenID issuer" in message and "--issuer-port" in message
+    assert not (tmp_path / "s").exists()  # nothing was started or written
+
+
+def test_missing_node_fails_fast(tmp_path):
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable))  # python, but no node
+    process = start_stack(tmp_path / "s", env=env)
+    _out, err = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert "Node.js is not on PATH" in err.decode()
+
+
+def test_refuses_to_wipe_a_folder_it_did_not_make(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    process = start_stack(precious)
+    _out, err = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert "not made by devstack" in err.decode()
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_two_stacks_coexist(stack, tmp_path):
+    process = start_stack(tmp_path / "s2")
+    try:
+        other = wait_for_env(process, tmp_path / "s2")
+        assert set(other["ports"].values()).isdisjoint(stack["ports"].values())
+        assert requests.get(other["acs_emulator_hooks"] + "stats", timeout=10).json()["liveIdentities"] == 0
+    finally:
+        stop_stack(process)
+
+
+def test_env_json_is_private(stack):
+    assert (stack.state_dir / "env.json").stat().st_mode & 0o077 == 0
+    assert json.loads((stack.state_dir / "env.json").read_text())["pid"] == stack.process.pid
