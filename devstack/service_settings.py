@@ -1,0 +1,52 @@
+"""The app settings the token service gets when it runs on the local stack.
+
+One place maps the stack's env.json onto the service's settings, so that the dev host, `make run`
+and the tests configure the service the same way. Values in local.settings.json ("Values") are
+the user's; the stack fills in what it alone knows (ports, keys, the CA).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def read_local_settings(path: Path | None = None) -> dict:
+    """local.settings.json if the user made one, else the committed sample."""
+    for candidate in (path,) if path else (REPO_ROOT / "local.settings.json", REPO_ROOT / "local.settings.sample.json"):
+        if candidate and candidate.exists():
+            return json.loads(candidate.read_text())
+    return {}
+
+
+def settings_for_host(env: dict, *, managed_identity: bool = True, local_settings: dict | None = None) -> dict[str, str]:
+    """Environment variables for a process that runs function_app against this stack.
+
+    With `managed_identity` the service gets endpoints only and authenticates through the stack's
+    App Service-style managed-identity endpoint: no key in any setting.
+    """
+    values = {k: str(v) for k, v in (local_settings or {}).get("Values", {}).items() if v not in ("", None)}
+    stack_values = {
+        "AUTH_ISSUER": env["issuer"],
+        "AUTH_AUDIENCE": env["audience"],
+        "SSL_CERT_FILE": env["ca_bundle"],
+        "REQUESTS_CA_BUNDLE": env["ca_bundle"],
+        "AzureWebJobsStorage": env["storage_connection_string"],
+    }
+    if managed_identity:
+        stack_values |= {
+            "ACS_ENDPOINT": env["acs_endpoint"],
+            "TABLES_ENDPOINT": env["tables_endpoint"],
+            "IDENTITY_ENDPOINT": env["identity_endpoint"],
+            "IDENTITY_HEADER": env["identity_header"],
+        }
+        for key in ("ACS_CONNECTION_STRING", "TABLES_CONNECTION_STRING"):
+            values.pop(key, None)
+    else:
+        stack_values |= {
+            "ACS_CONNECTION_STRING": env["acs_connection_string"],
+            "TABLES_CONNECTION_STRING": env["tables_connection_string"],
+        }
+    return values | stack_values
