@@ -1,0 +1,107 @@
+"""The ACS Identity gateway: the aio SDK client, its retry discipline, and its errors translated.
+
+azure-core already retries any answer that carries Retry-After (ACS's 429s), and connection
+failures; what is left when retries run out becomes a 503 with Retry-After for our caller, never a
+500, because from the caller's side the service is temporarily unable, not broken.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+
+from azure.communication.identity import CommunicationUserIdentifier
+from azure.communication.identity.aio import CommunicationIdentityClient
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+
+from .errors import NotFound, ServiceError, Unavailable
+
+log = logging.getLogger("acs_token_service.acs")
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: str
+    expires_on: dt.datetime
+
+
+def _parse_expiry(value: object) -> dt.datetime:
+    # The SDK passes ACS's expiresOn through as a string (e.g. 2023-10-26T16:19:21.665204+00:00).
+    if isinstance(value, int | float):
+        return dt.datetime.fromtimestamp(value, dt.UTC)
+    parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def _retry_after(err: HttpResponseError, default: int = 5) -> int:
+    response = getattr(err, "response", None)
+    value = response.headers.get("Retry-After") if response is not None else None
+    try:
+        return max(1, int(float(value))) if value else default
+    except ValueError:
+        return default
+
+
+def translate(err: Exception) -> ServiceError:
+    """Map an SDK failure to what our caller should see."""
+    if isinstance(err, ServiceRequestError | ServiceResponseError):
+        return Unavailable("Azure Communication Services cannot be reached.", code="acs_unavailable")
+    if isinstance(err, ClientAuthenticationError):
+        code = getattr(getattr(err, "error", None), "code", None)
+        if code == "IdentityNotOwned":
+            return NotFound("The ACS identity no longer exists.", code="identity_gone")
+        log.error(
+            "ACS refused our credentials (%s): check ACS_ENDPOINT/ACS_CONNECTION_STRING and roles", code
+        )
+        return Unavailable("The service cannot authenticate to ACS.", code="acs_auth_failed", retry_after=60)
+    if isinstance(err, HttpResponseError):
+        status = err.status_code or 0
+        if status == 429:
+            return Unavailable(
+                "ACS is throttling; retry later.", code="acs_throttled", retry_after=_retry_after(err)
+            )
+        if status >= 500:
+            return Unavailable("ACS failed to answer.", code="acs_unavailable", retry_after=_retry_after(err))
+        log.error("ACS rejected a request: status %s, code %s", status, getattr(err.error, "code", None))
+        return Unavailable("ACS rejected the request.", code="acs_rejected")
+    raise err
+
+
+class AcsGateway:
+    def __init__(self, client: CommunicationIdentityClient) -> None:
+        self.client = client
+
+    async def create_with_token(self, scopes: tuple[str, ...], minutes: int) -> tuple[str, IssuedToken]:
+        try:
+            user, token = await self.client.create_user_and_token(
+                list(scopes), token_expires_in=dt.timedelta(minutes=minutes)
+            )
+        except Exception as err:  # noqa: BLE001 - translate() re-raises what it does not know
+            raise translate(err) from None
+        return user.properties["id"], IssuedToken(token.token, _parse_expiry(token.expires_on))
+
+    async def issue(self, communication_user_id: str, scopes: tuple[str, ...], minutes: int) -> IssuedToken:
+        try:
+            token = await self.client.get_token(
+                CommunicationUserIdentifier(communication_user_id),
+                list(scopes),
+                token_expires_in=dt.timedelta(minutes=minutes),
+            )
+        except Exception as err:  # noqa: BLE001
+            raise translate(err) from None
+        return IssuedToken(token.token, _parse_expiry(token.expires_on))
+
+    async def delete(self, communication_user_id: str) -> None:
+        try:
+            await self.client.delete_user(CommunicationUserIdentifier(communication_user_id))
+        except Exception as err:  # noqa: BLE001
+            translated = translate(err)
+            if isinstance(translated, NotFound):
+                return  # already gone is what we wanted
+            raise translated from None

@@ -1,0 +1,117 @@
+"""One set of aio SDK clients per worker, created on first use and reused by every request.
+
+A client per request would pay a TLS handshake and a credential token fetch every time; these
+objects are safe to share across concurrent requests on the worker's event loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .acs import AcsGateway
+from .auth import EasyAuthAuthenticator, JwksCache, JwtAuthenticator
+from .settings import Settings, get_settings
+from .store import IdentityStore
+from .tokens import TokenService
+
+# Retries: azure-core honours Retry-After; backoff 0.5, 1, 2, 4 s rides out short ACS blips but
+# still answers (503) well within an HTTP client's patience when ACS is really down.
+ACS_CLIENT_OPTIONS = {
+    "retry_total": 4,
+    "retry_backoff_factor": 0.5,
+    "retry_backoff_max": 8,
+    "connection_timeout": 5,
+    "read_timeout": 15,
+}
+TABLE_CLIENT_OPTIONS = {
+    "retry_total": 3,
+    "retry_backoff_factor": 0.3,
+    "connection_timeout": 5,
+    "read_timeout": 10,
+}
+
+
+@dataclass
+class Clients:
+    settings: Settings
+    credential: object | None
+    authenticator: JwtAuthenticator | EasyAuthAuthenticator
+    jwks: JwksCache | None
+    tokens: TokenService
+    store: IdentityStore
+    closers: tuple
+
+    async def close(self) -> None:
+        for close in self.closers:
+            await close()
+
+
+def _credential(settings: Settings):
+    from azure.identity.aio import DefaultAzureCredential
+
+    return DefaultAzureCredential(
+        managed_identity_client_id=settings.managed_identity_client_id,
+        exclude_interactive_browser_credential=True,
+    )
+
+
+def build(settings: Settings) -> Clients:
+    from azure.communication.identity.aio import CommunicationIdentityClient
+    from azure.data.tables.aio import TableClient
+
+    credential = None
+    if settings.acs_connection_string is None or settings.tables_connection_string is None:
+        credential = _credential(settings)
+
+    if settings.acs_connection_string:
+        acs = CommunicationIdentityClient.from_connection_string(
+            settings.acs_connection_string, **ACS_CLIENT_OPTIONS
+        )
+    else:
+        acs = CommunicationIdentityClient(settings.acs_endpoint, credential, **ACS_CLIENT_OPTIONS)
+    if settings.tables_connection_string:
+        table = TableClient.from_connection_string(
+            settings.tables_connection_string, settings.table_name, **TABLE_CLIENT_OPTIONS
+        )
+    else:
+        table = TableClient(
+            settings.tables_endpoint, settings.table_name, credential=credential, **TABLE_CLIENT_OPTIONS
+        )
+
+    jwks = None
+    if settings.auth_mode == "easyauth":
+        authenticator = EasyAuthAuthenticator(settings)
+    else:
+        jwks = JwksCache(settings.issuer)
+        authenticator = JwtAuthenticator(settings, jwks)
+    store = IdentityStore(table)
+    closers = (
+        [acs.close, table.close] + ([jwks.close] if jwks else []) + ([credential.close] if credential else [])
+    )
+    return Clients(
+        settings=settings,
+        credential=credential,
+        authenticator=authenticator,
+        jwks=jwks,
+        tokens=TokenService(store, AcsGateway(acs)),
+        store=store,
+        closers=tuple(closers),
+    )
+
+
+_clients: Clients | None = None
+
+
+def get_clients() -> Clients:
+    global _clients
+    if _clients is None:
+        _clients = build(get_settings())
+    return _clients
+
+
+async def reset_clients() -> None:
+    """Close and forget the worker's clients (tests, and settings changes)."""
+    global _clients
+    clients, _clients = _clients, None
+    if clients is not None:
+        await clients.close()

@@ -1,0 +1,75 @@
+"""Domain errors with stable codes; `shared.problems` turns them into RFC 9457 responses.
+
+Every error a caller can cause or meet is one of these, so handlers never build error responses
+by hand and no path ends in an unexplained 500.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status = 500
+    code = "internal_error"
+    title = "Internal error"
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class BadRequest(ServiceError):
+    status, code, title = 400, "bad_request", "Bad request"
+
+    def __init__(self, detail: str, *, code: str | None = None) -> None:
+        super().__init__(detail)
+        if code:
+            self.code = code
+
+
+class Unauthenticated(ServiceError):
+    """401: the bearer token is missing or invalid. Carries the RFC 6750 challenge."""
+
+    status, code, title = 401, "unauthenticated", "Authentication required"
+
+    def __init__(self, detail: str, *, error: str | None = "invalid_token") -> None:
+        challenge = 'Bearer realm="acs-token-service"'
+        if error:
+            description = detail.replace('"', "'")
+            challenge += f', error="{error}", error_description="{description}"'
+        super().__init__(detail, headers={"WWW-Authenticate": challenge})
+
+
+class Forbidden(ServiceError):
+    status, code, title = 403, "forbidden", "Forbidden"
+
+
+class NotFound(ServiceError):
+    status, code, title = 404, "not_found", "Not found"
+
+    def __init__(self, detail: str, *, code: str | None = None) -> None:
+        super().__init__(detail)
+        if code:
+            self.code = code
+
+
+class PayloadTooLarge(ServiceError):
+    status, code, title = 413, "payload_too_large", "Payload too large"
+
+
+class Unavailable(ServiceError):
+    """503: a dependency is down, throttled or misconfigured; the caller may retry later."""
+
+    status, code, title = 503, "unavailable", "Service unavailable"
+
+    def __init__(self, detail: str, *, code: str, retry_after: int = 5) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after))})
+        self.code = code
+
+
+class SettingError(Unavailable):
+    """A setting is missing or invalid: the operator must fix the app settings."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        super().__init__(f"App setting {name}: {detail}", code="configuration_error", retry_after=60)
+        self.setting = name

@@ -1,0 +1,33 @@
+"""Table Storage keys for app users and ACS identities.
+
+Keys are hashes, not the raw values: a `sub` may hold any character (Table keys forbid / \\ # ?
+and control characters) and be long; hashing the length-prefixed issuer with the subject makes
+keys fixed-size, always legal, and unable to collide across issuers ("a|b" + "c" vs "a" + "b|c").
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+IDENTITY_ROW = "identity"
+OWNER_ROW = "owner"
+
+
+def _digest(*parts: str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "big"))
+        h.update(data)
+    return base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode("ascii")
+
+
+def user_key(issuer: str, subject: str) -> str:
+    """PartitionKey of an app user's mapping row."""
+    return "u-" + _digest(issuer, subject)
+
+
+def communication_user_key(communication_user_id: str) -> str:
+    """PartitionKey of the reverse-lookup row: ACS identity -> app user."""
+    return "c-" + _digest(communication_user_id)

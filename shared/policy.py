@@ -1,0 +1,65 @@
+"""What a caller may ask for: scopes and lifetime, under the operator's settings. Pure functions."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from .errors import BadRequest, PayloadTooLarge
+from .settings import SCOPES, Settings
+
+MAX_BODY_BYTES = 16 * 1024
+TOKEN_FIELDS = frozenset({"scopes", "expiresInMinutes"})
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    scopes: tuple[str, ...]
+    minutes: int
+
+
+def parse_json_object(body: bytes | None) -> dict:
+    """An optional JSON object body: empty means {}."""
+    if body is None or not body.strip():
+        return {}
+    if len(body) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(value, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_body")
+    return value
+
+
+def token_request(body: bytes | None, settings: Settings) -> TokenRequest:
+    fields = parse_json_object(body)
+    unknown = sorted(set(fields) - TOKEN_FIELDS)
+    if unknown:
+        raise BadRequest(f"Unknown field(s): {', '.join(unknown)}.", code="unknown_field")
+
+    scopes = fields.get("scopes", None)
+    if scopes is None:
+        scopes = list(settings.default_scopes)
+    if not isinstance(scopes, list) or not scopes or not all(isinstance(s, str) for s in scopes):
+        raise BadRequest("scopes must be a non-empty array of strings.", code="invalid_scopes")
+    unknown_scopes = [s for s in scopes if s not in SCOPES]
+    if unknown_scopes:
+        raise BadRequest(
+            f"Unknown scope(s): {', '.join(unknown_scopes)}. Known: {', '.join(SCOPES)}.",
+            code="unknown_scope",
+        )
+    refused = [s for s in scopes if s not in settings.allowed_scopes]
+    if refused:
+        raise BadRequest(f"Scope(s) not allowed here: {', '.join(refused)}.", code="scope_not_allowed")
+
+    minutes = fields.get("expiresInMinutes", settings.default_minutes)
+    if not isinstance(minutes, int) or isinstance(minutes, bool):
+        raise BadRequest("expiresInMinutes must be an integer.", code="invalid_expiry")
+    if not settings.min_minutes <= minutes <= settings.max_minutes:
+        raise BadRequest(
+            f"expiresInMinutes must be within {settings.min_minutes}..{settings.max_minutes}.",
+            code="invalid_expiry",
+        )
+    return TokenRequest(tuple(dict.fromkeys(scopes)), minutes)

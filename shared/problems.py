@@ -1,0 +1,55 @@
+"""RFC 9457 problem+json responses, built in one place from domain errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import azure.functions as func
+
+from .errors import ServiceError, Unavailable
+
+log = logging.getLogger("acs_token_service.http")
+PROBLEM_TYPE = "https://github.com/acs-token-service/docs/problems#"
+
+
+def json_response(
+    body: object, status: int = 200, headers: dict[str, str] | None = None
+) -> func.HttpResponse:
+    return func.HttpResponse(
+        json.dumps(body),
+        status_code=status,
+        headers={"Cache-Control": "no-store", **(headers or {})},
+        mimetype="application/json",
+    )
+
+
+def problem(
+    status: int, code: str, title: str, detail: str, headers: dict[str, str] | None = None
+) -> func.HttpResponse:
+    body = {"type": PROBLEM_TYPE + code, "title": title, "status": status, "detail": detail, "code": code}
+    return func.HttpResponse(
+        json.dumps(body),
+        status_code=status,
+        headers={"Cache-Control": "no-store", **(headers or {})},
+        mimetype="application/problem+json",
+    )
+
+
+def from_error(err: ServiceError) -> func.HttpResponse:
+    return problem(err.status, err.code, err.title, err.detail, err.headers)
+
+
+def from_unexpected(err: BaseException) -> func.HttpResponse:
+    """The last resort. Storage and network failures are dependencies being down, not our bug."""
+    from azure.core.exceptions import AzureError, HttpResponseError, ServiceRequestError, ServiceResponseError
+
+    if isinstance(err, ServiceRequestError | ServiceResponseError):
+        return from_error(Unavailable("A backing service cannot be reached.", code="dependency_unavailable"))
+    if isinstance(err, HttpResponseError) and (err.status_code or 0) in (429, 500, 502, 503, 504):
+        return from_error(Unavailable("A backing service is busy or failing.", code="dependency_unavailable"))
+    if isinstance(err, AzureError):
+        log.error("backing service error: %s", type(err).__name__)
+        return from_error(Unavailable("A backing service failed.", code="dependency_failed"))
+    log.exception("unexpected error: %s", type(err).__name__)
+    return problem(500, "internal_error", "Internal error", "Something went wrong on our side.")

@@ -1,0 +1,179 @@
+"""App settings, read and validated once, on first use.
+
+Importing function_app must do no I/O and need no setting (the Functions host indexes it before
+anything else), so nothing here runs at import. A bad or missing setting raises SettingError
+naming it; every route but health then answers 503 with that name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from urllib.parse import urlparse
+
+from .errors import SettingError
+
+SCOPES = ("chat", "voip", "chat.join", "chat.join.limited", "voip.join")
+ACS_MIN_MINUTES, ACS_MAX_MINUTES = 60, 1440
+# Asymmetric algorithms only: HS* with a public key as secret, and "none", are classic JWT attacks.
+SAFE_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
+
+
+@dataclass(frozen=True)
+class Settings:
+    auth_mode: str  # "jwt" or "easyauth"
+    issuer: str
+    audiences: tuple[str, ...]
+    user_claim: str
+    algorithms: tuple[str, ...]
+    acs_connection_string: str | None
+    acs_endpoint: str | None
+    tables_connection_string: str | None
+    tables_endpoint: str | None
+    table_name: str
+    allowed_scopes: tuple[str, ...]
+    default_scopes: tuple[str, ...]
+    default_minutes: int
+    min_minutes: int
+    max_minutes: int
+    managed_identity_client_id: str | None
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name, "").strip()
+    return value or None
+
+
+def _list(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    value = _get(env, name)
+    if value is None:
+        return default
+    items = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    if not items:
+        raise SettingError(name, "must list at least one value")
+    return items
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _get(env, name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise SettingError(name, f"must be an integer, not {value!r}") from None
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_url(name: str, value: str, *, allow_http_loopback: bool = False) -> str:
+    url = urlparse(value)
+    if url.scheme == "https" and url.hostname:
+        return value
+    if url.scheme == "http" and allow_http_loopback and _is_loopback(url.hostname):
+        return value
+    raise SettingError(
+        name, "must be an https URL" + (" (http only on loopback)" if allow_http_loopback else "")
+    )
+
+
+def load(env: Mapping[str, str]) -> Settings:
+    auth_mode = (_get(env, "AUTH_MODE") or "jwt").lower()
+    if auth_mode not in ("jwt", "easyauth"):
+        raise SettingError("AUTH_MODE", "must be jwt or easyauth")
+    issuer = _get(env, "AUTH_ISSUER")
+    audiences = _list(env, "AUTH_AUDIENCE", ())
+    if auth_mode == "jwt":
+        if issuer is None:
+            raise SettingError("AUTH_ISSUER", "is required: the OpenID Connect issuer of your app's users")
+        _check_url("AUTH_ISSUER", issuer, allow_http_loopback=True)
+        if not audiences:
+            raise SettingError(
+                "AUTH_AUDIENCE", "is required: the audience (client id or App ID URI) of your API"
+            )
+    algorithms = _list(env, "AUTH_ALGORITHMS", ("RS256",))
+    unsafe = [a for a in algorithms if a not in SAFE_ALGORITHMS]
+    if unsafe:
+        raise SettingError(
+            "AUTH_ALGORITHMS", f"{', '.join(unsafe)} not allowed; use {', '.join(SAFE_ALGORITHMS)}"
+        )
+
+    acs_cs, acs_endpoint = _get(env, "ACS_CONNECTION_STRING"), _get(env, "ACS_ENDPOINT")
+    if acs_cs is None and acs_endpoint is None:
+        raise SettingError("ACS_ENDPOINT", "is required (or ACS_CONNECTION_STRING, which holds a key)")
+    if acs_cs is not None and ("endpoint=" not in acs_cs.lower() or "accesskey=" not in acs_cs.lower()):
+        raise SettingError("ACS_CONNECTION_STRING", "must look like endpoint=https://...;accesskey=...")
+    if acs_cs is None and acs_endpoint is not None:
+        _check_url("ACS_ENDPOINT", acs_endpoint)
+
+    tables_cs, tables_endpoint = _get(env, "TABLES_CONNECTION_STRING"), _get(env, "TABLES_ENDPOINT")
+    if tables_cs is None and tables_endpoint is None:
+        raise SettingError("TABLES_ENDPOINT", "is required (or TABLES_CONNECTION_STRING, which holds a key)")
+    if tables_cs is None and tables_endpoint is not None:
+        _check_url("TABLES_ENDPOINT", tables_endpoint)
+    table_name = _get(env, "IDENTITY_TABLE") or "acsidentities"
+    if not (3 <= len(table_name) <= 63 and table_name.isalnum() and table_name[0].isalpha()):
+        raise SettingError("IDENTITY_TABLE", "must be 3-63 letters and digits, starting with a letter")
+
+    allowed = _list(env, "TOKEN_ALLOWED_SCOPES", SCOPES)
+    unknown = [s for s in allowed if s not in SCOPES]
+    if unknown:
+        raise SettingError(
+            "TOKEN_ALLOWED_SCOPES", f"unknown scopes {', '.join(unknown)}; known: {', '.join(SCOPES)}"
+        )
+    defaults = _list(
+        env, "TOKEN_DEFAULT_SCOPES", tuple(s for s in ("chat", "voip") if s in allowed) or allowed[:1]
+    )
+    outside = [s for s in defaults if s not in allowed]
+    if outside:
+        raise SettingError("TOKEN_DEFAULT_SCOPES", f"{', '.join(outside)} not in TOKEN_ALLOWED_SCOPES")
+
+    min_minutes = _int(env, "TOKEN_MIN_MINUTES", ACS_MIN_MINUTES)
+    max_minutes = _int(env, "TOKEN_MAX_MINUTES", ACS_MAX_MINUTES)
+    if not ACS_MIN_MINUTES <= min_minutes <= max_minutes <= ACS_MAX_MINUTES:
+        raise SettingError(
+            "TOKEN_MAX_MINUTES",
+            f"need {ACS_MIN_MINUTES} <= TOKEN_MIN_MINUTES <= TOKEN_MAX_MINUTES <= {ACS_MAX_MINUTES}",
+        )
+    default_minutes = _int(env, "TOKEN_DEFAULT_MINUTES", max(60, min_minutes))
+    if not min_minutes <= default_minutes <= max_minutes:
+        raise SettingError("TOKEN_DEFAULT_MINUTES", f"must be within {min_minutes}..{max_minutes}")
+
+    return Settings(
+        auth_mode=auth_mode,
+        issuer=issuer or "",  # compared verbatim with `iss`: Entra v1 issuers end in "/"
+        audiences=audiences,
+        user_claim=_get(env, "AUTH_USER_CLAIM") or "sub",
+        algorithms=algorithms,
+        acs_connection_string=acs_cs,
+        acs_endpoint=acs_endpoint,
+        tables_connection_string=tables_cs,
+        tables_endpoint=tables_endpoint,
+        table_name=table_name,
+        allowed_scopes=allowed,
+        default_scopes=defaults,
+        default_minutes=default_minutes,
+        min_minutes=min_minutes,
+        max_minutes=max_minutes,
+        managed_identity_client_id=_get(env, "AZURE_CLIENT_ID"),
+    )
+
+
+@cache
+def get_settings() -> Settings:
+    """The process's settings; a failure is not cached, so fixing the setting and retrying works."""
+    return load(os.environ)
+
+
+def reset_settings() -> None:
+    get_settings.cache_clear()

@@ -1,0 +1,119 @@
+"""The token service: get-or-create the caller's ACS identity and issue tokens for it.
+
+Cost per request is the floor ACS and Table Storage set: a repeated issue or a refresh is one
+point read and one ACS call (plus, once a day per user, a last-use write); a first issue is one
+read, one create-and-issue, and the owner + mapping inserts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .acs import AcsGateway, IssuedToken
+from .auth import Caller
+from .errors import NotFound, ServiceError
+from .keys import user_key
+from .policy import TokenRequest
+from .store import IdentityRecord, IdentityStore
+
+log = logging.getLogger("acs_token_service.tokens")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class TokenResult:
+    communication_user_id: str
+    token: IssuedToken
+    scopes: tuple[str, ...]
+    identity_created: bool
+
+    def to_json(self) -> dict:
+        return {
+            "communicationUserId": self.communication_user_id,
+            "token": self.token.token,
+            "expiresOn": self.token.expires_on.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "scopes": list(self.scopes),
+            "identityCreated": self.identity_created,
+        }
+
+
+class TokenService:
+    def __init__(
+        self, store: IdentityStore, acs: AcsGateway, clock: Callable[[], dt.datetime] = utcnow
+    ) -> None:
+        self.store = store
+        self.acs = acs
+        self.clock = clock
+
+    async def issue(self, caller: Caller, request: TokenRequest) -> TokenResult:
+        key = user_key(caller.issuer, caller.subject)
+        record = await self.store.get(key)
+        if record is not None:
+            return await self._issue_existing(record, request)
+        return await self._create(caller, key, request)
+
+    async def refresh(self, caller: Caller, request: TokenRequest) -> TokenResult:
+        record = await self.store.get(user_key(caller.issuer, caller.subject))
+        if record is None:
+            raise NotFound("You have no ACS identity yet: POST /api/token first.", code="identity_not_found")
+        return await self._issue_existing(record, request)
+
+    async def identity(self, caller: Caller) -> IdentityRecord:
+        record = await self.store.get(user_key(caller.issuer, caller.subject))
+        if record is None:
+            raise NotFound("You have no ACS identity yet: POST /api/token first.", code="identity_not_found")
+        return record
+
+    async def _issue_existing(self, record: IdentityRecord, request: TokenRequest) -> TokenResult:
+        token = await self.acs.issue(record.communication_user_id, request.scopes, request.minutes)
+        now = self.clock()
+        if record.last_used_on != now.date().isoformat():
+            try:
+                await self.store.touch(record, now)
+            except Exception as err:  # noqa: BLE001 - the token is good; last-use is best effort
+                log.warning("could not record last use: %s", type(err).__name__)
+        return TokenResult(record.communication_user_id, token, request.scopes, identity_created=False)
+
+    async def _create(self, caller: Caller, key: str, request: TokenRequest) -> TokenResult:
+        communication_user_id, token = await self.acs.create_with_token(request.scopes, request.minutes)
+        now = self.clock()
+        record = IdentityRecord(
+            user_key=key,
+            communication_user_id=communication_user_id,
+            issuer=caller.issuer,
+            subject=caller.subject,
+            created_at=now,
+            last_used_on=now.date().isoformat(),
+            last_issued_at=now,
+            object_id=caller.object_id,
+            tenant_id=caller.tenant_id,
+        )
+        try:
+            won = await self.store.add(record)
+        except Exception:
+            await self._discard(communication_user_id)
+            raise
+        if won:
+            log.info("identity created")
+            return TokenResult(communication_user_id, token, request.scopes, identity_created=True)
+        # A concurrent first request mapped this user first: use its identity, drop ours.
+        await self._discard(communication_user_id)
+        winner = await self.store.get(key)
+        if winner is None:  # mapped and deleted in between: vanishingly rare, safe to ask again
+            raise NotFound(
+                "Your identity changed while it was being created; retry.", code="identity_conflict"
+            )
+        return await self._issue_existing(winner, request)
+
+    async def _discard(self, communication_user_id: str) -> None:
+        """Delete an ACS identity nobody maps to; cleanup retries it if ACS is unavailable now."""
+        try:
+            await self.acs.delete(communication_user_id)
+        except ServiceError as err:
+            log.warning("could not delete an unmapped ACS identity now (%s); cleanup will", err.code)
