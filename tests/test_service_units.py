@@ -1,0 +1,159 @@
+"""Pure parts of the service: settings, key encoding, token policy, Easy Auth principals."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from shared import keys, policy
+from shared.auth import EasyAuthAuthenticator
+from shared.errors import BadRequest, SettingError, Unauthenticated
+from shared.settings import load
+
+BASE = {
+    "AUTH_ISSUER": "https://login.example.com/tenant/v2.0",
+    "AUTH_AUDIENCE": "api://tokens",
+    "ACS_ENDPOINT": "https://acs.example.com/",
+    "TABLES_ENDPOINT": "https://acct.table.core.windows.net",
+}
+
+
+def test_defaults_follow_the_contract():
+    s = load(BASE)
+    assert s.allowed_scopes == ("chat", "voip", "chat.join", "chat.join.limited", "voip.join")
+    assert s.default_scopes == ("chat", "voip") and s.default_minutes == 60
+    assert (s.min_minutes, s.max_minutes) == (60, 1440) and s.algorithms == ("RS256",)
+    assert s.user_claim == "sub" and s.acs_connection_string is None
+
+
+@pytest.mark.parametrize(
+    ("change", "name"),
+    [
+        ({"AUTH_ISSUER": ""}, "AUTH_ISSUER"),
+        ({"AUTH_ISSUER": "http://idp.example.com"}, "AUTH_ISSUER"),  # plain http off loopback
+        ({"AUTH_AUDIENCE": " "}, "AUTH_AUDIENCE"),
+        ({"AUTH_ALGORITHMS": "RS256,HS256"}, "AUTH_ALGORITHMS"),
+        ({"AUTH_ALGORITHMS": "none"}, "AUTH_ALGORITHMS"),
+        ({"AUTH_MODE": "basic"}, "AUTH_MODE"),
+        ({"ACS_ENDPOINT": ""}, "ACS_ENDPOINT"),
+        ({"ACS_ENDPOINT": "http://acs.example.com"}, "ACS_ENDPOINT"),
+        ({"ACS_CONNECTION_STRING": "nonsense"}, "ACS_CONNECTION_STRING"),
+        ({"TABLES_ENDPOINT": ""}, "TABLES_ENDPOINT"),
+        ({"IDENTITY_TABLE": "bad-name"}, "IDENTITY_TABLE"),
+        ({"TOKEN_ALLOWED_SCOPES": "chat,email"}, "TOKEN_ALLOWED_SCOPES"),
+        ({"TOKEN_ALLOWED_SCOPES": "chat", "TOKEN_DEFAULT_SCOPES": "voip"}, "TOKEN_DEFAULT_SCOPES"),
+        ({"TOKEN_DEFAULT_MINUTES": "30"}, "TOKEN_DEFAULT_MINUTES"),
+        ({"TOKEN_DEFAULT_MINUTES": "soon"}, "TOKEN_DEFAULT_MINUTES"),
+        ({"TOKEN_MAX_MINUTES": "2000"}, "TOKEN_MAX_MINUTES"),
+    ],
+)
+def test_bad_settings_are_named(change, name):
+    with pytest.raises(SettingError) as caught:
+        load({**BASE, **change})
+    assert caught.value.setting == name and name in caught.value.detail
+    assert caught.value.status == 503
+
+
+def test_http_issuer_is_fine_on_loopback_and_settings_narrow_policy():
+    s = load(
+        {
+            **BASE,
+            "AUTH_ISSUER": "http://127.0.0.1:8444",
+            "TOKEN_ALLOWED_SCOPES": "voip",
+            "TOKEN_MAX_MINUTES": "120",
+            "TOKEN_DEFAULT_MINUTES": "120",
+        }
+    )
+    assert s.default_scopes == ("voip",) and s.default_minutes == 120
+
+
+def test_easyauth_mode_needs_no_issuer():
+    s = load({k: v for k, v in BASE.items() if not k.startswith("AUTH")} | {"AUTH_MODE": "easyauth"})
+    assert s.auth_mode == "easyauth"
+
+
+@pytest.mark.parametrize("subject", ["a/b", "x#y?z", "back\\slash", "tab\tctl", "ü" * 500, ""])
+def test_user_keys_are_legal_table_keys(subject):
+    key = keys.user_key("https://issuer", subject)
+    assert len(key) == 45 and not set(key) & set("/\\#?\t\n") and key.isascii()
+
+
+def test_user_keys_do_not_collide_across_issuers():
+    assert keys.user_key("a|b", "c") != keys.user_key("a", "b|c")
+    assert keys.user_key("https://a", "x") != keys.user_key("https://b", "x")
+    assert keys.user_key("https://a", "x") == keys.user_key("https://a", "x")
+    assert keys.communication_user_key("8:acs:1") != keys.user_key("", "8:acs:1")
+
+
+SETTINGS = load(BASE)
+
+
+@pytest.mark.parametrize(
+    ("body", "scopes", "minutes"),
+    [
+        (b"", ("chat", "voip"), 60),
+        (b"  ", ("chat", "voip"), 60),
+        (b"{}", ("chat", "voip"), 60),
+        (b'{"scopes": ["voip", "voip", "chat.join"], "expiresInMinutes": 1440}', ("voip", "chat.join"), 1440),
+    ],
+)
+def test_token_request_defaults_and_dedup(body, scopes, minutes):
+    assert policy.token_request(body, SETTINGS) == policy.TokenRequest(scopes, minutes)
+
+
+@pytest.mark.parametrize(
+    "body", [b'{"expiresInMinutes": true}', b'{"scopes": [1]}', b'{"scopes": null, "x": 1}']
+)
+def test_token_request_rejects(body):
+    with pytest.raises(BadRequest):
+        policy.token_request(body, SETTINGS)
+
+
+def _principal(claims: list[dict], **extra) -> dict[str, str]:
+    document = {"auth_typ": "aad", "claims": claims, "name_typ": "name", "role_typ": "roles", **extra}
+    return {
+        "x-ms-client-principal": base64.b64encode(json.dumps(document).encode()).decode(),
+        "x-ms-client-principal-idp": "aad",
+    }
+
+
+async def test_easyauth_principal_becomes_a_caller():
+    auth = EasyAuthAuthenticator(load({**BASE, "AUTH_MODE": "easyauth"}))
+    caller = await auth.authenticate(
+        _principal(
+            [
+                {"typ": "iss", "val": "https://login.microsoftonline.com/t/v2.0"},
+                {
+                    "typ": "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/nameidentifier",
+                    "val": "user-1",
+                },
+                {"typ": "http://schemas.microsoft.com/identity/claims/objectidentifier", "val": "oid-1"},
+                {"typ": "http://schemas.microsoft.com/identity/claims/tenantid", "val": "tid-1"},
+                {"typ": "roles", "val": "TokenService.Admin"},
+            ]
+        )
+    )
+    assert (caller.issuer, caller.subject, caller.object_id, caller.tenant_id) == (
+        "https://login.microsoftonline.com/t/v2.0",
+        "user-1",
+        "oid-1",
+        "tid-1",
+    )
+    assert caller.has_role("TokenService.Admin")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"x-ms-client-principal": "%%%"},
+        {"x-ms-client-principal": base64.b64encode(b"[]").decode()},
+        _principal([{"typ": "name", "val": "no subject"}]),
+    ],
+)
+async def test_easyauth_without_a_usable_principal_is_401(headers):
+    auth = EasyAuthAuthenticator(load({**BASE, "AUTH_MODE": "easyauth"}))
+    with pytest.raises(Unauthenticated):
+        await auth.authenticate(headers)
