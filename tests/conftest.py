@@ -39,6 +39,18 @@ class RunningStack:
     def __getitem__(self, key: str):
         return self.env[key]
 
+    def token(self, *args: str) -> str:
+        """`python -m devstack token ARGS...` against this stack: the printed JWT."""
+        out = subprocess.run(
+            [sys.executable, "-m", "devstack", "token", *args, "--state-dir", str(self.state_dir)],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+        return out.stdout
+
 
 def start_stack(state_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import requests
 from azure.communication.identity import CommunicationIdentityClient
 from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
-
-from tests.conftest import REPO_ROOT
 
 TEAMS_AUDIENCE = "https://auth.msft.communication.azure.com"
 
@@ -45,27 +40,7 @@ def test_msi_refusals(stack, header, params, status):
 
 
 def _teams_token(stack, user: str, *, app_id: str, audience: str = TEAMS_AUDIENCE) -> str:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "devstack",
-            "token",
-            user,
-            "--audience",
-            audience,
-            "--app-id",
-            app_id,
-            "--state-dir",
-            str(stack.state_dir),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    )
-    return out.stdout.strip()
+    return stack.token(user, "--audience", audience, "--app-id", app_id).strip()
 
 
 def _oid(token: str) -> str:

@@ -18,15 +18,7 @@ from tests.conftest import REPO_ROOT, start_stack, stop_stack, wait_for_env
 
 
 def _token(stack, *args: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "devstack", "token", *args, "--state-dir", str(stack.state_dir)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    )
-    return out.stdout
+    return stack.token(*args)
 
 
 def _verify_with_discovery(stack, token: str) -> dict:

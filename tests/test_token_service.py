@@ -44,22 +44,25 @@ async def _configure(monkeypatch, stack, *, managed_identity: bool, **extra: str
     await reset_clients()
 
 
-@pytest.fixture
-async def service(stack, emulator, monkeypatch):
-    """The service configured for the stack with keys (connection strings)."""
-    await _configure(monkeypatch, stack, managed_identity=False)
+async def _service(stack, monkeypatch, *, managed_identity: bool):
+    await _configure(monkeypatch, stack, managed_identity=managed_identity)
     yield Users(stack)
     await reset_clients()
     reset_settings()
+
+
+@pytest.fixture
+async def service(stack, emulator, monkeypatch):
+    """The service configured for the stack with keys (connection strings)."""
+    async for users in _service(stack, monkeypatch, managed_identity=False):
+        yield users
 
 
 @pytest.fixture
 async def keyless_service(stack, emulator, monkeypatch):
     """The service configured with endpoints only: managed identity for ACS and Storage."""
-    await _configure(monkeypatch, stack, managed_identity=True)
-    yield Users(stack)
-    await reset_clients()
-    reset_settings()
+    async for users in _service(stack, monkeypatch, managed_identity=True):
+        yield users
 
 
 def _acs_claims(token: str) -> dict:
