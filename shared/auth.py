@@ -140,7 +140,12 @@ class JwksCache:
         async with self._lock:
             stale = time.monotonic() - self._fetched_at
             if (kid not in self._keys and stale >= UNKNOWN_KID_REFETCH_SECONDS) or stale >= KEYS_TTL_SECONDS:
-                await self._refresh()
+                try:
+                    await self._refresh()
+                except Unavailable:
+                    if kid not in self._keys:
+                        raise
+                    # The IdP is briefly unreachable but this key was published: keep using it.
         if kid not in self._keys:
             raise Unauthenticated("The token is signed with a key the issuer does not publish.")
         return self._keys[kid]

@@ -145,6 +145,15 @@ async def test_twenty_concurrent_first_requests_make_one_identity(service, emula
     assert emulator.stats()["liveIdentities"] == before + 1
     assert all(emulator.verify(b["token"])["valid"] for b in bodies)
 
+    # The reverse lookup names the winner only: the losers removed their owner rows.
+    from shared.keys import user_key
+
+    key = user_key(service.stack["issuer"], "erin")
+    store = get_clients().store
+    owners = [e async for e in store.table.query_entities("userKey eq @k", parameters={"k": key})]
+    assert [o["communicationUserId"] for o in owners] == [bodies[0]["communicationUserId"]]
+    assert await store.owner_of(bodies[0]["communicationUserId"]) == key
+
 
 async def test_managed_identity_path_issues_tokens_with_no_key_in_settings(keyless_service, emulator):
     import os
@@ -347,3 +356,38 @@ async def test_clients_are_created_once_per_worker(service):
         await _post_token(service, "pat")
     assert get_clients() is clients
     assert clients.jwks.fetches == 1
+
+
+async def test_unreachable_issuer_is_503_not_401_or_500(stack, emulator, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    issuer = f"http://127.0.0.1:{closed_port}"
+    await _configure(monkeypatch, stack, managed_identity=False, AUTH_ISSUER=issuer)
+    users = Users(stack)
+    try:
+        response = await function_app.issue_token(
+            request("POST", "token", token=users.token("quinn", issuer=issuer))
+        )
+        assert response.status_code == 503 and body_of(response)["code"] == "issuer_unavailable"
+        health = body_of(await function_app.health(request("GET", "health")))
+        assert (
+            health["status"] == "degraded"
+            and health["checks"]["issuer"] == "unavailable (issuer_unavailable)"
+        )
+    finally:
+        await reset_clients()
+        reset_settings()
+
+
+async def test_unknown_kid_refetches_keys_at_most_once_a_minute(service, emulator):
+    await _post_token(service, "rita")
+    jwks = get_clients().jwks
+    fetched = jwks.fetches
+    forged = service.claims_token(service.base_claims("rita"), headers={"kid": "unknown-kid"})
+    for _ in range(5):
+        response = await function_app.issue_token(request("POST", "token", token=forged))
+        assert response.status_code == 401
+    assert jwks.fetches == fetched  # the last fetch was moments ago: no refetch storm
