@@ -1,36 +1,47 @@
-"""Command line of the local stack: `python -m devstack up | token`."""
+"""Command line of the local stack: `python -m devstack up | token | host`.
+
+Only light modules are imported up here: `host` must put the app settings (SSL_CERT_FILE among
+them) into its environment before anything imports aiohttp, which reads that variable once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from . import stack
-from .issuer import mint_user_token
-from .keys import SigningKey
+from . import layout
+from .layout import Ports
 
 
 def _state_dir(value: str | None) -> Path:
-    return Path(value) if value else stack.DEFAULT_STATE_DIR
+    return Path(value) if value else layout.DEFAULT_STATE_DIR
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    ports = stack.Ports.free() if args.free_ports else stack.Ports()
+    from . import stack
+
+    ports = Ports.free() if args.free_ports else Ports()
     for f in fields(ports):
         value = getattr(args, f"{f.name}_port")
         if value is not None:
             setattr(ports, f.name, value)
     tls_dir = Path(args.tls_dir) if args.tls_dir else None
     return stack.main(
-        _state_dir(args.state_dir), ports, audience=args.audience, quiet=args.quiet, tls_dir=tls_dir
+        _state_dir(args.state_dir),
+        ports,
+        audience=args.audience,
+        quiet=args.quiet,
+        tls_dir=tls_dir,
+        host_app=None if args.no_host else args.host_app,
     )
 
 
 def load_env(state_dir: Path) -> dict:
-    path = state_dir / stack.ENV_FILE
+    path = state_dir / layout.ENV_FILE
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -40,11 +51,14 @@ def load_env(state_dir: Path) -> dict:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    from .issuer import mint_user_token
+    from .keys import SigningKey
+
     state_dir = _state_dir(args.state_dir)
     env = load_env(state_dir)
     if not 1 <= args.minutes <= 24 * 60:
         raise SystemExit("devstack: --minutes must be from 1 to 1440")
-    key = SigningKey.load(state_dir / stack.ISSUER_KEY_FILE)
+    key = SigningKey.load(state_dir / layout.ISSUER_KEY_FILE)
     print(
         mint_user_token(
             key=key,
@@ -60,6 +74,33 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def apply_values(local_settings: dict) -> None:
+    """local.settings.json "Values" as environment variables; ones already set win, as in Core Tools."""
+    for name, value in (local_settings.get("Values") or {}).items():
+        if value not in ("", None):
+            os.environ.setdefault(name, str(value))
+
+
+def cmd_host(args: argparse.Namespace) -> int:
+    from .service_settings import REPO_ROOT, read_local_settings
+
+    settings_path = Path(args.settings) if args.settings else None
+    if settings_path and not settings_path.exists():
+        raise SystemExit(f"devstack: {settings_path} not found")
+    local_settings = {} if args.no_settings else read_local_settings(settings_path)
+    apply_values(local_settings)
+
+    from . import devhost  # imports aiohttp: only now that the settings are in os.environ
+
+    return devhost.main(
+        app_spec=args.app,
+        port=args.port,
+        function_key=args.function_key or os.environ.get(layout.FUNCTION_KEY_ENV),
+        local_settings=local_settings,
+        repo_root=str(REPO_ROOT),
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m devstack", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -68,14 +109,23 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--state-dir", help="where keys, certificates and env.json go (default .devstack)")
     up.add_argument("--tls-dir", help="reuse (or create) the CA and server certificate in this folder")
     up.add_argument("--free-ports", action="store_true", help="pick free ports for everything")
-    for f in fields(stack.Ports):
+    for f in fields(Ports):
         up.add_argument(
             f"--{f.name}-port",
             type=int,
             metavar="PORT",
-            help=f"{stack.Ports.LABELS[f.name]} (default {f.default}; 0 = any free port)",
+            help=f"{Ports.LABELS[f.name]} (default {f.default}; 0 = any free port)",
         )
-    up.add_argument("--audience", default=stack.DEFAULT_AUDIENCE, help="aud of the dev issuer's tokens")
+    up.add_argument("--audience", default=layout.DEFAULT_AUDIENCE, help="aud of the dev issuer's tokens")
+    up.add_argument(
+        "--no-host", action="store_true", help="do not start the dev host (e.g. to run `func start` instead)"
+    )
+    up.add_argument(
+        "--host-app",
+        default=layout.DEFAULT_FUNCTION_APP,
+        metavar="MODULE:ATTR",
+        help="the FunctionApp the dev host serves (default function_app:app)",
+    )
     up.add_argument("--quiet", action="store_true", help="print nothing once ready")
     up.set_defaults(func=cmd_up)
 
@@ -87,6 +137,27 @@ def parser() -> argparse.ArgumentParser:
     token.add_argument("--app-id", help="appid/azp claim, as on an Entra token for a client app")
     token.add_argument("--state-dir")
     token.set_defaults(func=cmd_token)
+
+    host = sub.add_parser("host", help="serve a FunctionApp's functions on 127.0.0.1 like the Functions host")
+    host.add_argument("--port", type=int, default=7071, help="default 7071; 0 = any free port")
+    host.add_argument(
+        "--app", default=layout.DEFAULT_FUNCTION_APP, help="module:attribute (default function_app:app)"
+    )
+    host.add_argument(
+        "--function-key",
+        help=f"key for function- and admin-level routes (default ${layout.FUNCTION_KEY_ENV}, "
+        "which, unlike this option, stays out of `ps`)",
+    )
+    settings = host.add_mutually_exclusive_group()
+    settings.add_argument(
+        "--settings",
+        metavar="FILE",
+        help="local.settings.json to apply: Values, Host.CORS (default local.settings.json, else the sample)",
+    )
+    settings.add_argument(
+        "--no-settings", action="store_true", help="apply no settings file (`devstack up` passes everything)"
+    )
+    host.set_defaults(func=cmd_host)
     return p
 
 

@@ -6,14 +6,13 @@ bearer tokens work; in memory, so every stack starts empty; never phoning home.
 
 from __future__ import annotations
 
-import ctypes
 import shutil
-import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from .ca import TlsFiles
+from .children import die_with_parent
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AZURITE_JS = REPO_ROOT / "node_modules" / "azurite" / "dist" / "src" / "azurite.js"
@@ -58,15 +57,6 @@ def find_node() -> str:
     return node
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM Azurite if `devstack up` dies without cleaning up (even by SIGKILL)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def command(node: str, ports: AzuritePorts, tls: TlsFiles) -> list[str]:
     return [
         node,
@@ -101,19 +91,8 @@ def start(ports: AzuritePorts, tls: TlsFiles, workspace: Path, log_path: Path) -
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
             process_group=0,
         )
     finally:
         log.close()
-
-
-def stop(process: subprocess.Popen, timeout: float = 5.0) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()

@@ -15,13 +15,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def read_local_settings(path: Path | None = None) -> dict:
     """local.settings.json if the user made one, else the committed sample."""
-    for candidate in (path,) if path else (REPO_ROOT / "local.settings.json", REPO_ROOT / "local.settings.sample.json"):
+    for candidate in (
+        (path,) if path else (REPO_ROOT / "local.settings.json", REPO_ROOT / "local.settings.sample.json")
+    ):
         if candidate and candidate.exists():
             return json.loads(candidate.read_text())
     return {}
 
 
-def settings_for_host(env: dict, *, managed_identity: bool = True, local_settings: dict | None = None) -> dict[str, str]:
+def settings_for_host(
+    env: dict, *, managed_identity: bool = True, local_settings: dict | None = None
+) -> dict[str, str]:
     """Environment variables for a process that runs function_app against this stack.
 
     With `managed_identity` the service gets endpoints only and authenticates through the stack's

@@ -1,8 +1,9 @@
 """`python -m devstack up`: start every local stand-in, write `env.json`, stop them all on exit.
 
 One asyncio process serves the ACS emulator, the dev issuer and the managed-identity endpoint;
-Azurite runs as a child in its own process group that dies with us. Ports are reserved by binding
-them before anything starts, so a taken port fails fast and auto-picked ports cannot be stolen.
+Azurite and the dev host (the function app) run as children in their own process groups that die
+with us. Ports are reserved by binding them before anything starts, so a taken port fails fast and
+auto-picked ports cannot be stolen.
 """
 
 from __future__ import annotations
@@ -25,50 +26,33 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from . import azurite
+from . import azurite, host_launcher
 from .acs_emulator import AcsEmulator
 from .acs_state import AcsResource, new_resource_id
 from .ca import TlsFiles, create_tls_files, load_or_create_tls_files
+from .children import stop as stop_child
+from .cors import CorsPolicy
 from .issuer import DEV_TENANT_ID, DevIssuer
 from .keys import SigningKey
+from .layout import (  # noqa: F401  (re-exported: stack.Ports and friends are the stack's API)
+    DEFAULT_AUDIENCE,
+    DEFAULT_FUNCTION_APP,
+    DEFAULT_STATE_DIR,
+    ENV_FILE,
+    HOST_LOG_FILE,
+    ISSUER_KEY_FILE,
+    STATE_MARKER,
+    Ports,
+)
 from .msi import ManagedIdentity, ManagedIdentityEndpoint
+from .service_settings import read_local_settings
 
-DEFAULT_STATE_DIR = Path(".devstack")
-STATE_MARKER = ".devstack-state"
-ISSUER_KEY_FILE = "issuer-key.pem"
-ENV_FILE = "env.json"
-DEFAULT_AUDIENCE = "api://acs-token-service"
 TEAMS_APP_ID = "1fd5118e-2576-4263-8130-9503064c837a"
 READY_TIMEOUT_SECONDS = 60.0
 
 
 class StackError(RuntimeError):
     """Something stops the stack from starting; the message tells the user what to do."""
-
-
-@dataclass
-class Ports:
-    """Default ports, as in ARCHITECTURE.md; 0 means pick a free one."""
-
-    acs: int = 8443
-    issuer: int = 8444
-    msi: int = 8445
-    blob: int = 10000
-    queue: int = 10001
-    table: int = 10002
-
-    LABELS = {
-        "acs": "ACS Identity emulator",
-        "issuer": "dev OpenID issuer",
-        "msi": "managed-identity endpoint",
-        "blob": "Azurite Blob",
-        "queue": "Azurite Queue",
-        "table": "Azurite Table",
-    }
-
-    @classmethod
-    def free(cls) -> Ports:
-        return cls(**{f.name: 0 for f in fields(cls)})
 
 
 def _bind(port: int, label: str, flag: str) -> socket.socket:
@@ -85,11 +69,13 @@ def _bind(port: int, label: str, flag: str) -> socket.socket:
     return sock
 
 
-def reserve(ports: Ports) -> dict[str, socket.socket]:
-    """Bind every port now; our own servers keep their sockets, Azurite's are released at launch."""
+def reserve(ports: Ports, skip: tuple[str, ...] = ()) -> dict[str, socket.socket]:
+    """Bind every port now; our own servers keep their sockets, children's are released at launch."""
     held: dict[str, socket.socket] = {}
     try:
         for f in fields(ports):
+            if f.name in skip:
+                continue
             held[f.name] = _bind(getattr(ports, f.name), Ports.LABELS[f.name], f"--{f.name}-port")
             setattr(ports, f.name, held[f.name].getsockname()[1])
     except StackError:
@@ -116,13 +102,22 @@ class Stack:
     ports: Ports
     tls: TlsFiles
     env: dict
+    host: HostPlan | None = None
+    host_problem: str | None = None  # set when the host answers, but without the function app
 
     @property
     def azurite_log(self) -> Path:
         return self.state_dir / "azurite.log"
 
+    @property
+    def host_log(self) -> Path:
+        return self.state_dir / HOST_LOG_FILE
+
+    def log_tail(self, path: Path) -> str:
+        return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+
     def azurite_log_tail(self) -> str:
-        return self.azurite_log.read_text(errors="replace")[-2000:]
+        return self.log_tail(self.azurite_log)
 
     def remove_env(self) -> None:
         (self.state_dir / ENV_FILE).unlink(missing_ok=True)
@@ -136,22 +131,33 @@ class Stack:
         return path
 
 
+@dataclass(frozen=True)
+class HostPlan:
+    """How the dev host will run: decided up front, so a bad Host.CORS fails before anything starts."""
+
+    function_key: str
+    local_settings: dict
+    app_spec: str = DEFAULT_FUNCTION_APP
+
+
 def _ssl_server_context(tls: TlsFiles) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(tls.server_cert, tls.server_key)
     return context
 
 
-async def _wait_until_ready(urls: dict[str, str], stack: Stack, azurite_proc: subprocess.Popen) -> None:
+async def _wait_until_ready(
+    urls: dict[str, str], stack: Stack, children: dict[str, tuple[subprocess.Popen, Path]]
+) -> None:
+    """Until every URL gives any HTTP answer; a child that exits meanwhile stops the stack."""
     client_ssl = ssl.create_default_context(cafile=str(stack.tls.ca_cert))
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     pending = dict(urls)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
         while pending:
-            if azurite_proc.poll() is not None:
-                raise StackError(
-                    f"Azurite exited with code {azurite_proc.returncode}:\n{stack.azurite_log_tail()}"
-                )
+            for name, (process, log) in children.items():
+                if process.poll() is not None:
+                    raise StackError(f"{name} exited with code {process.returncode}:\n{stack.log_tail(log)}")
             for name, url in list(pending.items()):
                 try:
                     async with session.get(url, ssl=client_ssl) as response:
@@ -165,6 +171,16 @@ async def _wait_until_ready(urls: dict[str, str], stack: Stack, azurite_proc: su
                 await asyncio.sleep(0.1)
 
 
+async def _host_problem(api: str) -> str | None:
+    """What the host says when the function app did not load (it then answers 503 everywhere)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async with session.get(f"{api}/") as response:
+            if response.status != 503 or response.content_type != "application/problem+json":
+                return None
+            problem = await response.json(content_type=None)
+    return problem.get("detail") if problem.get("code") == "host_import_failed" else None
+
+
 def build_env(
     ports: Ports,
     tls: TlsFiles,
@@ -175,10 +191,11 @@ def build_env(
     msi_secret: str,
     system_mi: ManagedIdentity,
     user_mi: ManagedIdentity,
+    function_key: str | None = None,
 ) -> dict:
     acs_endpoint = f"https://127.0.0.1:{ports.acs}/"
     az_ports = azurite.AzuritePorts(ports.blob, ports.queue, ports.table)
-    return {
+    env = {
         "acs_endpoint": acs_endpoint,
         "acs_connection_string": f"endpoint={acs_endpoint};accesskey={access_key}",
         "acs_resource_id": resource_id,
@@ -200,6 +217,12 @@ def build_env(
         "ports": asdict(ports),
         "pid": os.getpid(),
     }
+    if function_key is None:  # --no-host: the port is not ours (`func start` may want it)
+        env["ports"].pop("host")
+    else:
+        env["api"] = f"http://127.0.0.1:{ports.host}/api"
+        env["function_key"] = function_key
+    return env
 
 
 @dataclass
@@ -211,13 +234,32 @@ class Prepared:
     apps: dict[str, tuple[web.Application, ssl.SSLContext | None]]
 
 
-def prepare(state_dir: Path, ports: Ports, *, audience: str, tls_dir: Path | None) -> Prepared:
+def _plan_host(app_spec: str) -> HostPlan:
+    local_settings = read_local_settings()
+    host_section = local_settings.get("Host") or {}
+    try:
+        CorsPolicy.parse(host_section.get("CORS"), host_section.get("CORSCredentials", False))
+    except ValueError as err:
+        raise StackError(f"local.settings.json: {err}") from None
+    return HostPlan(secrets.token_urlsafe(32), local_settings, app_spec)
+
+
+def prepare(
+    state_dir: Path,
+    ports: Ports,
+    *,
+    audience: str,
+    tls_dir: Path | None,
+    host_app: str | None = DEFAULT_FUNCTION_APP,
+) -> Prepared:
+    """`host_app` None: no dev host."""
     try:
         azurite.find_node()
     except azurite.AzuriteUnavailable as err:
         raise StackError(str(err)) from None
+    host = _plan_host(host_app) if host_app else None
 
-    sockets = reserve(ports)
+    sockets = reserve(ports, skip=() if host else ("host",))
     state_dir = state_dir.resolve()
     try:
         prepare_state_dir(state_dir)
@@ -242,6 +284,7 @@ def prepare(state_dir: Path, ports: Ports, *, audience: str, tls_dir: Path | Non
         msi_secret=msi_secret,
         system_mi=system_mi,
         user_mi=user_mi,
+        function_key=host.function_key if host else None,
     )
     resource = AcsResource(
         resource_id=resource_id,
@@ -263,14 +306,14 @@ def prepare(state_dir: Path, ports: Ports, *, audience: str, tls_dir: Path | Non
         "issuer": (DevIssuer(issuer=env["issuer"], key=issuer_key).app(), None),
         "msi": (msi.app(), None),
     }
-    return Prepared(Stack(state_dir, ports, tls, env), sockets, apps)
+    return Prepared(Stack(state_dir, ports, tls, env, host), sockets, apps)
 
 
 async def serve(prepared: Prepared, *, quiet: bool = False) -> int:
     stack, sockets = prepared.stack, prepared.sockets
     ports, env = stack.ports, stack.env
     runners: list[web.AppRunner] = []
-    azurite_proc: subprocess.Popen | None = None
+    children: dict[str, tuple[subprocess.Popen, Path]] = {}
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -281,12 +324,15 @@ async def serve(prepared: Prepared, *, quiet: bool = False) -> int:
             await runner.setup()
             runners.append(runner)
             await web.SockSite(runner, sockets.pop(name), ssl_context=ssl_context).start()
-        for sock in sockets.values():  # Azurite binds these itself
-            sock.close()
-        azurite_proc = azurite.start(
-            azurite.AzuritePorts(ports.blob, ports.queue, ports.table),
-            stack.tls,
-            stack.state_dir / "azurite",
+        for name in ("blob", "queue", "table"):  # Azurite binds these itself
+            sockets.pop(name).close()
+        children["Azurite"] = (
+            azurite.start(
+                azurite.AzuritePorts(ports.blob, ports.queue, ports.table),
+                stack.tls,
+                stack.state_dir / "azurite",
+                stack.azurite_log,
+            ),
             stack.azurite_log,
         )
         await _wait_until_ready(
@@ -299,16 +345,18 @@ async def serve(prepared: Prepared, *, quiet: bool = False) -> int:
                 "Azurite Queue": f"https://127.0.0.1:{ports.queue}/",
             },
             stack,
-            azurite_proc,
+            children,
         )
+        if stack.host is not None:
+            await _start_host(stack, sockets.pop("host"), children)
         env_path = stack.write_env()
         if not quiet:
             print(summary(stack, env_path), flush=True)
         await stop.wait()
         return 0
     finally:
-        if azurite_proc is not None:
-            azurite.stop(azurite_proc)
+        for process, _log in reversed(children.values()):  # the host first: it talks to the rest
+            stop_child(process)
         for runner in runners:
             await runner.cleanup()
         for sock in sockets.values():
@@ -316,30 +364,65 @@ async def serve(prepared: Prepared, *, quiet: bool = False) -> int:
         stack.remove_env()
 
 
+async def _start_host(
+    stack: Stack, sock: socket.socket, children: dict[str, tuple[subprocess.Popen, Path]]
+) -> None:
+    """Start the host once the rest answers; it counts as up on any HTTP answer, even a 404 or 503."""
+    assert stack.host is not None
+    environment = host_launcher.environment(
+        stack.env, function_key=stack.host.function_key, local_settings=stack.host.local_settings
+    )
+    sock.close()  # the host binds it itself, like Azurite
+    process = host_launcher.start(stack.ports.host, stack.host.app_spec, environment, stack.host_log)
+    children["dev host"] = (process, stack.host_log)
+    await _wait_until_ready({"dev host": f"{stack.env['api']}/"}, stack, children)
+    stack.host_problem = await _host_problem(stack.env["api"])
+
+
 def summary(stack: Stack, env_path: Path) -> str:
     env = stack.env
-    return "\n".join(
-        [
-            "Local stack is up (fresh, empty state: nothing survives a restart).",
-            f"  ACS Identity emulator   {env['acs_endpoint']}  (hooks: {env['acs_emulator_hooks']})",
-            f"  Azurite Table           {env['tables_endpoint']}",
-            f"  dev OpenID issuer       {env['issuer']}/.well-known/openid-configuration",
-            f"  managed identity        {env['identity_endpoint']}",
-            f"  CA certificate          {env['ca_bundle']}",
-            f"  settings for clients    {env_path}  (holds keys: keep it local)",
-            "",
-            "Try it:",
-            "  make -s token USER=alice                      # a user JWT from the dev issuer",
-            f"  curl -s {env['acs_emulator_hooks']}stats --cacert {env['ca_bundle']}",
-            "",
-            "Ctrl-C stops everything.",
-        ]
-    )
+    lines = [
+        "Local stack is up (fresh, empty state: nothing survives a restart).",
+        f"  ACS Identity emulator   {env['acs_endpoint']}  (hooks: {env['acs_emulator_hooks']})",
+        f"  Azurite Table           {env['tables_endpoint']}",
+        f"  dev OpenID issuer       {env['issuer']}/.well-known/openid-configuration",
+        f"  managed identity        {env['identity_endpoint']}",
+    ]
+    if "api" in env:
+        lines.append(f"  dev host (functions)    {env['api']}  (log: {stack.host_log})")
+        if stack.host_problem:
+            lines.append(f"    !! every /api route answers 503: {stack.host_problem}")
+        lines.append("    function-level routes need the `function_key` from the settings file below")
+    lines += [
+        f"  CA certificate          {env['ca_bundle']}",
+        f"  settings for clients    {env_path}  (holds keys: keep it local)",
+        "",
+        "Try it:",
+        "  make -s token USER=alice                      # a user JWT from the dev issuer",
+    ]
+    if "api" in env:
+        lines.append(
+            f'  curl -s -X POST {env["api"]}/token -H "Authorization: Bearer $(make -s token USER=alice)"'
+        )
+    lines += [
+        f"  curl -s {env['acs_emulator_hooks']}stats --cacert {env['ca_bundle']}",
+        "",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
 
 
-def main(state_dir: Path, ports: Ports, *, audience: str, quiet: bool, tls_dir: Path | None) -> int:
+def main(
+    state_dir: Path,
+    ports: Ports,
+    *,
+    audience: str,
+    quiet: bool,
+    tls_dir: Path | None,
+    host_app: str | None = DEFAULT_FUNCTION_APP,
+) -> int:
     try:
-        prepared = prepare(state_dir, ports, audience=audience, tls_dir=tls_dir)
+        prepared = prepare(state_dir, ports, audience=audience, tls_dir=tls_dir, host_app=host_app)
         return asyncio.run(serve(prepared, quiet=quiet))
     except StackError as err:
         print(f"devstack: {err}", file=sys.stderr)

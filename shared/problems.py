@@ -10,7 +10,7 @@ import azure.functions as func
 from .errors import ServiceError, Unavailable
 
 log = logging.getLogger("acs_token_service.http")
-PROBLEM_TYPE = "https://github.com/acs-token-service/docs/problems#"
+PROBLEM_TYPE = "urn:acs-token-service:problem:"  # + code; documented in README
 
 
 def json_response(

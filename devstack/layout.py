@@ -1,0 +1,53 @@
+"""Names, files and default ports of the local stack.
+
+Kept apart from stack.py so that the command line can build its parser without importing aiohttp:
+the dev host must put the app settings (SSL_CERT_FILE among them) in its environment before
+aiohttp is first imported, because aiohttp reads that variable only once, at import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+DEFAULT_STATE_DIR = Path(".devstack")
+STATE_MARKER = ".devstack-state"
+ISSUER_KEY_FILE = "issuer-key.pem"
+ENV_FILE = "env.json"
+HOST_LOG_FILE = "host.log"
+DEFAULT_AUDIENCE = "api://acs-token-service"
+DEFAULT_FUNCTION_APP = "function_app:app"
+
+
+@dataclass
+class Ports:
+    """Default ports, as in ARCHITECTURE.md; 0 means pick a free one."""
+
+    acs: int = 8443
+    issuer: int = 8444
+    msi: int = 8445
+    blob: int = 10000
+    queue: int = 10001
+    table: int = 10002
+    host: int = 7071
+
+    LABELS = {
+        "acs": "ACS Identity emulator",
+        "issuer": "dev OpenID issuer",
+        "msi": "managed-identity endpoint",
+        "blob": "Azurite Blob",
+        "queue": "Azurite Queue",
+        "table": "Azurite Table",
+        "host": "dev host (the function app)",
+    }
+
+    @classmethod
+    def free(cls) -> Ports:
+        return cls(**{f.name: 0 for f in fields(cls)})
+
+
+# How `devstack up` hands the dev host what is not an app setting: environment variables, because
+# a command line is visible to every user of the machine and the function key is a secret.
+FUNCTION_KEY_ENV = "DEVHOST_FUNCTION_KEY"
+CORS_ENV = "DEVHOST_CORS"
+CORS_CREDENTIALS_ENV = "DEVHOST_CORS_CREDENTIALS"
