@@ -391,3 +391,24 @@ async def test_unknown_kid_refetches_keys_at_most_once_a_minute(service, emulato
         response = await function_app.issue_token(request("POST", "token", token=forged))
         assert response.status_code == 401
     assert jwks.fetches == fetched  # the last fetch was moments ago: no refetch storm
+
+
+async def test_last_use_is_written_at_most_once_a_day(service, emulator):
+    import datetime as dt
+
+    from shared.keys import user_key
+
+    await _post_token(service, "sam")
+    clients = get_clients()
+    key = user_key(service.stack["issuer"], "sam")
+    created = await clients.store.get(key)
+    for route in ("token", "token/refresh"):
+        await _post_token(service, "sam", route=route)
+    assert await clients.store.get(key) == created  # same day: no write
+
+    tomorrow = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    clients.tokens.clock = lambda: tomorrow
+    await _post_token(service, "sam", route="token/refresh")
+    touched = await clients.store.get(key)
+    assert touched.last_used_on == tomorrow.date().isoformat()
+    assert touched.last_issued_at == tomorrow and touched.created_at == created.created_at
