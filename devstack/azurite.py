@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .ca import TlsFiles
-from .children import die_with_parent
+from .children import spawn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AZURITE_JS = REPO_ROOT / "node_modules" / "azurite" / "dist" / "src" / "azurite.js"
@@ -83,16 +83,5 @@ def command(node: str, ports: AzuritePorts, tls: TlsFiles) -> list[str]:
 def start(ports: AzuritePorts, tls: TlsFiles, workspace: Path, log_path: Path) -> subprocess.Popen:
     node = find_node()
     workspace.mkdir(parents=True, exist_ok=True)
-    log = log_path.open("wb")
-    try:
-        return subprocess.Popen(
-            command(node, ports, tls),
-            cwd=workspace,  # in-memory, but anything Azurite still writes stays in the state folder
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-            process_group=0,
-        )
-    finally:
-        log.close()
+    # cwd: in-memory, but anything Azurite still writes stays in the state folder.
+    return spawn(command(node, ports, tls), cwd=workspace, log_path=log_path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import signal
 import subprocess
+from collections.abc import Mapping
+from pathlib import Path
 
 
 def die_with_parent() -> None:
@@ -29,3 +31,26 @@ def stop(process: subprocess.Popen, timeout: float = 5.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def spawn(
+    command: list[str], *, cwd: Path, log_path: Path, env: Mapping[str, str] | None = None
+) -> subprocess.Popen:
+    """Start a child that logs to `log_path` and dies with us.
+
+    Must be called from the main thread: the parent-death signal follows the creating thread.
+    """
+    log = log_path.open("wb")
+    try:
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+            process_group=0,
+        )
+    finally:
+        log.close()

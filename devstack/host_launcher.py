@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from .children import die_with_parent
+from .children import spawn
 from .layout import CORS_CREDENTIALS_ENV, CORS_ENV, DEFAULT_FUNCTION_APP, FUNCTION_KEY_ENV
 from .service_settings import REPO_ROOT, settings_for_host
 
@@ -41,18 +41,5 @@ def command(port: int, app_spec: str = DEFAULT_FUNCTION_APP) -> list[str]:
 
 
 def start(port: int, app_spec: str, environment: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """Must be called from the main thread: the parent-death signal follows the creating thread."""
-    log = log_path.open("wb")
-    try:
-        return subprocess.Popen(
-            command(port, app_spec),
-            cwd=REPO_ROOT,  # function_app.py is imported from the repo root, as the worker does
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-            process_group=0,
-        )
-    finally:
-        log.close()
+    # cwd: function_app.py is imported from the repo root, as the worker does.
+    return spawn(command(port, app_spec), cwd=REPO_ROOT, log_path=log_path, env=environment)
