@@ -5,7 +5,7 @@ Importing this module does no I/O and reads no setting: the Functions host index
 
 import azure.functions as func
 
-from shared import endpoints
+from shared import endpoints, webhook
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 
@@ -32,3 +32,39 @@ async def get_identity(req: func.HttpRequest) -> func.HttpResponse:
 async def health(req: func.HttpRequest) -> func.HttpResponse:
     """Liveness and configuration, without secrets."""
     return await endpoints.health(req)
+
+
+@app.route(route="token/revoke", methods=["POST"])
+async def revoke_tokens(req: func.HttpRequest) -> func.HttpResponse:
+    """Revoke all of the caller's ACS tokens: 200 revoked, or 202 pending when ACS is unavailable."""
+    return await endpoints.revoke_tokens(req)
+
+
+@app.route(route="identity", methods=["DELETE"])
+async def delete_identity(req: func.HttpRequest) -> func.HttpResponse:
+    """Delete the caller's ACS identity and mapping: 200 deleted, or 202 pending."""
+    return await endpoints.delete_identity(req)
+
+
+@app.route(route="admin/identities/{communicationUserId}/revoke", methods=["POST"])
+async def admin_revoke_tokens(req: func.HttpRequest) -> func.HttpResponse:
+    """Revoke any identity's tokens (app role TokenService.Admin)."""
+    return await endpoints.admin_revoke(req)
+
+
+@app.route(route="admin/identities/{communicationUserId}", methods=["DELETE"])
+async def admin_delete_identity(req: func.HttpRequest) -> func.HttpResponse:
+    """Delete any identity (app role TokenService.Admin)."""
+    return await endpoints.admin_delete(req)
+
+
+@app.route(route="events", methods=["POST", "OPTIONS"], auth_level=func.AuthLevel.FUNCTION)
+async def events(req: func.HttpRequest) -> func.HttpResponse:
+    """Event Grid webhook: users deleted or changed in the IdP lose their ACS access."""
+    return await webhook.deliver(req)
+
+
+@app.timer_trigger(schedule="%CLEANUP_SCHEDULE%", arg_name="timer", run_on_startup=False)
+async def cleanup(timer: func.TimerRequest) -> None:
+    """Complete pending revocations and deletions; retire identities unused for too long."""
+    await endpoints.cleanup_timer(timer)

@@ -1,4 +1,4 @@
-"""Command line of the local stack: `python -m devstack up | token | host`.
+"""Command line of the local stack: `python -m devstack up | token | timer | host`.
 
 Only light modules are imported up here: `host` must put the app settings (SSL_CERT_FILE among
 them) into its environment before anything imports aiohttp, which reads that variable once.
@@ -101,6 +101,27 @@ def cmd_host(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_timer(args: argparse.Namespace) -> int:
+    """Run a timer function's work once, now, against the running stack, ignoring backoff waits."""
+    from .service_settings import settings_for_host
+
+    env = load_env(_state_dir(args.state_dir))
+    os.environ.update(settings_for_host(env))  # before anything imports aiohttp
+
+    import asyncio
+
+    async def run() -> dict:
+        from shared.clients import get_clients, reset_clients
+
+        try:
+            return await get_clients().cleanup.run(ignore_backoff=True)
+        finally:
+            await reset_clients()
+
+    print(json.dumps(asyncio.run(run()), indent=2))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m devstack", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -137,6 +158,11 @@ def parser() -> argparse.ArgumentParser:
     token.add_argument("--app-id", help="appid/azp claim, as on an Entra token for a client app")
     token.add_argument("--state-dir")
     token.set_defaults(func=cmd_token)
+
+    timer = sub.add_parser("timer", help="run a timer function once now against the running stack")
+    timer.add_argument("name", choices=["cleanup"], help="the timer function")
+    timer.add_argument("--state-dir")
+    timer.set_defaults(func=cmd_timer)
 
     host = sub.add_parser("host", help="serve a FunctionApp's functions on 127.0.0.1 like the Functions host")
     host.add_argument("--port", type=int, default=7071, help="default 7071; 0 = any free port")

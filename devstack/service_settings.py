@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+DEFAULT_CLEANUP_SCHEDULE = "0 */5 * * * *"  # the timer's own default, every 5 minutes
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -53,4 +54,5 @@ def settings_for_host(
             "ACS_CONNECTION_STRING": env["acs_connection_string"],
             "TABLES_CONNECTION_STRING": env["tables_connection_string"],
         }
+    values.setdefault("CLEANUP_SCHEDULE", DEFAULT_CLEANUP_SCHEDULE)
     return values | stack_values

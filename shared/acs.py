@@ -97,11 +97,19 @@ class AcsGateway:
             raise translate(err) from None
         return IssuedToken(token.token, _parse_expiry(token.expires_on))
 
-    async def delete(self, communication_user_id: str) -> None:
+    async def revoke(self, communication_user_id: str, **options) -> None:
+        """Revoke every token of the identity. `options` are per-call azure-core settings."""
         try:
-            await self.client.delete_user(CommunicationUserIdentifier(communication_user_id))
+            await self.client.revoke_tokens(CommunicationUserIdentifier(communication_user_id), **options)
+        except Exception as err:  # noqa: BLE001
+            raise translate(err) from None
+
+    async def delete(self, communication_user_id: str, **options) -> None:
+        """Delete the identity (which revokes its tokens); an identity already gone counts as done."""
+        try:
+            await self.client.delete_user(CommunicationUserIdentifier(communication_user_id), **options)
         except Exception as err:  # noqa: BLE001
             translated = translate(err)
             if isinstance(translated, NotFound):
-                return  # already gone is what we wanted
+                return
             raise translated from None

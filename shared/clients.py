@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from .acs import AcsGateway
 from .auth import EasyAuthAuthenticator, JwksCache, JwtAuthenticator
+from .cleanup import Cleanup
+from .revocation import RevocationService
 from .settings import Settings, get_settings
 from .store import IdentityStore
 from .tokens import TokenService
@@ -38,6 +40,8 @@ class Clients:
     authenticator: JwtAuthenticator | EasyAuthAuthenticator
     jwks: JwksCache | None
     tokens: TokenService
+    revocation: RevocationService
+    cleanup: Cleanup
     store: IdentityStore
     closers: tuple
 
@@ -85,6 +89,7 @@ def build(settings: Settings) -> Clients:
         jwks = JwksCache(settings.issuer)
         authenticator = JwtAuthenticator(settings, jwks)
     store = IdentityStore(table)
+    gateway = AcsGateway(acs)
     closers = (
         [acs.close, table.close] + ([jwks.close] if jwks else []) + ([credential.close] if credential else [])
     )
@@ -93,7 +98,9 @@ def build(settings: Settings) -> Clients:
         credential=credential,
         authenticator=authenticator,
         jwks=jwks,
-        tokens=TokenService(store, AcsGateway(acs)),
+        tokens=TokenService(store, gateway),
+        revocation=RevocationService(store, gateway),
+        cleanup=Cleanup(store, gateway, retention_days=settings.retention_days),
         store=store,
         closers=tuple(closers),
     )

@@ -15,11 +15,13 @@ import azure.functions as func
 from . import policy
 from .auth import Caller
 from .clients import Clients, get_clients
-from .errors import ServiceError, SettingError
+from .errors import BadRequest, Forbidden, NotFound, ServiceError, SettingError
 from .problems import from_error, from_unexpected, json_response
 from .settings import get_settings
 
 log = logging.getLogger("acs_token_service.endpoints")
+ADMIN_ROLE = "TokenService.Admin"
+MAX_ID_LENGTH = 256
 
 Handler = Callable[[Clients, Caller, func.HttpRequest], Awaitable[func.HttpResponse]]
 
@@ -98,3 +100,72 @@ async def health(_req: func.HttpRequest) -> func.HttpResponse:
         checks["issuer"] = f"easyauth ({settings.auth_mode})"
     ok = all(v == "ok" or v.startswith("easyauth") for v in checks.values())
     return json_response({"status": "ok" if ok else "degraded", "checks": checks}, status=200 if ok else 503)
+
+
+# ---- revocation and deletion ------------------------------------------------------------------------
+
+
+def _outcome_response(outcome) -> func.HttpResponse:
+    return json_response(outcome.to_json(), status=outcome.http_status)
+
+
+async def _revoke_own(clients: Clients, caller: Caller, _req: func.HttpRequest) -> func.HttpResponse:
+    record = await clients.tokens.identity(caller)
+    return _outcome_response(await clients.revocation.revoke(record, source="user"))
+
+
+async def _delete_own(clients: Clients, caller: Caller, _req: func.HttpRequest) -> func.HttpResponse:
+    record = await clients.tokens.identity(caller)
+    return _outcome_response(await clients.revocation.delete(record, source="user"))
+
+
+async def _admin_record(clients: Clients, caller: Caller, req: func.HttpRequest):
+    if not caller.has_role(ADMIN_ROLE):
+        raise Forbidden(f"This route needs the app role {ADMIN_ROLE}.")
+    communication_user_id = req.route_params.get("communicationUserId", "")
+    if not communication_user_id or len(communication_user_id) > MAX_ID_LENGTH:
+        raise BadRequest("communicationUserId is missing or too long.", code="invalid_identity_id")
+    user_key = await clients.store.owner_of(communication_user_id)
+    record = await clients.store.get(user_key) if user_key else None
+    if record is None or record.communication_user_id != communication_user_id:
+        raise NotFound("No app user maps to that ACS identity.", code="identity_not_found")
+    return record
+
+
+async def _admin_revoke(clients: Clients, caller: Caller, req: func.HttpRequest) -> func.HttpResponse:
+    record = await _admin_record(clients, caller, req)
+    return _outcome_response(await clients.revocation.revoke(record, source="admin"))
+
+
+async def _admin_delete(clients: Clients, caller: Caller, req: func.HttpRequest) -> func.HttpResponse:
+    record = await _admin_record(clients, caller, req)
+    return _outcome_response(await clients.revocation.delete(record, source="admin"))
+
+
+async def revoke_tokens(req: func.HttpRequest) -> func.HttpResponse:
+    return await _respond(req, _revoke_own)
+
+
+async def delete_identity(req: func.HttpRequest) -> func.HttpResponse:
+    return await _respond(req, _delete_own)
+
+
+async def admin_revoke(req: func.HttpRequest) -> func.HttpResponse:
+    return await _respond(req, _admin_revoke)
+
+
+async def admin_delete(req: func.HttpRequest) -> func.HttpResponse:
+    return await _respond(req, _admin_delete)
+
+
+# ---- the cleanup timer --------------------------------------------------------------------------------
+
+
+async def cleanup_timer(_timer: func.TimerRequest) -> None:
+    """A failed run only logs: the next one starts from the same durable state."""
+    try:
+        await get_clients().cleanup.run()
+    except ServiceError as err:
+        log.error("cleanup run skipped: %s (%s)", err.code, err.detail)
+    except Exception as err:  # noqa: BLE001
+        log.error("cleanup run failed: %s", type(err).__name__)

@@ -53,6 +53,16 @@ class NotFound(ServiceError):
             self.code = code
 
 
+class Conflict(ServiceError):
+    """409: the user's identity is in a state that forbids this now (e.g. a pending revocation)."""
+
+    status, code, title = 409, "conflict", "Conflict"
+
+    def __init__(self, detail: str, *, code: str, retry_after: int | None = None) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)} if retry_after else None)
+        self.code = code
+
+
 class PayloadTooLarge(ServiceError):
     status, code, title = 413, "payload_too_large", "Payload too large"
 

@@ -31,3 +31,32 @@ def user_key(issuer: str, subject: str) -> str:
 def communication_user_key(communication_user_id: str) -> str:
     """PartitionKey of the reverse-lookup row: ACS identity -> app user."""
     return "c-" + _digest(communication_user_id)
+
+
+def graph_user_key(tenant_id: str, object_id: str) -> str:
+    """PartitionKey of the Entra lookup row: (tid, oid) from Graph events -> app user."""
+    return "o-" + _digest(tenant_id.lower(), object_id.lower())
+
+
+def retention_partition(day: str) -> str:
+    """Identities last known to be used on `day` (YYYY-MM-DD): range-scannable by age."""
+    return "d-" + day
+
+
+RETENTION_PREFIX = "d-"
+PENDING_PARTITION = "pending"
+EVENTS_PARTITION = "events"
+USER_ROW = "user"
+
+
+def pending_row(user_key: str) -> str:
+    return user_key
+
+
+def discard_row(communication_user_id: str) -> str:
+    """Pending-queue row for an ACS identity nobody maps to (a lost creation race)."""
+    return "x-" + _digest(communication_user_id)
+
+
+def event_row(event_id: str) -> str:
+    return "e-" + _digest(event_id)

@@ -40,6 +40,10 @@ class Settings:
     min_minutes: int
     max_minutes: int
     managed_identity_client_id: str | None
+    retention_days: int = 90
+    revoke_on_graph_user_updated: bool = True
+    user_deleted_event_types: tuple[str, ...] = ()
+    credentials_changed_event_types: tuple[str, ...] = ()
 
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
@@ -149,7 +153,18 @@ def load(env: Mapping[str, str]) -> Settings:
     if not min_minutes <= default_minutes <= max_minutes:
         raise SettingError("TOKEN_DEFAULT_MINUTES", f"must be within {min_minutes}..{max_minutes}")
 
+    retention_days = _int(env, "IDENTITY_RETENTION_DAYS", 90)
+    if not 1 <= retention_days <= 3650:
+        raise SettingError("IDENTITY_RETENTION_DAYS", "must be from 1 to 3650")
+    revoke_on_updated = (_get(env, "EVENTS_REVOKE_ON_USER_UPDATED") or "true").lower()
+    if revoke_on_updated not in ("true", "false"):
+        raise SettingError("EVENTS_REVOKE_ON_USER_UPDATED", "must be true or false")
+
     return Settings(
+        retention_days=retention_days,
+        revoke_on_graph_user_updated=revoke_on_updated == "true",
+        user_deleted_event_types=_list(env, "EVENTS_USER_DELETED_TYPES", ()),
+        credentials_changed_event_types=_list(env, "EVENTS_CREDENTIALS_CHANGED_TYPES", ()),
         auth_mode=auth_mode,
         issuer=issuer or "",  # compared verbatim with `iss`: Entra v1 issuers end in "/"
         audiences=audiences,

@@ -1,11 +1,19 @@
-"""The identity map in Azure Table Storage: app user <-> ACS identity.
+"""The identity map in Azure Table Storage: app user <-> ACS identity, and the work around it.
 
-Rows (one table):
-- mapping `PK=user_key(issuer, sub), RK="identity"`: the ACS id, who it belongs to, oid/tid,
-  when it was created and last used. One point read answers every token request.
-- owner `PK=communication_user_key(id), RK="owner"`: the reverse lookup for events and admins.
+Rows (one table, every lookup a point read or a key-range scan):
+- mapping `PK=user_key(issuer, sub), RK="identity"`: the ACS id, who it belongs to, oid/tid, when
+  it was created and last used, and any pending revoke/delete. One point read answers every
+  token request, including "is this user blocked by a pending revocation?".
+- owner `PK=communication_user_key(id), RK="owner"`: ACS id -> app user, for admins and events.
   It is written *before* the mapping, so an owner row whose user's mapping names another id marks
-  an identity that lost a creation race or was left mid-way: cleanup can find and delete it.
+  an identity that lost a creation race or was left mid-way.
+- graph `PK=graph_user_key(tid, oid), RK="user"`: Entra (tenant, object id) -> app user, for
+  Microsoft Graph events, which name users that way.
+- retention `PK="d-<day last known used>", RK=user_key`: scanned by key range for days older
+  than the retention period, so cleanup costs grow with stale identities, not all identities.
+- pending `PK="pending", RK=user_key | discard_row(id)`: revocations and deletions that could not
+  reach ACS yet, with attempts, next attempt and a lease; the timer completes them.
+- events `PK="events", RK=event_row(id)`: Event Grid event ids already acted on.
 
 Creation is race-safe because the mapping insert is an insert, not an upsert: of two concurrent
 first requests exactly one wins; the loser removes what it made and uses the winner's identity.
@@ -15,13 +23,20 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from dataclasses import dataclass
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 
-from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 from azure.data.tables.aio import TableClient
 
-from .keys import IDENTITY_ROW, OWNER_ROW, communication_user_key
+from . import keys
+
+log = logging.getLogger("acs_token_service.store")
+RELEASED = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)  # a lease time that has always passed
 
 
 @dataclass(frozen=True)
@@ -35,17 +50,22 @@ class IdentityRecord:
     last_issued_at: dt.datetime
     object_id: str | None = None
     tenant_id: str | None = None
+    pending: str = ""  # "", "revoke" or "delete"
+    pending_id: str = ""
+    etag: str | None = None
 
     def to_entity(self) -> dict:
         entity = {
             "PartitionKey": self.user_key,
-            "RowKey": IDENTITY_ROW,
+            "RowKey": keys.IDENTITY_ROW,
             "communicationUserId": self.communication_user_id,
             "issuer": self.issuer,
             "subject": self.subject,
             "createdAt": self.created_at,
             "lastUsedOn": self.last_used_on,
             "lastIssuedAt": self.last_issued_at,
+            "pending": self.pending,
+            "pendingId": self.pending_id,
         }
         if self.object_id:
             entity["oid"] = self.object_id
@@ -54,7 +74,7 @@ class IdentityRecord:
         return entity
 
     @classmethod
-    def from_entity(cls, entity: dict) -> IdentityRecord:
+    def from_entity(cls, entity) -> IdentityRecord:
         return cls(
             user_key=entity["PartitionKey"],
             communication_user_id=entity["communicationUserId"],
@@ -65,7 +85,25 @@ class IdentityRecord:
             last_issued_at=entity.get("lastIssuedAt", entity["createdAt"]),
             object_id=entity.get("oid"),
             tenant_id=entity.get("tid"),
+            pending=entity.get("pending", ""),
+            pending_id=entity.get("pendingId", ""),
+            etag=entity.metadata.get("etag") if hasattr(entity, "metadata") else None,
         )
+
+
+@dataclass(frozen=True)
+class PendingWork:
+    """A revoke, delete or discard that ACS has not confirmed yet."""
+
+    row_key: str
+    op: str  # "revoke", "delete" or "discard"
+    pending_id: str
+    communication_user_id: str
+    user_key: str  # "" for discard
+    attempts: int
+    next_attempt_at: dt.datetime
+    lease_until: dt.datetime | None
+    etag: str
 
 
 class IdentityStore:
@@ -86,20 +124,32 @@ class IdentityStore:
                     pass
                 self._ready = True
 
-    async def get(self, user_key: str) -> IdentityRecord | None:
+    async def _get(self, partition: str, row: str):
         await self._ensure_table()
         try:
-            entity = await self.table.get_entity(user_key, IDENTITY_ROW)
+            return await self.table.get_entity(partition, row)
         except ResourceNotFoundError:
             return None
-        return IdentityRecord.from_entity(entity)
+
+    async def _delete(self, partition: str, row: str, etag: str | None = None) -> None:
+        kwargs = {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
+        try:
+            await self.table.delete_entity(partition, row, **kwargs)
+        except ResourceNotFoundError:
+            pass
+
+    # ---- the mapping and its lookups -------------------------------------------------------------
+
+    async def get(self, user_key: str) -> IdentityRecord | None:
+        entity = await self._get(user_key, keys.IDENTITY_ROW)
+        return IdentityRecord.from_entity(entity) if entity is not None else None
 
     async def add(self, record: IdentityRecord) -> bool:
-        """Insert owner then mapping. False when another request mapped this user first."""
+        """Insert owner, then mapping, then the lookups. False when another request won the user."""
         await self._ensure_table()
         owner = {
-            "PartitionKey": communication_user_key(record.communication_user_id),
-            "RowKey": OWNER_ROW,
+            "PartitionKey": keys.communication_user_key(record.communication_user_id),
+            "RowKey": keys.OWNER_ROW,
             "communicationUserId": record.communication_user_id,
             "userKey": record.user_key,
             "createdAt": record.created_at,
@@ -110,20 +160,40 @@ class IdentityStore:
         except ResourceExistsError:
             await self.forget_owner(record.communication_user_id)
             return False
+        try:
+            await self._file_for_retention(record.user_key, record.communication_user_id, record.last_used_on)
+            if record.object_id and record.tenant_id:
+                await self.table.upsert_entity(
+                    {
+                        "PartitionKey": keys.graph_user_key(record.tenant_id, record.object_id),
+                        "RowKey": keys.USER_ROW,
+                        "userKey": record.user_key,
+                    },
+                    mode=UpdateMode.REPLACE,
+                )
+        except Exception as err:  # noqa: BLE001 - the mapping stands; lookups are secondary
+            log.warning("identity lookups not written: %s", type(err).__name__)
         return True
 
+    async def _file_for_retention(self, user_key: str, communication_user_id: str, day: str) -> None:
+        await self.table.upsert_entity(
+            {
+                "PartitionKey": keys.retention_partition(day),
+                "RowKey": user_key,
+                "communicationUserId": communication_user_id,
+            },
+            mode=UpdateMode.REPLACE,
+        )
+
     async def forget_owner(self, communication_user_id: str) -> None:
-        try:
-            await self.table.delete_entity(communication_user_key(communication_user_id), OWNER_ROW)
-        except ResourceNotFoundError:
-            pass
+        await self._delete(keys.communication_user_key(communication_user_id), keys.OWNER_ROW)
 
     async def touch(self, record: IdentityRecord, now: dt.datetime) -> None:
         """Record use (issue or refresh) once per day: the retention cleanup reads it."""
         await self.table.update_entity(
             {
                 "PartitionKey": record.user_key,
-                "RowKey": IDENTITY_ROW,
+                "RowKey": keys.IDENTITY_ROW,
                 "lastUsedOn": now.date().isoformat(),
                 "lastIssuedAt": now,
             },
@@ -131,17 +201,177 @@ class IdentityStore:
         )
 
     async def owner_of(self, communication_user_id: str) -> str | None:
+        entity = await self._get(keys.communication_user_key(communication_user_id), keys.OWNER_ROW)
+        return entity["userKey"] if entity is not None else None
+
+    async def user_for_graph(self, tenant_id: str, object_id: str) -> str | None:
+        entity = await self._get(keys.graph_user_key(tenant_id, object_id), keys.USER_ROW)
+        return entity["userKey"] if entity is not None else None
+
+    async def remove(self, record: IdentityRecord) -> None:
+        """Forget a deleted identity: mapping first (so no token is issued for it), then lookups."""
+        await self._delete(record.user_key, keys.IDENTITY_ROW)
+        await self.forget_owner(record.communication_user_id)
+        if record.object_id and record.tenant_id:
+            graph_key = keys.graph_user_key(record.tenant_id, record.object_id)
+            entity = await self._get(graph_key, keys.USER_ROW)
+            if entity is not None and entity["userKey"] == record.user_key:
+                await self._delete(graph_key, keys.USER_ROW)
+        await self._delete(keys.retention_partition(record.last_used_on), record.user_key)
+
+    # ---- pending work --------------------------------------------------------------------------
+
+    async def mark_pending(
+        self, record: IdentityRecord, op: str, now: dt.datetime, retry_in: dt.timedelta
+    ) -> None:
+        """Durably queue `op` for the timer, then block the mapping. Queue first: a crash between
+        the two leaves a queue row the timer drops, never a user blocked with no work queued."""
+        pending_id = uuid.uuid4().hex
+        await self._ensure_table()
+        await self.table.upsert_entity(
+            {
+                "PartitionKey": keys.PENDING_PARTITION,
+                "RowKey": keys.pending_row(record.user_key),
+                "op": op,
+                "pendingId": pending_id,
+                "communicationUserId": record.communication_user_id,
+                "userKey": record.user_key,
+                "attempts": 0,
+                "requestedAt": now,
+                "nextAttemptAt": now + retry_in,
+            },
+            mode=UpdateMode.REPLACE,
+        )
+        await self.table.update_entity(
+            {
+                "PartitionKey": record.user_key,
+                "RowKey": keys.IDENTITY_ROW,
+                "pending": op,
+                "pendingId": pending_id,
+            },
+            mode=UpdateMode.MERGE,
+        )
+
+    async def queue_discard(self, communication_user_id: str, now: dt.datetime) -> None:
+        await self._ensure_table()
+        await self.table.upsert_entity(
+            {
+                "PartitionKey": keys.PENDING_PARTITION,
+                "RowKey": keys.discard_row(communication_user_id),
+                "op": "discard",
+                "pendingId": uuid.uuid4().hex,
+                "communicationUserId": communication_user_id,
+                "userKey": "",
+                "attempts": 0,
+                "requestedAt": now,
+                "nextAttemptAt": now,
+            },
+            mode=UpdateMode.REPLACE,
+        )
+
+    async def pending_work(self) -> AsyncIterator[PendingWork]:
+        await self._ensure_table()
+        async for entity in self.table.query_entities(
+            "PartitionKey eq @p", parameters={"p": keys.PENDING_PARTITION}
+        ):
+            yield PendingWork(
+                row_key=entity["RowKey"],
+                op=entity["op"],
+                pending_id=entity["pendingId"],
+                communication_user_id=entity["communicationUserId"],
+                user_key=entity.get("userKey", ""),
+                attempts=entity.get("attempts", 0),
+                next_attempt_at=entity["nextAttemptAt"],
+                lease_until=entity.get("leaseUntil"),
+                etag=entity.metadata["etag"],
+            )
+
+    async def claim(self, work: PendingWork, lease_until: dt.datetime) -> PendingWork | None:
+        """Take a lease on one piece of work; None when another cleanup run got it first."""
+        try:
+            metadata = await self.table.update_entity(
+                {"PartitionKey": keys.PENDING_PARTITION, "RowKey": work.row_key, "leaseUntil": lease_until},
+                mode=UpdateMode.MERGE,
+                etag=work.etag,
+                match_condition=MatchConditions.IfNotModified,
+            )
+        except (ResourceModifiedError, ResourceNotFoundError):
+            return None
+        return replace(work, lease_until=lease_until, etag=metadata["etag"])
+
+    async def retry_later(self, work: PendingWork, next_attempt_at: dt.datetime) -> None:
+        try:
+            await self.table.update_entity(
+                {
+                    "PartitionKey": keys.PENDING_PARTITION,
+                    "RowKey": work.row_key,
+                    "attempts": work.attempts + 1,
+                    "nextAttemptAt": next_attempt_at,
+                    "leaseUntil": RELEASED,
+                },
+                mode=UpdateMode.MERGE,
+                etag=work.etag,
+                match_condition=MatchConditions.IfNotModified,
+            )
+        except (ResourceModifiedError, ResourceNotFoundError):
+            pass
+
+    async def finish(self, work: PendingWork) -> None:
+        await self._delete(keys.PENDING_PARTITION, work.row_key, work.etag)
+
+    async def clear_pending(self, record: IdentityRecord) -> bool:
+        """Unblock the user after a revoke completed, unless a newer request replaced this one."""
+        try:
+            await self.table.update_entity(
+                {
+                    "PartitionKey": record.user_key,
+                    "RowKey": keys.IDENTITY_ROW,
+                    "pending": "",
+                    "pendingId": "",
+                },
+                mode=UpdateMode.MERGE,
+                etag=record.etag,
+                match_condition=MatchConditions.IfNotModified,
+            )
+        except (ResourceModifiedError, ResourceNotFoundError):
+            return False
+        return True
+
+    # ---- retention -----------------------------------------------------------------------------
+
+    async def filed_before(self, day: str) -> AsyncIterator[tuple[str, str, str]]:
+        """(day, user_key, communication user id) for retention rows older than `day`."""
+        await self._ensure_table()
+        query = "PartitionKey ge @lo and PartitionKey lt @hi"
+        params = {"lo": keys.RETENTION_PREFIX, "hi": keys.retention_partition(day)}
+        async for entity in self.table.query_entities(query, parameters=params):
+            yield entity["PartitionKey"], entity["RowKey"], entity["communicationUserId"]
+
+    async def refile(self, old_partition: str, record: IdentityRecord) -> None:
+        """An identity was used after its retention row's day: move the row to that day."""
+        await self._file_for_retention(record.user_key, record.communication_user_id, record.last_used_on)
+        await self._delete(old_partition, record.user_key)
+
+    async def drop_retention_row(self, partition: str, user_key: str) -> None:
+        await self._delete(partition, user_key)
+
+    # ---- events --------------------------------------------------------------------------------
+
+    async def claim_event(self, event_id: str, now: dt.datetime) -> bool:
+        """Record an event id before acting on it; False when it was acted on already."""
         await self._ensure_table()
         try:
-            entity = await self.table.get_entity(communication_user_key(communication_user_id), OWNER_ROW)
-        except ResourceNotFoundError:
-            return None
-        return entity["userKey"]
+            await self.table.create_entity(
+                {"PartitionKey": keys.EVENTS_PARTITION, "RowKey": keys.event_row(event_id), "receivedAt": now}
+            )
+        except ResourceExistsError:
+            return False
+        return True
+
+    async def release_event(self, event_id: str) -> None:
+        """Acting failed: let Event Grid's retry act on it."""
+        await self._delete(keys.EVENTS_PARTITION, keys.event_row(event_id))
 
     async def ping(self) -> None:
         """A cheap round trip for health checks (a point read that usually finds nothing)."""
-        await self._ensure_table()
-        try:
-            await self.table.get_entity("health", "probe")
-        except ResourceNotFoundError:
-            pass
+        await self._get("health", "probe")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .acs import AcsGateway, IssuedToken
 from .auth import Caller
-from .errors import NotFound, ServiceError
+from .errors import Conflict, NotFound, ServiceError
 from .keys import user_key
 from .policy import TokenRequest
 from .store import IdentityRecord, IdentityStore
@@ -71,6 +71,13 @@ class TokenService:
         return record
 
     async def _issue_existing(self, record: IdentityRecord, request: TokenRequest) -> TokenResult:
+        if record.pending:
+            # No token may outlive a revocation or deletion that ACS has not confirmed yet.
+            raise Conflict(
+                f"A {record.pending} of your ACS identity is pending; try again later.",
+                code=f"{record.pending}_pending",
+                retry_after=30,
+            )
         token = await self.acs.issue(record.communication_user_id, request.scopes, request.minutes)
         now = self.clock()
         if record.last_used_on != now.date().isoformat():
@@ -117,3 +124,7 @@ class TokenService:
             await self.acs.delete(communication_user_id)
         except ServiceError as err:
             log.warning("could not delete an unmapped ACS identity now (%s); cleanup will", err.code)
+            try:
+                await self.store.queue_discard(communication_user_id, self.clock())
+            except Exception as store_err:  # noqa: BLE001 - nothing more we can do in this request
+                log.error("unmapped ACS identity not queued for cleanup: %s", type(store_err).__name__)

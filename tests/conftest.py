@@ -28,6 +28,7 @@ TLS = create_tls_files(TLS_DIR)
 os.environ["SSL_CERT_FILE"] = os.environ["REQUESTS_CA_BUNDLE"] = str(TLS.ca_cert)
 
 STACK_START_TIMEOUT = 90.0
+pytest_plugins = ["tests.service_fixtures"]
 
 
 class RunningStack:
@@ -38,6 +39,18 @@ class RunningStack:
 
     def __getitem__(self, key: str):
         return self.env[key]
+
+    def timer(self, name: str) -> str:
+        """`python -m devstack timer NAME` against this stack: what it printed."""
+        out = subprocess.run(
+            [sys.executable, "-m", "devstack", "timer", name, "--state-dir", str(self.state_dir)],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        return out.stdout
 
     def token(self, *args: str) -> str:
         """`python -m devstack token ARGS...` against this stack: the printed JWT."""

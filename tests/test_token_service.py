@@ -11,58 +11,10 @@ import pytest
 
 import function_app
 from devstack.keys import SigningKey
-from devstack.service_settings import settings_for_host
 from shared.clients import get_clients, reset_clients
 from shared.settings import reset_settings
+from tests.service_fixtures import configure as _configure
 from tests.service_helpers import Users, body_of, request
-
-SETTING_NAMES = (
-    "AUTH_MODE",
-    "AUTH_ISSUER",
-    "AUTH_AUDIENCE",
-    "ACS_ENDPOINT",
-    "ACS_CONNECTION_STRING",
-    "TABLES_ENDPOINT",
-    "TABLES_CONNECTION_STRING",
-    "TOKEN_ALLOWED_SCOPES",
-    "TOKEN_DEFAULT_SCOPES",
-    "TOKEN_DEFAULT_MINUTES",
-    "IDENTITY_TABLE",
-    "AZURE_CLIENT_ID",
-)
-
-
-async def _configure(monkeypatch, stack, *, managed_identity: bool, **extra: str) -> None:
-    for name in SETTING_NAMES:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in settings_for_host(stack.env, managed_identity=managed_identity).items():
-        if name not in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
-            monkeypatch.setenv(name, value)
-    for name, value in extra.items():
-        monkeypatch.setenv(name, value)
-    reset_settings()
-    await reset_clients()
-
-
-async def _service(stack, monkeypatch, *, managed_identity: bool):
-    await _configure(monkeypatch, stack, managed_identity=managed_identity)
-    yield Users(stack)
-    await reset_clients()
-    reset_settings()
-
-
-@pytest.fixture
-async def service(stack, emulator, monkeypatch):
-    """The service configured for the stack with keys (connection strings)."""
-    async for users in _service(stack, monkeypatch, managed_identity=False):
-        yield users
-
-
-@pytest.fixture
-async def keyless_service(stack, emulator, monkeypatch):
-    """The service configured with endpoints only: managed identity for ACS and Storage."""
-    async for users in _service(stack, monkeypatch, managed_identity=True):
-        yield users
 
 
 def _acs_claims(token: str) -> dict:
@@ -150,7 +102,12 @@ async def test_twenty_concurrent_first_requests_make_one_identity(service, emula
 
     key = user_key(service.stack["issuer"], "erin")
     store = get_clients().store
-    owners = [e async for e in store.table.query_entities("userKey eq @k", parameters={"k": key})]
+    owners = [
+        e
+        async for e in store.table.query_entities(
+            "RowKey eq @r and userKey eq @k", parameters={"r": "owner", "k": key}
+        )
+    ]
     assert [o["communicationUserId"] for o in owners] == [bodies[0]["communicationUserId"]]
     assert await store.owner_of(bodies[0]["communicationUserId"]) == key
 

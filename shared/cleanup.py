@@ -1,0 +1,182 @@
+"""The cleanup timer: finish pending revocations and deletions, and retire unused identities.
+
+Safe to run twice at once and to stop midway: every piece of work is claimed with an etag lease
+before ACS is called, and every step is idempotent or guarded by the mapping's `pendingId`, so a
+revocation is applied once and never after the user has been unblocked. It stays well under ACS's
+limits (500 revokes and 500 deletes per 30 s): each run spends at most RUN_BUDGET of each, so even
+two overlapping runs stay below them, and a run stops taking work near its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from .acs import AcsGateway
+from .errors import NotFound, ServiceError, Unavailable
+from .store import IdentityRecord, IdentityStore, PendingWork
+
+log = logging.getLogger("acs_token_service.cleanup")
+
+RUN_BUDGET = 240  # ACS calls of each kind per run
+CONCURRENCY = 16
+LEASE = dt.timedelta(minutes=2)
+MAX_BACKOFF = dt.timedelta(hours=1)
+TIMER_OPTIONS = {"retry_total": 1, "retry_backoff_factor": 0.2}
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def backoff(attempts: int) -> dt.timedelta:
+    """30 s, 1 min, 2 min, ... up to an hour between attempts."""
+    return min(dt.timedelta(seconds=30) * (2 ** min(attempts, 12)), MAX_BACKOFF)
+
+
+class Budget:
+    def __init__(self, limit: int) -> None:
+        self.left = {"revoke": limit, "delete": limit}
+
+    def take(self, kind: str) -> bool:
+        if self.left[kind] <= 0:
+            return False
+        self.left[kind] -= 1
+        return True
+
+
+class Cleanup:
+    def __init__(
+        self,
+        store: IdentityStore,
+        acs: AcsGateway,
+        *,
+        retention_days: int,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.acs = acs
+        self.retention_days = retention_days
+        self.clock = clock
+
+    async def run(self, *, ignore_backoff: bool = False, deadline_seconds: float = 50.0) -> dict[str, int]:
+        counts: Counter[str] = Counter()
+        budget = Budget(RUN_BUDGET)
+        deadline = time.monotonic() + deadline_seconds
+        started = time.monotonic()
+        await self._pending(counts, budget, deadline, ignore_backoff)
+        await self._retention(counts, budget, deadline)
+        report = dict(sorted(counts.items()))
+        log.info(
+            "cleanup run done in %.1fs: %s",
+            time.monotonic() - started,
+            " ".join(f"{k}={v}" for k, v in report.items()) or "nothing to do",
+        )
+        return report
+
+    # ---- pending revocations and deletions -------------------------------------------------------
+
+    async def _pending(self, counts: Counter, budget: Budget, deadline: float, ignore_backoff: bool) -> None:
+        now = self.clock()
+        due = [
+            work
+            async for work in self.store.pending_work()
+            if (ignore_backoff or work.next_attempt_at <= now)
+            and not (work.lease_until and work.lease_until > now)
+        ]
+        counts["pending_due"] += len(due)
+        gate = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(work: PendingWork) -> None:
+            async with gate:
+                if time.monotonic() > deadline:
+                    counts["deferred_deadline"] += 1
+                    return
+                kind = "revoke" if work.op == "revoke" else "delete"
+                if not budget.take(kind):
+                    counts["deferred_budget"] += 1
+                    return
+                await self._complete(work, counts)
+
+        await asyncio.gather(*(one(work) for work in due))
+
+    async def _complete(self, work: PendingWork, counts: Counter) -> None:
+        claimed = await self.store.claim(work, self.clock() + LEASE)
+        if claimed is None:
+            counts["skipped_claimed_elsewhere"] += 1
+            return
+        record = await self.store.get(work.user_key) if work.user_key else None
+        if work.op != "discard" and (record is None or record.pending_id != work.pending_id):
+            await self.store.finish(claimed)  # done already, or superseded by a newer request
+            counts["dropped_stale"] += 1
+            return
+        try:
+            if work.op == "revoke":
+                await self._revoke(claimed, record, counts)
+            elif work.op == "delete":
+                await self.acs.delete(work.communication_user_id, **TIMER_OPTIONS)
+                await self.store.remove(record)
+                await self.store.finish(claimed)
+                counts["deleted"] += 1
+            else:
+                await self.acs.delete(work.communication_user_id, **TIMER_OPTIONS)
+                await self.store.finish(claimed)
+                counts["discarded"] += 1
+        except Exception as err:  # noqa: BLE001 - one failed item must not stop the run
+            reason = err.code if isinstance(err, ServiceError) else type(err).__name__
+            await self.store.retry_later(claimed, self.clock() + backoff(work.attempts))
+            counts[f"retry_{work.op}"] += 1
+            log.info("cleanup %s retry attempts=%d reason=%s", work.op, work.attempts + 1, reason)
+
+    async def _revoke(self, work: PendingWork, record: IdentityRecord, counts: Counter) -> None:
+        try:
+            await self.acs.revoke(work.communication_user_id, **TIMER_OPTIONS)
+        except NotFound:
+            await self.store.remove(record)  # the identity is gone: so are its tokens
+            await self.store.finish(work)
+            counts["revoked_identity_gone"] += 1
+            return
+        await self.store.clear_pending(record)
+        await self.store.finish(work)
+        counts["revoked"] += 1
+
+    # ---- retention -------------------------------------------------------------------------------
+
+    async def _retention(self, counts: Counter, budget: Budget, deadline: float) -> None:
+        cutoff = (self.clock() - dt.timedelta(days=self.retention_days)).date().isoformat()
+        async for partition, user_key, communication_user_id in self.store.filed_before(cutoff):
+            if time.monotonic() > deadline:
+                counts["deferred_deadline"] += 1
+                return
+            record = await self.store.get(user_key)
+            if record is None or record.communication_user_id != communication_user_id:
+                await self.store.drop_retention_row(partition, user_key)
+                counts["retention_rows_dropped"] += 1
+            elif record.last_used_on >= cutoff:
+                await self.store.refile(partition, record)
+                counts["retention_refiled"] += 1
+            elif record.pending:
+                counts["retention_pending_elsewhere"] += 1
+            elif not budget.take("delete"):
+                counts["deferred_budget"] += 1
+                return
+            else:
+                try:
+                    await self._retire(record, counts)
+                except Exception as err:  # noqa: BLE001 - the next run tries again
+                    counts["retention_failed"] += 1
+                    log.warning("retention delete failed: %s", type(err).__name__)
+
+    async def _retire(self, record: IdentityRecord, counts: Counter) -> None:
+        try:
+            await self.acs.delete(record.communication_user_id, **TIMER_OPTIONS)
+        except Unavailable:
+            await self.store.mark_pending(record, "delete", self.clock(), backoff(0))
+            counts["retention_pending"] += 1
+            return
+        await self.store.remove(record)
+        counts["retention_deleted"] += 1

@@ -1,0 +1,330 @@
+"""Event Grid webhook deliveries, parsed and classified into actions. Pure: no I/O, no settings reads.
+
+Both delivery schemas are read: the Event Grid schema (a JSON array, with the
+`aeg-event-type: SubscriptionValidation` handshake) and CloudEvents 1.0 (one event or a batch; its
+handshake is an OPTIONS request, see `handshake_allowed_origin`).
+
+A delivery is either understood completely or rejected completely. Any malformed event raises
+`BadRequest(code="invalid_event")` before anything is returned, so the handler touches no state and
+Event Grid retries the delivery and finally dead-letters it, where an operator can see it. Acting on
+half a batch and then failing would instead repeat the first half on every retry.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BadRequest, PayloadTooLarge
+
+MAX_BODY_BYTES = 1024 * 1024  # Event Grid delivers at most 1 MiB per request
+MAX_EVENTS = 5000  # Event Grid's maximum batch size for webhook delivery
+MAX_STRING = 1024
+
+VALIDATION_EVENT = "Microsoft.EventGrid.SubscriptionValidationEvent"
+GRAPH_USER_DELETED = "Microsoft.Graph.UserDeleted"
+GRAPH_USER_UPDATED = "Microsoft.Graph.UserUpdated"
+
+JSON = "application/json"
+CLOUDEVENT = "application/cloudevents+json"
+CLOUDEVENT_BATCH = "application/cloudevents-batch+json"
+
+# WebHook-Request-Origin is a DNS name (CloudEvents HTTP webhook spec); it is echoed back in a response
+# header, so nothing but a plain host name may pass (no CR/LF, commas, spaces or URLs).
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\Z")
+
+
+@dataclass(frozen=True)
+class EventTarget:
+    """Whom an event is about; exactly one form is set."""
+
+    tenant_id: str | None = None  # Microsoft Graph users: tenant + object id
+    object_id: str | None = None
+    issuer: str | None = None  # custom app events: the app user, as the caller's token names it
+    subject: str | None = None
+    communication_user_id: str | None = None  # custom app events: the ACS identity itself
+
+
+@dataclass(frozen=True)
+class Action:
+    event_id: str  # Event Grid id / CloudEvents id (for at-most-once dedupe)
+    kind: str  # "delete" | "revoke"
+    target: EventTarget
+    event_type: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    validation_code: str | None  # set for an Event Grid SubscriptionValidationEvent handshake
+    actions: tuple[Action, ...]  # what to do, in delivery order
+    ignored: int  # events acknowledged but not acted on (unrelated types)
+
+
+@dataclass(frozen=True)
+class EventTypes:
+    """Which event types mean what, from settings."""
+
+    user_deleted: tuple[str, ...] = ()  # custom app event types meaning "user deleted"
+    credentials_changed: tuple[str, ...] = ()  # custom types meaning "credentials changed" (-> revoke)
+    revoke_on_graph_user_updated: bool = True
+
+
+@dataclass(frozen=True)
+class _Event:
+    """The attributes this module needs, the same for both schemas."""
+
+    label: str  # names the event in error details
+    id: str
+    type: str
+    subject: str | None
+    data: Any  # None when the event carries no data
+
+
+def parse_delivery(
+    body: bytes, content_type: str | None, aeg_event_type: str | None, types: EventTypes
+) -> Delivery:
+    """Reads one webhook POST: a validation handshake, or the actions its events call for.
+
+    Raises PayloadTooLarge for bodies over 1 MiB and BadRequest(code="invalid_event") for anything
+    malformed, anywhere in the delivery.
+    """
+    body = body or b""
+    if len(body) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"The event delivery is larger than {MAX_BODY_BYTES} bytes.")
+    media = _media_type(content_type)
+    items, cloud = _top_level(_load_json(body), media)
+    if not items:
+        raise _invalid("The delivery holds no events.")
+    if len(items) > MAX_EVENTS:
+        raise _invalid(f"The delivery holds {len(items)} events; at most {MAX_EVENTS} are accepted.")
+    events = [_cloud_event(i, item) if cloud else _grid_event(i, item) for i, item in enumerate(items)]
+
+    handshake = (aeg_event_type or "").strip().casefold() == "subscriptionvalidation"
+    if handshake or any(_is(e.type, VALIDATION_EVENT) for e in events):
+        return Delivery(validation_code=_validation_code(events, handshake), actions=(), ignored=0)
+
+    custom = _custom_kinds(types)
+    actions: list[Action] = []
+    for event in events:
+        action = _action(event, types, custom)
+        if action is not None:
+            actions.append(action)
+    return Delivery(validation_code=None, actions=tuple(actions), ignored=len(events) - len(actions))
+
+
+def handshake_allowed_origin(headers: Mapping[str, str]) -> str | None:
+    """The CloudEvents abuse-protection answer: the WebHook-Allowed-Origin value for an OPTIONS request.
+
+    It is the sender's WebHook-Request-Origin echoed back, or None (refuse the handshake) when that
+    header is missing, empty or not a plain DNS name. Header names match case-insensitively, so a
+    plain dict works as well as the Functions request's headers.
+    """
+    origin = next((v for k, v in headers.items() if k.lower() == "webhook-request-origin"), None)
+    if not isinstance(origin, str):
+        return None
+    origin = origin.strip()
+    return origin if _HOST_NAME.match(origin) else None
+
+
+def _invalid(detail: str) -> BadRequest:
+    return BadRequest(detail, code="invalid_event")
+
+
+def _is(event_type: str, known: str) -> bool:
+    """Event types compare case-insensitively, as Event Grid's own filters do."""
+    return event_type.casefold() == known.casefold()
+
+
+def _string(value: Any, what: str) -> str:
+    """An id or claim: a non-empty string of sane length, kept verbatim."""
+    if not isinstance(value, str) or not value.strip():
+        raise _invalid(f"{what} must be a non-empty string.")
+    if len(value) > MAX_STRING:
+        raise _invalid(f"{what} is longer than {MAX_STRING} characters.")
+    return value
+
+
+def _media_type(content_type: str | None) -> str:
+    """The media type without parameters (`; charset=utf-8`), lower-cased; none given reads as JSON."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if not media:
+        return JSON
+    if media not in (JSON, CLOUDEVENT, CLOUDEVENT_BATCH):
+        raise _invalid(
+            f"Unsupported content type {media[:100]!r}; expected {JSON}, {CLOUDEVENT} or {CLOUDEVENT_BATCH}."
+        )
+    return media
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _load_json(body: bytes) -> Any:
+    """Strict UTF-8 JSON (a BOM is tolerated); NaN/Infinity and absurd nesting are malformed too."""
+    try:
+        return json.loads(body.decode("utf-8-sig"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _invalid("The event delivery is not valid UTF-8 JSON.") from None
+
+
+def _top_level(value: Any, media: str) -> tuple[Sequence[Any], bool]:
+    """The list of raw events, and whether they are CloudEvents.
+
+    application/json carries the Event Grid schema (an array), unless the events are recognisably
+    CloudEvents (they carry `specversion`), which some publishers post as plain JSON.
+    """
+    if media == CLOUDEVENT:
+        if not isinstance(value, dict):
+            raise _invalid(f"A {CLOUDEVENT} body must be one JSON object.")
+        return [value], True
+    if media == CLOUDEVENT_BATCH:
+        if not isinstance(value, list):
+            raise _invalid(f"A {CLOUDEVENT_BATCH} body must be a JSON array.")
+        return value, True
+    if isinstance(value, dict) and "specversion" in value:
+        return [value], True
+    if not isinstance(value, list):
+        raise _invalid("An Event Grid schema delivery must be a JSON array of events.")
+    return value, bool(value) and isinstance(value[0], dict) and "specversion" in value[0]
+
+
+def _label(index: int, item: dict) -> str:
+    event_id = item.get("id")
+    if isinstance(event_id, str) and event_id.strip() and len(event_id) <= MAX_STRING:
+        return f"Event #{index} (id {event_id[:100]!r})"
+    return f"Event #{index}"
+
+
+def _grid_event(index: int, item: Any) -> _Event:
+    if not isinstance(item, dict):
+        raise _invalid(f"Event #{index} is not a JSON object.")
+    label = _label(index, item)
+    subject = item.get("subject")
+    return _Event(
+        label=label,
+        id=_string(item.get("id"), f"{label}: id"),
+        type=_string(item.get("eventType"), f"{label}: eventType"),
+        subject=subject if isinstance(subject, str) else None,
+        data=item.get("data"),
+    )
+
+
+def _cloud_event(index: int, item: Any) -> _Event:
+    if not isinstance(item, dict):
+        raise _invalid(f"Event #{index} is not a JSON object.")
+    label = _label(index, item)
+    if item.get("specversion") != "1.0":
+        raise _invalid(f'{label}: specversion must be "1.0".')
+    _string(item.get("source"), f"{label}: source")
+    subject = item.get("subject")
+    return _Event(
+        label=label,
+        id=_string(item.get("id"), f"{label}: id"),
+        type=_string(item.get("type"), f"{label}: type"),
+        subject=subject if isinstance(subject, str) else None,
+        data=item.get("data"),
+    )
+
+
+def _validation_code(events: list[_Event], handshake: bool) -> str:
+    """The code to echo in `validationResponse`; the handshake is one event and carries its header."""
+    if not handshake:
+        raise _invalid(
+            f"A {VALIDATION_EVENT} arrived without the header aeg-event-type: SubscriptionValidation."
+        )
+    if len(events) != 1 or not _is(events[0].type, VALIDATION_EVENT):
+        raise _invalid(f"A SubscriptionValidation delivery must hold exactly one {VALIDATION_EVENT}.")
+    event = events[0]
+    data = event.data if isinstance(event.data, dict) else {}
+    return _string(data.get("validationCode"), f"{event.label}: data.validationCode")
+
+
+def _custom_kinds(types: EventTypes) -> dict[str, str]:
+    """Custom event type (case-folded) -> kind. A type in both lists means delete, the stronger."""
+    kinds = {t.casefold(): "revoke" for t in types.credentials_changed}
+    kinds.update({t.casefold(): "delete" for t in types.user_deleted})
+    return kinds
+
+
+def _action(event: _Event, types: EventTypes, custom: dict[str, str]) -> Action | None:
+    """What one event asks for, or None when it is not ours to act on."""
+    if _is(event.type, GRAPH_USER_DELETED):
+        kind, target = "delete", _graph_target(event)
+    elif _is(event.type, GRAPH_USER_UPDATED):
+        # Graph sends UserUpdated on create, on any change and on soft delete: revoking on it is a
+        # policy choice (settings), and when it is off the event is simply not ours.
+        if not types.revoke_on_graph_user_updated:
+            return None
+        kind, target = "revoke", _graph_target(event)
+    elif event.type.casefold() in custom:
+        kind, target = custom[event.type.casefold()], _custom_target(event)
+    else:
+        return None
+    return Action(event_id=event.id, kind=kind, target=target, event_type=event.type)
+
+
+def _graph_user_path(value: Any) -> str | None:
+    """The object id in a Graph resource path `Users/<id>`, or None."""
+    if not isinstance(value, str) or value[:6].lower() != "users/":
+        return None
+    object_id = value[6:]
+    return object_id if object_id and "/" not in object_id else None
+
+
+def _graph_target(event: _Event) -> EventTarget:
+    """Tenant and object id of a Microsoft Graph user change notification.
+
+    As Graph delivers it (CloudEvents from a partner topic), `data.resourceData` holds `id` (the
+    user's object id) and `organizationId` (the tenant); `subject` and `data.resource` are
+    `Users/<id>` and `data.tenantId` repeats the tenant, so those serve when resourceData lacks them.
+    """
+    data = event.data
+    if not isinstance(data, dict):
+        raise _invalid(f"{event.label}: a {event.type} event needs data as a JSON object.")
+    resource = data.get("resourceData")
+    if resource is None:
+        resource = {}
+    if not isinstance(resource, dict):
+        raise _invalid(f"{event.label}: data.resourceData must be a JSON object.")
+    object_id = resource.get("id")
+    if object_id is None:
+        object_id = _graph_user_path(event.subject) or _graph_user_path(data.get("resource"))
+    tenant_id = resource.get("organizationId")
+    if tenant_id is None:
+        tenant_id = data.get("tenantId")
+    return EventTarget(
+        tenant_id=_string(tenant_id, f"{event.label}: tenant id (data.resourceData.organizationId)"),
+        object_id=_string(object_id, f"{event.label}: user object id (data.resourceData.id)"),
+    )
+
+
+def _custom_target(event: _Event) -> EventTarget:
+    """The app user ({issuer, subject}) or ACS identity ({communicationUserId}) a custom event names.
+
+    Exactly one form must be given: with both, the event would be ambiguous about whom to act on.
+    Null members count as absent, as serialisers of optional fields tend to write them.
+    """
+    data = event.data
+    if not isinstance(data, dict):
+        raise _invalid(f'{event.label}: data must be {{"issuer", "subject"}} or {{"communicationUserId"}}.')
+    app_user = data.get("issuer") is not None or data.get("subject") is not None
+    identity = data.get("communicationUserId") is not None
+    if app_user and identity:
+        raise _invalid(f"{event.label}: data names both an app user and a communicationUserId; give one.")
+    if identity:
+        return EventTarget(
+            communication_user_id=_string(
+                data["communicationUserId"], f"{event.label}: data.communicationUserId"
+            )
+        )
+    if app_user:
+        return EventTarget(
+            issuer=_string(data.get("issuer"), f"{event.label}: data.issuer"),
+            subject=_string(data.get("subject"), f"{event.label}: data.subject"),
+        )
+    raise _invalid(f'{event.label}: data must be {{"issuer", "subject"}} or {{"communicationUserId"}}.')

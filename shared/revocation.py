@@ -1,0 +1,89 @@
+"""Revoking tokens and deleting identities, now if ACS answers, durably later if it does not.
+
+Nothing is lost: when ACS is throttled or down, the request is written to the pending queue and
+the user's mapping is blocked (no new token) *before* we answer 202; the cleanup timer completes
+it. The request path tries ACS once with a single retry so that callers get their answer quickly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .acs import AcsGateway
+from .errors import NotFound, Unavailable
+from .store import IdentityRecord, IdentityStore
+
+log = logging.getLogger("acs_token_service.revocation")
+
+REQUEST_PATH_OPTIONS = {"retry_total": 1, "retry_backoff_factor": 0.2}
+FIRST_RETRY = dt.timedelta(seconds=30)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # "revoked", "deleted" or "pending"
+    communication_user_id: str
+
+    def to_json(self) -> dict:
+        return {"status": self.status, "communicationUserId": self.communication_user_id}
+
+    @property
+    def http_status(self) -> int:
+        return 202 if self.status == "pending" else 200
+
+
+def _ref(record: IdentityRecord) -> str:
+    """A log handle for the user: a prefix of its hashed key, never the subject itself."""
+    return record.user_key[:12]
+
+
+class RevocationService:
+    def __init__(
+        self, store: IdentityStore, acs: AcsGateway, clock: Callable[[], dt.datetime] = utcnow
+    ) -> None:
+        self.store = store
+        self.acs = acs
+        self.clock = clock
+
+    async def revoke(self, record: IdentityRecord, *, source: str) -> Outcome:
+        if record.pending:  # a pending delete revokes too; a pending revoke covers this one
+            return Outcome("pending", record.communication_user_id)
+        try:
+            await self.acs.revoke(record.communication_user_id, **REQUEST_PATH_OPTIONS)
+        except NotFound:
+            log.info("revoke found the identity gone source=%s user=%s", source, _ref(record))
+            await self.store.remove(record)
+            return Outcome("revoked", record.communication_user_id)
+        except Unavailable as err:
+            await self.store.mark_pending(record, "revoke", self.clock(), FIRST_RETRY)
+            log.info("revoke pending source=%s user=%s reason=%s", source, _ref(record), err.code)
+            return Outcome("pending", record.communication_user_id)
+        log.info("revoke done source=%s user=%s", source, _ref(record))
+        return Outcome("revoked", record.communication_user_id)
+
+    async def delete(self, record: IdentityRecord, *, source: str) -> Outcome:
+        if record.pending == "delete":
+            return Outcome("pending", record.communication_user_id)
+        try:
+            await self.acs.delete(record.communication_user_id, **REQUEST_PATH_OPTIONS)
+        except Unavailable as err:
+            await self.store.mark_pending(record, "delete", self.clock(), FIRST_RETRY)
+            log.info("delete pending source=%s user=%s reason=%s", source, _ref(record), err.code)
+            return Outcome("pending", record.communication_user_id)
+        try:
+            await self.store.remove(record)
+        except Exception as err:  # noqa: BLE001 - ACS is done; let the timer tidy the rows
+            log.warning(
+                "delete left rows behind source=%s user=%s error=%s", source, _ref(record), type(err).__name__
+            )
+            await self.store.mark_pending(record, "delete", self.clock(), FIRST_RETRY)
+            return Outcome("pending", record.communication_user_id)
+        log.info("delete done source=%s user=%s", source, _ref(record))
+        return Outcome("deleted", record.communication_user_id)

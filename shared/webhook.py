@@ -1,0 +1,92 @@
+"""The Event Grid webhook: handshakes, then each event acted on at most once.
+
+An event id is recorded before it is acted on and released if acting fails, so Event Grid's
+at-least-once redelivery never revokes or deletes twice, and a failure is retried by Event Grid.
+A malformed delivery is refused whole (400) before any state is touched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections import Counter
+
+import azure.functions as func
+
+from .clients import Clients, get_clients
+from .errors import BadRequest, ServiceError
+from .events import Action, EventTypes, handshake_allowed_origin, parse_delivery
+from .keys import user_key
+from .problems import from_error, from_unexpected, json_response
+
+log = logging.getLogger("acs_token_service.events")
+
+
+async def _user_key_for(clients: Clients, action: Action) -> str | None:
+    target = action.target
+    if target.tenant_id and target.object_id:
+        return await clients.store.user_for_graph(target.tenant_id, target.object_id)
+    if target.issuer and target.subject:
+        return user_key(target.issuer, target.subject)
+    if target.communication_user_id:
+        return await clients.store.owner_of(target.communication_user_id)
+    return None
+
+
+async def _act(clients: Clients, action: Action) -> str:
+    key = await _user_key_for(clients, action)
+    record = await clients.store.get(key) if key else None
+    if record is None:
+        return "unknown_user"  # never used the service (or already deleted): nothing to do
+    if action.kind == "delete":
+        outcome = await clients.revocation.delete(record, source=f"event:{action.event_type}")
+    else:
+        outcome = await clients.revocation.revoke(record, source=f"event:{action.event_type}")
+    return outcome.status
+
+
+def handshake(req: func.HttpRequest) -> func.HttpResponse:
+    """CloudEvents abuse protection: Event Grid asks with OPTIONS before delivering."""
+    origin = handshake_allowed_origin(req.headers)
+    if origin is None:
+        return from_error(BadRequest("WebHook-Request-Origin is required.", code="invalid_handshake"))
+    return func.HttpResponse(
+        status_code=200,
+        headers={"WebHook-Allowed-Origin": origin, "WebHook-Allowed-Rate": "*", "Allow": "POST, OPTIONS"},
+    )
+
+
+async def deliver(req: func.HttpRequest) -> func.HttpResponse:
+    if req.method == "OPTIONS":
+        return handshake(req)
+    try:
+        clients = get_clients()
+        settings = clients.settings
+        types = EventTypes(
+            user_deleted=settings.user_deleted_event_types,
+            credentials_changed=settings.credentials_changed_event_types,
+            revoke_on_graph_user_updated=settings.revoke_on_graph_user_updated,
+        )
+        delivery = parse_delivery(
+            req.get_body(), req.headers.get("content-type"), req.headers.get("aeg-event-type"), types
+        )
+        if delivery.validation_code is not None:
+            log.info("event subscription validated")
+            return json_response({"validationResponse": delivery.validation_code})
+        results: Counter[str] = Counter()
+        for action in delivery.actions:
+            if not await clients.store.claim_event(action.event_id, dt.datetime.now(dt.UTC)):
+                results["duplicate"] += 1
+                continue
+            try:
+                results[await _act(clients, action)] += 1
+            except BaseException:
+                await clients.store.release_event(action.event_id)
+                raise
+        results["ignored"] = delivery.ignored
+        log.info("events handled: %s", " ".join(f"{k}={v}" for k, v in sorted(results.items())))
+        return json_response({"results": dict(results)})
+    except ServiceError as err:
+        return from_error(err)
+    except Exception as err:  # noqa: BLE001
+        return from_unexpected(err)

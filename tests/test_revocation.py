@@ -1,0 +1,230 @@
+"""Revocation, deletion and the cleanup timer, against Azurite and the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+
+import pytest
+
+import function_app
+from shared.clients import get_clients
+from shared.keys import user_key
+from tests.service_helpers import body_of, request
+
+ADMIN = ("TokenService.Admin",)
+
+
+async def _token(users, user: str) -> dict:
+    response = await function_app.issue_token(request("POST", "token", token=users.token(user)))
+    assert response.status_code == 200, response.get_body()
+    return body_of(response)
+
+
+async def _call(handler, users, user: str, method: str, route: str, *, roles=(), route_params=None):
+    return await handler(
+        request(method, route, token=users.token(user, roles=roles), route_params=route_params)
+    )
+
+
+async def _cleanup() -> dict:
+    return await get_clients().cleanup.run(ignore_backoff=True)
+
+
+async def test_revoke_invalidates_every_earlier_token_and_new_ones_work(service, emulator):
+    tokens = [(await _token(service, "rev-alice"))["token"] for _ in range(3)]
+    response = await _call(function_app.revoke_tokens, service, "rev-alice", "POST", "token/revoke")
+    assert response.status_code == 200 and body_of(response)["status"] == "revoked"
+    assert [emulator.verify(t)["valid"] for t in tokens] == [False] * 3
+    fresh = await _token(service, "rev-alice")
+    assert emulator.verify(fresh["token"])["valid"] and fresh["identityCreated"] is False
+
+
+async def test_delete_removes_the_acs_identity_and_the_mapping(service, emulator):
+    issued = await _token(service, "del-bob")
+    live = emulator.stats()["liveIdentities"]
+    response = await _call(function_app.delete_identity, service, "del-bob", "DELETE", "identity")
+    assert response.status_code == 200 and body_of(response)["status"] == "deleted"
+    assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
+    assert emulator.stats()["liveIdentities"] == live - 1
+    store = get_clients().store
+    assert await store.get(user_key(service.stack["issuer"], "del-bob")) is None
+    assert await store.owner_of(issued["communicationUserId"]) is None
+    refresh = await _call(function_app.refresh_token, service, "del-bob", "POST", "token/refresh")
+    assert refresh.status_code == 404
+    assert (await _call(function_app.get_identity, service, "del-bob", "GET", "identity")).status_code == 404
+    assert emulator.stats()["liveIdentities"] == live - 1  # refresh recreated nothing
+
+
+@pytest.mark.parametrize(
+    ("handler", "method", "route"),
+    [("revoke_tokens", "POST", "token/revoke"), ("delete_identity", "DELETE", "identity")],
+)
+async def test_no_identity_is_404(service, handler, method, route):
+    response = await _call(getattr(function_app, handler), service, "nobody-here", method, route)
+    assert response.status_code == 404 and body_of(response)["code"] == "identity_not_found"
+
+
+async def test_a_user_acts_only_on_their_own_identity(service, emulator):
+    alice = await _token(service, "own-alice")
+    await _token(service, "own-mallory")
+    await _call(function_app.revoke_tokens, service, "own-mallory", "POST", "token/revoke")
+    await _call(function_app.delete_identity, service, "own-mallory", "DELETE", "identity")
+    assert emulator.verify(alice["token"])["valid"]
+    # The admin routes name any identity, but need the role.
+    params = {"communicationUserId": alice["communicationUserId"]}
+    for handler, method in (
+        (function_app.admin_revoke_tokens, "POST"),
+        (function_app.admin_delete_identity, "DELETE"),
+    ):
+        response = await _call(
+            handler, service, "own-mallory", method, "admin/identities/x", route_params=params
+        )
+        assert response.status_code == 403 and body_of(response)["code"] == "forbidden"
+    assert emulator.verify(alice["token"])["valid"]
+
+
+async def test_admin_revokes_and_deletes_any_identity(service, emulator):
+    carol = await _token(service, "adm-carol")
+    params = {"communicationUserId": carol["communicationUserId"]}
+    revoked = await _call(
+        function_app.admin_revoke_tokens,
+        service,
+        "adm-root",
+        "POST",
+        "admin",
+        roles=ADMIN,
+        route_params=params,
+    )
+    assert revoked.status_code == 200 and body_of(revoked)["status"] == "revoked"
+    assert not emulator.verify(carol["token"])["valid"]
+    deleted = await _call(
+        function_app.admin_delete_identity,
+        service,
+        "adm-root",
+        "DELETE",
+        "admin",
+        roles=ADMIN,
+        route_params=params,
+    )
+    assert deleted.status_code == 200 and body_of(deleted)["status"] == "deleted"
+    again = await _call(
+        function_app.admin_delete_identity,
+        service,
+        "adm-root",
+        "DELETE",
+        "admin",
+        roles=ADMIN,
+        route_params=params,
+    )
+    assert again.status_code == 404
+
+
+async def test_admin_unknown_identity_is_404(service):
+    params = {"communicationUserId": "8:acs:unknown_1"}
+    response = await _call(
+        function_app.admin_revoke_tokens,
+        service,
+        "adm-root",
+        "POST",
+        "admin",
+        roles=ADMIN,
+        route_params=params,
+    )
+    assert response.status_code == 404
+
+
+async def test_revocations_during_an_outage_are_kept_and_applied_once(service, emulator):
+    users = [f"outage-{i}" for i in range(100)]
+    issued = await asyncio.gather(*(_token(service, u) for u in users))
+    emulator.faults(down=True)
+    responses = await asyncio.gather(
+        *(_call(function_app.revoke_tokens, service, u, "POST", "token/revoke") for u in users)
+    )
+    assert {r.status_code for r in responses} == {202}
+    assert {body_of(r)["status"] for r in responses} == {"pending"}
+    blocked = await _call(function_app.issue_token, service, users[0], "POST", "token")
+    assert blocked.status_code == 409 and body_of(blocked)["code"] == "revoke_pending"
+    assert "Retry-After" in blocked.headers
+    assert all(emulator.verify(t["token"])["valid"] for t in issued)  # not applied yet
+
+    emulator.faults(down=False)
+    before = emulator.stats()["calls"]["revokeAccessTokens"]
+    report = await _cleanup()
+    assert report["revoked"] == 100
+    assert emulator.stats()["calls"]["revokeAccessTokens"] - before == 100
+    assert not any(emulator.verify(t["token"])["valid"] for t in issued)
+    assert (await _cleanup()).get("revoked", 0) == 0  # nothing applied twice
+    assert emulator.stats()["calls"]["revokeAccessTokens"] - before == 100
+    fresh = await _token(service, users[0])
+    assert emulator.verify(fresh["token"])["valid"]
+
+
+async def test_two_cleanup_runs_at_once_apply_each_revocation_once(service, emulator):
+    users = [f"twice-{i}" for i in range(30)]
+    await asyncio.gather(*(_token(service, u) for u in users))
+    emulator.faults(down=True)
+    await asyncio.gather(
+        *(_call(function_app.revoke_tokens, service, u, "POST", "token/revoke") for u in users)
+    )
+    emulator.faults(down=False)
+    before = emulator.stats()["calls"]["revokeAccessTokens"]
+    first, second = await asyncio.gather(_cleanup(), _cleanup())
+    assert first.get("revoked", 0) + second.get("revoked", 0) == 30
+    assert emulator.stats()["calls"]["revokeAccessTokens"] - before == 30
+
+
+async def test_pending_delete_completes_later(service, emulator):
+    issued = await _token(service, "pend-dan")
+    emulator.faults(errorRate=1.0)
+    response = await _call(function_app.delete_identity, service, "pend-dan", "DELETE", "identity")
+    assert response.status_code == 202 and body_of(response)["status"] == "pending"
+    refresh = await _call(function_app.refresh_token, service, "pend-dan", "POST", "token/refresh")
+    assert refresh.status_code == 409 and body_of(refresh)["code"] == "delete_pending"
+    emulator.faults(errorRate=0.0)
+    report = await _cleanup()
+    assert report["deleted"] >= 1
+    assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
+    assert await get_clients().store.get(user_key(service.stack["issuer"], "pend-dan")) is None
+
+
+async def test_failed_attempts_back_off(service, emulator):
+    await _token(service, "slow-erin")
+    emulator.faults(down=True)
+    await _call(function_app.revoke_tokens, service, "slow-erin", "POST", "token/revoke")
+    report = await _cleanup()  # still down: retried later, not lost
+    assert report.get("retry_revoke", 0) >= 1
+    emulator.faults(down=False)
+    assert (await get_clients().cleanup.run()).get("revoked", 0) == 0  # backoff respected
+    assert (await _cleanup())["revoked"] >= 1
+
+
+async def test_retention_deletes_exactly_the_stale_identities(service, emulator):
+    clients = get_clients()
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(days=120)
+    real_clock = clients.tokens.clock
+    clients.tokens.clock = lambda: old
+    try:
+        stale = [await _token(service, f"stale-{i}") for i in range(3)]
+        revived = await _token(service, "stale-but-back")
+    finally:
+        clients.tokens.clock = real_clock
+    fresh = await _token(service, "fresh-one")
+    await _token(service, "stale-but-back")  # used today: the daily touch moves it forward
+    live = emulator.stats()["liveIdentities"]
+
+    report = await _cleanup()
+    assert report["retention_deleted"] == 3 and report["retention_refiled"] == 1
+    assert emulator.stats()["liveIdentities"] == live - 3
+    for issued in stale:
+        assert emulator.verify(issued["token"])["reason"] == "identity deleted"
+        assert await clients.store.owner_of(issued["communicationUserId"]) is None
+    for issued in (revived, fresh):
+        assert await clients.store.owner_of(issued["communicationUserId"]) is not None
+    assert (await _cleanup()).get("retention_deleted", 0) == 0
+
+
+def test_devstack_timer_cleanup_runs_once_now(stack):
+    report = json.loads(stack.timer("cleanup"))
+    assert isinstance(report, dict)
