@@ -228,3 +228,30 @@ async def test_retention_deletes_exactly_the_stale_identities(service, emulator)
 def test_devstack_timer_cleanup_runs_once_now(stack):
     report = json.loads(stack.timer("cleanup"))
     assert isinstance(report, dict)
+
+
+async def test_an_identity_lost_in_a_race_is_deleted_later_when_acs_is_down_now(service, emulator):
+    from azure.communication.identity import CommunicationIdentityClient
+
+    acs = CommunicationIdentityClient.from_connection_string(service.stack["acs_connection_string"])
+    orphan, token = acs.create_user_and_token(["chat"])
+    live = emulator.stats()["liveIdentities"]
+    emulator.faults(down=True)
+    await get_clients().tokens._discard(orphan.properties["id"])  # what a race loser does
+    emulator.faults(down=False)
+    assert emulator.stats()["liveIdentities"] == live  # still there: ACS was down
+    report = await _cleanup()
+    assert report["discarded"] == 1
+    assert emulator.stats()["liveIdentities"] == live - 1
+    assert emulator.verify(token.token)["reason"] == "identity deleted"
+
+
+def test_the_dev_host_schedules_the_cleanup_timer_from_settings(stack):
+    import function_app as app_module
+    from devstack.devhost import discover
+    from devstack.service_settings import settings_for_host
+
+    timers = {t.name: t for t in discover(app_module.app, settings_for_host(stack.env)).timers}
+    assert timers["cleanup"].schedule.expression == "0 */5 * * * *"
+    custom = discover(app_module.app, {"CLEANUP_SCHEDULE": "30 * * * * *"}).timers
+    assert [t.schedule.expression for t in custom] == ["30 * * * * *"]
