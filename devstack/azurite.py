@@ -57,7 +57,9 @@ def find_node() -> str:
     return node
 
 
-def command(node: str, ports: AzuritePorts, tls: TlsFiles) -> list[str]:
+def command(node: str, ports: AzuritePorts, tls: TlsFiles, *, persist_in: Path | None = None) -> list[str]:
+    """Azurite's command line: in memory (a fresh stack every time) unless `persist_in` is given."""
+    storage = ["--location", str(persist_in)] if persist_in else ["--inMemoryPersistence"]
     return [
         node,
         str(AZURITE_JS),
@@ -73,15 +75,19 @@ def command(node: str, ports: AzuritePorts, tls: TlsFiles) -> list[str]:
         str(tls.server_key),
         "--oauth",
         "basic",
-        "--inMemoryPersistence",
+        *storage,
         "--disableTelemetry",
         "--skipApiVersionCheck",
         "--silent",
     ]
 
 
-def start(ports: AzuritePorts, tls: TlsFiles, workspace: Path, log_path: Path) -> subprocess.Popen:
+def start(
+    ports: AzuritePorts, tls: TlsFiles, workspace: Path, log_path: Path, *, persist: bool = False
+) -> subprocess.Popen:
+    """`persist` keeps data in `workspace` across restarts (tests of a Storage outage use it)."""
     node = find_node()
     workspace.mkdir(parents=True, exist_ok=True)
-    # cwd: in-memory, but anything Azurite still writes stays in the state folder.
-    return spawn(command(node, ports, tls), cwd=workspace, log_path=log_path)
+    # cwd: in memory or not, anything Azurite writes stays in the state folder.
+    persist_in = workspace if persist else None
+    return spawn(command(node, ports, tls, persist_in=persist_in), cwd=workspace, log_path=log_path)
