@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from .acs import AcsGateway
 from .auth import EasyAuthAuthenticator, JwksCache, JwtAuthenticator
 from .cleanup import Cleanup
+from .ratelimit import RateLimiter
 from .revocation import RevocationService
 from .settings import Settings, get_settings
 from .store import IdentityStore
@@ -47,6 +48,7 @@ class Clients:
     revocation: RevocationService
     cleanup: Cleanup
     store: IdentityStore
+    limiter: RateLimiter | None
     closers: tuple
 
     async def close(self) -> None:
@@ -106,6 +108,7 @@ def build(settings: Settings) -> Clients:
         revocation=RevocationService(store, gateway),
         cleanup=Cleanup(store, gateway, retention_days=settings.retention_days),
         store=store,
+        limiter=RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None,
         closers=tuple(closers),
     )
 

@@ -26,10 +26,15 @@ MAX_ID_LENGTH = 256
 Handler = Callable[[Clients, Caller, func.HttpRequest], Awaitable[func.HttpResponse]]
 
 
-async def _respond(req: func.HttpRequest, handler: Handler) -> func.HttpResponse:
+async def _respond(
+    req: func.HttpRequest, handler: Handler, *, rate_limited: bool = False
+) -> func.HttpResponse:
+    """Authenticate, apply the per-user limit to token routes, run the handler, map any error."""
     try:
         clients = get_clients()
         caller = await clients.authenticator.authenticate(req.headers)
+        if rate_limited and clients.limiter is not None:
+            clients.limiter.check(f"{caller.issuer}\n{caller.subject}")
         return await handler(clients, caller, req)
     except ServiceError as err:
         return from_error(err)
@@ -65,11 +70,11 @@ async def _identity(clients: Clients, caller: Caller, _req: func.HttpRequest) ->
 
 
 async def issue_token(req: func.HttpRequest) -> func.HttpResponse:
-    return await _respond(req, _issue)
+    return await _respond(req, _issue, rate_limited=True)
 
 
 async def refresh_token(req: func.HttpRequest) -> func.HttpResponse:
-    return await _respond(req, _refresh)
+    return await _respond(req, _refresh, rate_limited=True)
 
 
 async def get_identity(req: func.HttpRequest) -> func.HttpResponse:

@@ -67,6 +67,15 @@ class PayloadTooLarge(ServiceError):
     status, code, title = 413, "payload_too_large", "Payload too large"
 
 
+class TooManyRequests(ServiceError):
+    """429: this caller is over its rate limit."""
+
+    status, code, title = 429, "rate_limited", "Too many requests"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after))})
+
+
 class Unavailable(ServiceError):
     """503: a dependency is down, throttled or misconfigured; the caller may retry later."""
 

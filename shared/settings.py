@@ -41,6 +41,7 @@ class Settings:
     max_minutes: int
     managed_identity_client_id: str | None
     retention_days: int = 90
+    rate_limit_per_minute: int | None = None  # None: off (local default); infra turns it on
     revoke_on_graph_user_updated: bool = True
     user_deleted_event_types: tuple[str, ...] = ()
     credentials_changed_event_types: tuple[str, ...] = ()
@@ -160,7 +161,12 @@ def load(env: Mapping[str, str]) -> Settings:
     if revoke_on_updated not in ("true", "false"):
         raise SettingError("EVENTS_REVOKE_ON_USER_UPDATED", "must be true or false")
 
+    rate_limit = _int(env, "RATE_LIMIT_PER_MINUTE", 0)
+    if not 0 <= rate_limit <= 100_000:
+        raise SettingError("RATE_LIMIT_PER_MINUTE", "must be from 0 (off) to 100000")
+
     return Settings(
+        rate_limit_per_minute=rate_limit or None,
         retention_days=retention_days,
         revoke_on_graph_user_updated=revoke_on_updated == "true",
         user_deleted_event_types=_list(env, "EVENTS_USER_DELETED_TYPES", ()),
