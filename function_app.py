@@ -5,7 +5,7 @@ Importing this module does no I/O and reads no setting: the Functions host index
 
 import azure.functions as func
 
-from shared import endpoints, webhook
+from shared import endpoints, openapi, webhook
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 
@@ -68,3 +68,9 @@ async def events(req: func.HttpRequest) -> func.HttpResponse:
 async def cleanup(timer: func.TimerRequest) -> None:
     """Complete pending revocations and deletions; retire identities unused for too long."""
     await endpoints.cleanup_timer(timer)
+
+
+@app.route(route="openapi.json", methods=["GET"])
+def openapi_document(req: func.HttpRequest) -> func.HttpResponse:
+    """The OpenAPI 3.1 contract of these routes."""
+    return openapi.serve(req)
