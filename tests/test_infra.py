@@ -1,0 +1,539 @@
+"""Static checks of the `azd up` deployment: azure.yaml, infra/ (Bicep) and the postdeploy hook.
+
+No Bicep compiler can be installed from the registries this project may use (PyPI, npm, Debian;
+`az bicep install` and the npm `bicep-node` wrapper download the binary from GitHub), so these tests
+read the files: the settings contract against shared/settings.py, keyless configuration, the role
+assignments, the Flex Consumption shape, and the wiring between Bicep modules (every module
+parameter declared, every required one given, every output used exists). Where a Bicep compiler or
+the pycep-parser package is present they also build/parse every file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+INFRA = ROOT / "infra"
+MAIN = INFRA / "main.bicep"
+HOOK_SH = INFRA / "hooks" / "postdeploy.sh"
+HOOK_PS1 = INFRA / "hooks" / "postdeploy.ps1"
+
+# Settings that hold keys: never part of the deployment (the service uses endpoints + identity).
+KEY_SETTINGS = {"ACS_CONNECTION_STRING", "TABLES_CONNECTION_STRING"}
+# Host-level values of local.settings.sample.json that Azure sets differently: the Flex plan takes
+# the runtime from functionAppConfig (FUNCTIONS_WORKER_RUNTIME is not allowed there), worker
+# indexing is the default, and AzureWebJobsStorage is identity-based (AzureWebJobsStorage__*).
+HOST_SETTINGS = {"FUNCTIONS_WORKER_RUNTIME", "AzureWebJobsFeatureFlags", "AzureWebJobsStorage"}
+# The system-assigned identity needs no client id; setting one would select a user-assigned identity.
+UNSET_IN_AZURE = {"AZURE_CLIENT_ID"}
+
+# Azure built-in role ids (MicrosoftDocs/azure-docs articles/role-based-access-control/built-in-roles),
+# by the key infra/app/rbac.bicep files them under.
+ROLES = {
+    "storageBlobDataOwner": "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",  # Storage Blob Data Owner
+    "storageQueueDataContributor": "974c5e8b-45b9-4653-ba55-5f855dd0fb88",  # Storage Queue Data Contributor
+    "storageTableDataContributor": "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3",  # Storage Table Data Contributor
+    "monitoringMetricsPublisher": "3913510d-42f4-4e42-8a64-420c390055eb",  # Monitoring Metrics Publisher
+}
+ACS_ROLES = {
+    "Contributor": "b24988ac-6180-42a0-ab88-20f7382dd24c",
+    "Communication and Email Service Owner": "09976791-48a7-449e-bb21-39d1a415f350",
+}
+
+
+def bicep_files() -> list[Path]:
+    return sorted(INFRA.rglob("*.bicep"))
+
+
+def infra_text_files() -> list[Path]:
+    return sorted(p for p in INFRA.rglob("*") if p.is_file())
+
+
+def strip_comments(src: str) -> str:
+    """Bicep source with comments blanked and string contents kept (so offsets stay meaningful)."""
+    out, i, n = [], 0, len(src)
+    while i < n:
+        if src.startswith("'''", i):
+            j = src.find("'''", i + 3)
+            j = n if j < 0 else j + 3
+            out.append(src[i:j])
+            i = j
+        elif src[i] == "'":
+            j = i + 1
+            while j < n and src[j] != "'":
+                j += 2 if src[j] == "\\" else 1
+            out.append(src[i : j + 1])
+            i = j + 1
+        elif src.startswith("//", i):
+            j = src.find("\n", i)
+            j = n if j < 0 else j
+            out.append(" " * (j - i))
+            i = j
+        elif src.startswith("/*", i):
+            j = src.find("*/", i + 2)
+            j = n if j < 0 else j + 2
+            out.append(re.sub(r"[^\n]", " ", src[i:j]))
+            i = j
+        else:
+            out.append(src[i])
+            i += 1
+    return "".join(out)
+
+
+def code_only(src: str) -> str:
+    """Comments and string literals blanked: for delimiter matching."""
+    src = strip_comments(src)
+    return re.sub(r"'(?:\\.|[^'\\])*'", lambda m: "'" + " " * (len(m.group()) - 2) + "'", src)
+
+
+def block_at(code: str, open_index: int) -> tuple[int, int]:
+    """(start, end) of the {...} or [...] block whose opening bracket is at open_index."""
+    pairs = {"{": "}", "[": "]", "(": ")"}
+    stack = []
+    for i in range(open_index, len(code)):
+        ch = code[i]
+        if ch in pairs:
+            stack.append(pairs[ch])
+        elif ch in pairs.values():
+            assert stack and stack.pop() == ch, f"unbalanced {ch!r} at offset {i}"
+            if not stack:
+                return open_index, i
+    raise AssertionError(f"unclosed block from offset {open_index}")
+
+
+def top_level_keys(code: str, start: int, end: int) -> list[str]:
+    """Property names at depth 1 of the object literal code[start:end+1]."""
+    keys, depth, line_start = [], 0, True
+    i = start
+    while i <= end:
+        ch = code[i]
+        if ch in "{[(":
+            depth += 1
+        elif ch in "}])":
+            depth -= 1
+        elif ch == "\n":
+            line_start = True
+            i += 1
+            continue
+        if depth == 1 and line_start and not ch.isspace():
+            m = re.match(r"('[^']*'|[A-Za-z_][A-Za-z0-9_]*)\s*:", code[i:])
+            if m:
+                keys.append(m.group(1).strip("'"))
+            line_start = False
+        elif not ch.isspace():
+            line_start = False
+        i += 1
+    return keys
+
+
+def declarations(path: Path) -> tuple[dict[str, bool], set[str]]:
+    """({param: required}, {output}) declared in a Bicep file."""
+    code = strip_comments(path.read_text())
+    params = {}
+    for m in re.finditer(r"^param\s+(\w+)\s+([\w.]+)(\?)?([^\n=]*)(=)?", code, re.M):
+        params[m.group(1)] = not (m.group(3) or m.group(5))
+    outputs = set(re.findall(r"^output\s+(\w+)\s+", code, re.M))
+    return params, outputs
+
+
+def modules(path: Path) -> list[tuple[str, Path, list[str]]]:
+    """(symbol, module file, params given) for each `module` in a Bicep file."""
+    src = strip_comments(path.read_text())
+    code = code_only(path.read_text())
+    found = []
+    for m in re.finditer(r"^module\s+(\w+)\s+'([^']+)'\s*=\s*(?:if\s*\([^\n]*\)\s*)?\{", src, re.M):
+        start, end = block_at(code, m.end() - 1)
+        body = code[start : end + 1]
+        pm = re.search(r"\n\s*params\s*:\s*\{", body)
+        given = []
+        if pm:
+            pstart, pend = block_at(code, start + pm.end() - 1)
+            given = top_level_keys(code, pstart, pend)
+        found.append((m.group(1), (path.parent / m.group(2)).resolve(), given))
+    return found
+
+
+def app_setting_keys() -> dict[str, list[Path]]:
+    """Names set as app settings anywhere in infra/ (UPPER_CASE or AzureWebJobsStorage__* keys)."""
+    keys: dict[str, list[Path]] = {}
+    for path in bicep_files():
+        code = strip_comments(path.read_text())
+        for name in re.findall(r"^\s*([A-Z][A-Z0-9_]+|AzureWebJobsStorage__\w+)\s*:", code, re.M):
+            keys.setdefault(name, []).append(path)
+    return keys
+
+
+def service_settings() -> set[str]:
+    """Every app setting the service reads: shared/settings.py helpers, the sample, %NAME% bindings."""
+    names = set(
+        re.findall(r"\b_\w+\(\s*env\s*,\s*\"([A-Za-z0-9_]+)\"", (ROOT / "shared/settings.py").read_text())
+    )
+    sample = json.loads((ROOT / "local.settings.sample.json").read_text())
+    names |= set(sample["Values"])
+    names |= set(re.findall(r"%([A-Za-z0-9_]+)%", (ROOT / "function_app.py").read_text()))
+    return names
+
+
+# ---- azure.yaml ----------------------------------------------------------------------------------
+
+
+def yaml_mapping(text: str) -> dict:
+    """The block-mapping subset of YAML that azure.yaml uses (no lists, no flow style)."""
+    root: dict = {}
+    stack = [(-1, root)]
+    for raw in text.splitlines():
+        line = raw.split(" #", 1)[0].rstrip() if not raw.lstrip().startswith("#") else ""
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        key, _, value = line.strip().partition(":")
+        while stack[-1][0] >= indent:
+            stack.pop()
+        parent = stack[-1][1]
+        value = value.strip()
+        if value:
+            parent[key] = value.strip("'\"")
+        else:
+            parent[key] = {}
+            stack.append((indent, parent[key]))
+    return root
+
+
+def load_azure_yaml() -> dict:
+    text = (ROOT / "azure.yaml").read_text()
+    try:
+        import yaml
+    except ImportError:  # PyYAML is a runtime dependency today; the subset parser keeps this independent
+        return yaml_mapping(text)
+    return yaml.safe_load(text)
+
+
+def test_azure_yaml_names_the_api_service_infra_and_hook():
+    doc = load_azure_yaml()
+    assert doc == yaml_mapping((ROOT / "azure.yaml").read_text())
+    assert doc["infra"] == {"provider": "bicep", "path": "infra", "module": "main"}
+    api = doc["services"]["api"]
+    assert api == {"project": ".", "language": "python", "host": "function"}
+    hook = doc["hooks"]["postdeploy"]
+    assert hook["posix"]["run"] == "./infra/hooks/postdeploy.sh" and HOOK_SH.is_file()
+    assert hook["windows"]["run"] == "./infra/hooks/postdeploy.ps1" and HOOK_PS1.is_file()
+    # azd deploys the `api` service to the resource tagged with its name.
+    assert "'azd-service-name': serviceName" in (INFRA / "app/api.bicep").read_text()
+    assert "var serviceName = 'api'" in (INFRA / "app/api.bicep").read_text()
+    # A project-relative service and the root requirements.txt: what azd packages for Python.
+    assert (ROOT / "requirements.txt").is_file() and (ROOT / "function_app.py").is_file()
+
+
+# ---- settings contract ---------------------------------------------------------------------------
+
+
+def test_every_setting_the_service_reads_is_set_by_infra():
+    wanted = service_settings() - KEY_SETTINGS - HOST_SETTINGS - UNSET_IN_AZURE
+    assert {"AUTH_ISSUER", "ACS_ENDPOINT", "TABLES_ENDPOINT", "CLEANUP_SCHEDULE"} <= wanted
+    missing = sorted(wanted - set(app_setting_keys()))
+    assert not missing, f"add these app settings to infra/main.bicep (serviceSettings): {missing}"
+
+
+def test_no_key_setting_and_no_key_anywhere_in_infra():
+    keys = app_setting_keys()
+    for name in KEY_SETTINGS | UNSET_IN_AZURE | {"AzureWebJobsStorage"}:
+        assert name not in keys, f"{name} must not be an app setting in Azure"
+    for path in [*infra_text_files(), ROOT / "azure.yaml"]:
+        text = path.read_text()
+        if path.suffix == ".bicep":
+            text = strip_comments(text)  # comments may say which settings are left out, and why
+        for name in KEY_SETTINGS:
+            assert name not in text, f"{path}: mentions {name}"
+        for pattern in (
+            r"(?i)listkeys",
+            r"(?i)AccountKey=",
+            r"(?i)SharedAccessKey",
+            r"(?i)primaryKey",
+            r"(?i)secondaryKey",
+            r"(?i)InstrumentationKey",
+        ):
+            assert not re.search(pattern, text), f"{path}: {pattern} (no key may be read or set)"
+    code = "\n".join(strip_comments(p.read_text()) for p in bicep_files())
+    # The only connection string is Application Insights' (it names the resource; not a secret).
+    conn = set(re.findall(r"\b(\w*CONNECTION_STRING\w*)\b", code))
+    assert conn == {"APPLICATIONINSIGHTS_CONNECTION_STRING"}
+
+
+def test_identity_based_host_storage_and_monitoring():
+    host = strip_comments((INFRA / "core/host/functions-flexconsumption.bicep").read_text())
+    assert "AzureWebJobsStorage__accountName: storage.name" in host
+    assert "AzureWebJobsStorage__credential: 'managedidentity'" in host
+    assert "APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'Authorization=AAD'" in host
+    storage = strip_comments((INFRA / "core/storage/storage-account.bicep").read_text())
+    assert re.search(r"allowSharedKeyAccess:\s*false", storage)
+    assert re.search(r"allowBlobPublicAccess:\s*false", storage)
+    assert "allowSharedKeyAccess: true" not in "\n".join(p.read_text() for p in bicep_files())
+    monitoring = strip_comments((INFRA / "core/monitor/monitoring.bicep").read_text())
+    assert re.search(r"DisableLocalAuth:\s*true", monitoring)
+    topic = strip_comments((INFRA / "core/events/eventgrid-topic.bicep").read_text())
+    assert re.search(r"disableLocalAuth:\s*true", topic)
+    main = strip_comments(MAIN.read_text())
+    assert "ACS_ENDPOINT: acs.outputs.endpoint" in main
+    assert "TABLES_ENDPOINT: storage.outputs.tableEndpoint" in main
+    acs = strip_comments((INFRA / "core/communication/communication-services.bicep").read_text())
+    assert "'https://${communicationService.properties.hostName}/'" in acs
+
+
+def test_role_assignments_for_the_function_identity():
+    rbac = strip_comments((INFRA / "app/rbac.bicep").read_text())
+    code = code_only((INFRA / "app/rbac.bicep").read_text())
+    assignments = []
+    for m in re.finditer(
+        r"^resource\s+(\w+)\s+'Microsoft\.Authorization/roleAssignments@[\d-]+'\s*=\s*\{", rbac, re.M
+    ):
+        start, end = block_at(code, m.end() - 1)
+        assignments.append(rbac[start : end + 1])
+    scopes = {}
+    for body in assignments:
+        scope = re.search(r"scope:\s*(\w+)", body).group(1)
+        role = re.search(r"roles\.(\w+)|(acsRoleDefinitionId)", body.split("properties", 1)[1])
+        scopes[role.group(1) or role.group(2)] = scope
+        assert "principalType: 'ServicePrincipal'" in body and "principalId: principalId" in body
+    assert scopes == {
+        "storageBlobDataOwner": "storage",
+        "storageQueueDataContributor": "storage",
+        "storageTableDataContributor": "storage",
+        "monitoringMetricsPublisher": "applicationInsights",
+        "acsRoleDefinitionId": "communicationService",
+    }
+    for key, role_id in ROLES.items():
+        assert re.search(rf"{key}:\s*'{role_id}'", rbac), key
+    main = strip_comments(MAIN.read_text())
+    default = re.search(r"param acsRoleDefinitionId string = '([0-9a-f-]+)'", main).group(1)
+    allowed = re.search(
+        r"@allowed\(\[([^\]]*)\]\)\s*@description\([^\n]*\)\s*param acsRoleDefinitionId", main
+    )
+    assert default in ACS_ROLES.values()
+    assert set(re.findall(r"'([0-9a-f-]{36})'", allowed.group(1))) <= set(ACS_ROLES.values())
+    assert "principalId: api.outputs.identityPrincipalId" in main
+
+
+def test_flex_consumption_python_311_with_system_assigned_identity():
+    host = strip_comments((INFRA / "core/host/functions-flexconsumption.bicep").read_text())
+    assert re.search(r"tier:\s*'FlexConsumption'", host) and re.search(r"name:\s*'FC1'", host)
+    assert "kind: 'functionapp,linux'" in host and "reserved: true" in host
+    assert re.search(r"identity:\s*\{\s*type:\s*'SystemAssigned'\s*\}", host)
+    assert re.search(r"authentication:\s*\{\s*type:\s*'SystemAssignedIdentity'\s*\}", host)
+    assert "type: 'blobContainer'" in host
+    for key in ("maximumInstanceCount", "instanceMemoryMB"):
+        assert re.search(rf"scaleAndConcurrency:\s*\{{[^}}]*{key}:", host)
+    assert re.search(r"runtime:\s*\{\s*name:\s*runtimeName\s*version:\s*runtimeVersion\s*\}", host)
+    api = strip_comments((INFRA / "app/api.bicep").read_text())
+    assert "runtimeName: 'python'" in api and "runtimeVersion: '3.11'" in api
+    assert "httpsOnly: true" in host
+
+
+def test_cors_from_a_parameter_and_rate_limit_on_by_default():
+    main = strip_comments(MAIN.read_text())
+    host = strip_comments((INFRA / "core/host/functions-flexconsumption.bicep").read_text())
+    assert re.search(r"cors:\s*\{\s*allowedOrigins:\s*corsAllowedOrigins\s*supportCredentials:\s*false", host)
+    assert "param corsAllowedOrigins string = ''" in main
+    assert "corsAllowedOrigins: corsOrigins" in main
+    assert "param rateLimitPerMinute int = 30" in main
+    assert "RATE_LIMIT_PER_MINUTE: string(rateLimitPerMinute)" in main
+    params = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    assert params["rateLimitPerMinute"]["value"] == "${RATE_LIMIT_PER_MINUTE=30}"
+    assert params["corsAllowedOrigins"]["value"] == "${CORS_ALLOWED_ORIGINS}"
+
+
+# ---- Bicep structure -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", bicep_files(), ids=lambda p: str(p.relative_to(INFRA)))
+def test_bicep_delimiters_balance_and_api_versions_are_pinned(path):
+    code = code_only(path.read_text())
+    i = 0
+    while i < len(code):
+        if code[i] in "{[(":
+            _, end = block_at(code, i)
+            i = end + 1
+            continue
+        assert code[i] not in "}])", f"{path}: stray {code[i]!r} at offset {i}"
+        i += 1
+    for ref in re.findall(
+        r"'((?:Microsoft|microsoft)\.[A-Za-z]+/[A-Za-z/]+@[^']*)'", strip_comments(path.read_text())
+    ):
+        assert re.fullmatch(r"[\w.]+/[\w/]+@\d{4}-\d{2}-\d{2}(-preview)?", ref), ref
+
+
+def test_modules_are_wired_to_what_they_declare():
+    seen = set()
+    for path in bicep_files():
+        code = strip_comments(path.read_text())
+        syms = {}
+        for sym, target, given in modules(path):
+            assert target.is_file(), f"{path}: module {sym} -> missing {target}"
+            declared, outputs = declarations(target)
+            unknown = set(given) - set(declared)
+            assert not unknown, f"{path}: module {sym} passes undeclared params {sorted(unknown)}"
+            missing = {p for p, required in declared.items() if required} - set(given)
+            assert not missing, f"{path}: module {sym} lacks required params {sorted(missing)}"
+            syms[sym] = outputs
+            seen.add(target)
+        for sym, out in re.findall(r"\b(\w+)\.outputs\.(\w+)", code):
+            assert sym in syms, f"{path}: {sym}.outputs.{out} but no module {sym}"
+            assert out in syms[sym], f"{path}: module {sym} has no output {out}"
+    assert seen == set(bicep_files()) - {MAIN.resolve()}, "every Bicep file is used from main.bicep"
+
+
+def test_parameters_file_matches_main():
+    declared, _ = declarations(MAIN)
+    params = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    assert set(params) <= set(declared), sorted(set(params) - set(declared))
+    assert {p for p, required in declared.items() if required} <= set(params)
+    assert params["environmentName"]["value"] == "${AZURE_ENV_NAME}"
+    assert params["location"]["value"] == "${AZURE_LOCATION}"
+    assert params["authIssuer"]["value"] == "${AUTH_ISSUER}"
+    assert params["authAudience"]["value"] == "${AUTH_AUDIENCE}"
+    main = strip_comments(MAIN.read_text())
+    assert main.lstrip().startswith("targetScope = 'subscription'")
+    # The outputs the postdeploy hook reads.
+    for out in ("AZURE_RESOURCE_GROUP", "AZURE_FUNCTION_APP_NAME", "EVENTS_TOPIC_ID", "APP_EVENT_TYPES"):
+        assert re.search(rf"^output {out} string", main, re.M), out
+
+
+def test_bicep_files_parse_with_pycep_when_available():
+    pycep = pytest.importorskip("pycep", reason="pycep-parser (PyPI) is not installed: syntax parse skipped")
+    for path in bicep_files():
+        pycep.BicepParser().parse(text=path.read_text())
+
+
+def test_main_builds_with_a_bicep_compiler_when_available(tmp_path):
+    bicep = shutil.which("bicep")
+    if bicep is None:
+        pytest.skip("no Bicep compiler on PATH (none is installable from PyPI, npm or Debian here)")
+    subprocess.run([bicep, "build", str(MAIN), "--outdir", str(tmp_path)], check=True, timeout=300)
+    template = json.loads((tmp_path / "main.json").read_text())
+    assert template["$schema"].endswith("subscriptionDeploymentTemplate.json#")
+
+
+# ---- postdeploy hook -----------------------------------------------------------------------------
+
+
+def test_hook_never_prints_the_key():
+    text = HOOK_SH.read_text()
+    assert HOOK_SH.stat().st_mode & stat.S_IXUSR, "postdeploy.sh must be executable"
+    assert "set -x" not in text
+    for line in text.splitlines():
+        if re.search(r"\b(echo|printf)\b", line):
+            printed = line.replace('awk -v k="$KEY"', "")  # mask() takes the key to hide it
+            assert not re.search(r"\$\{?(KEY|ENDPOINT)\b", printed), line
+    assert "--function-name events" in text and "/api/events?code=$KEY" in text
+    ps1 = HOOK_PS1.read_text()
+    assert "--function-name events" in ps1 and "Replace($key, '***')" in ps1
+    for line in ps1.splitlines():
+        if "Write-Host" in line:
+            assert not re.search(r"\$(key|endpoint)\b", line.replace("Replace($key", ""), re.I), line
+
+
+FAKE_AZ = """#!/bin/sh
+echo "$*" >> "$AZ_LOG"
+case "$*" in
+  "functionapp function keys list"*) echo "$FAKE_KEY";;
+  "functionapp show"*) echo "func-api-test.azurewebsites.net";;
+  "eventgrid partner topic show"*) echo "$PARTNER_STATE";;
+  *"event-subscription create"*)
+    if [ -n "$FAIL" ]; then
+      echo "ERROR: Webhook validation handshake failed for" \\
+           "https://func-api-test.azurewebsites.net/api/events?code=$FAKE_KEY" >&2
+      exit 1
+    fi;;
+esac
+"""
+
+
+@pytest.fixture
+def run_hook(tmp_path):
+    sh = shutil.which("sh")
+    if sys.platform == "win32" or sh is None:
+        pytest.skip("needs a POSIX sh")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "az").write_text(FAKE_AZ)
+    (fake / "az").chmod(0o755)
+    log = tmp_path / "az.log"
+
+    def run(**env):
+        full = {
+            "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}",
+            "AZ_LOG": str(log),
+            "FAKE_KEY": "k3y-Sample_value==",
+            "PARTNER_STATE": "Activated",
+            "FAIL": "",
+            "POSTDEPLOY_RETRY_DELAY": "0",
+            "AZURE_SUBSCRIPTION_ID": "00000000-0000-0000-0000-000000000000",
+            "AZURE_RESOURCE_GROUP": "rg-test",
+            "AZURE_FUNCTION_APP_NAME": "func-api-test",
+            **env,
+        }
+        proc = subprocess.run([sh, str(HOOK_SH)], env=full, capture_output=True, text=True, timeout=60)
+        calls = log.read_text().splitlines() if log.exists() else []
+        return proc, calls
+
+    return run
+
+
+def test_hook_subscribes_the_webhook_to_the_topic_and_the_graph_partner_topic(run_hook):
+    proc, calls = run_hook(
+        EVENTS_TOPIC_ID="/subscriptions/s/resourceGroups/rg-test/providers/Microsoft.EventGrid/topics/evgt",
+        APP_EVENT_TYPES="MyApp.UserDeleted,MyApp.CredentialsChanged",
+        GRAPH_PARTNER_TOPIC="graph-users",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "k3y-Sample_value" not in proc.stdout + proc.stderr
+    [topic] = [c for c in calls if c.startswith("eventgrid event-subscription create")]
+    assert "--endpoint https://func-api-test.azurewebsites.net/api/events?code=k3y-Sample_value==" in topic
+    assert "--included-event-types MyApp.UserDeleted MyApp.CredentialsChanged" in topic
+    assert "--subscription 00000000-0000-0000-0000-000000000000" in topic
+    [graph] = [c for c in calls if c.startswith("eventgrid partner topic event-subscription create")]
+    assert "--partner-topic-name graph-users" in graph
+    assert "--included-event-types Microsoft.Graph.UserUpdated Microsoft.Graph.UserDeleted" in graph
+    assert "--event-delivery-schema cloudeventschemav1_0" in graph
+
+
+def test_hook_masks_the_key_in_errors_and_fails(run_hook):
+    proc, calls = run_hook(EVENTS_TOPIC_ID="/topics/evgt", FAIL="1")
+    assert proc.returncode == 1
+    assert "code=***" in proc.stderr
+    assert "k3y-Sample_value" not in proc.stdout + proc.stderr
+    assert sum(c.startswith("eventgrid event-subscription create") for c in calls) == 3  # retried
+
+
+def test_hook_waits_for_an_activated_partner_topic(run_hook):
+    proc, calls = run_hook(GRAPH_PARTNER_TOPIC="graph-users", PARTNER_STATE="NeverActivated")
+    assert proc.returncode == 1 and "not Activated" in proc.stderr
+    assert not any("event-subscription create" in c for c in calls)
+
+
+def test_hook_can_be_switched_off(run_hook):
+    proc, calls = run_hook(EVENTS_TOPIC_ID="/topics/evgt", EVENTS_SUBSCRIPTION_ENABLED="false")
+    assert proc.returncode == 0 and calls == []
+
+
+def test_readme_explains_the_deployment():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Deploy to Azure", 1)[1]
+    for needle in (
+        "azd up",
+        "AUTH_ISSUER",
+        "CORS_ALLOWED_ORIGINS",
+        "RATE_LIMIT_PER_MINUTE",
+        "EventGrid:?azuresubscriptionid=",
+        "Microsoft.Graph.UserDeleted",
+        "GRAPH_PARTNER_TOPIC",
+    ):
+        assert needle in section, needle
