@@ -74,3 +74,15 @@ async def cleanup(timer: func.TimerRequest) -> None:
 def openapi_document(req: func.HttpRequest) -> func.HttpResponse:
     """The OpenAPI 3.1 contract of these routes."""
     return openapi.serve(req)
+
+
+@app.route(route="teams/token", methods=["POST"])
+async def teams_token(req: func.HttpRequest) -> func.HttpResponse:
+    """Exchange the caller's Teams token (Entra, for ACS) for an ACS token for that Teams user."""
+    return await endpoints.teams_token(req)
+
+
+@app.route(route="demo", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+async def demo(req: func.HttpRequest) -> func.HttpResponse:
+    """The browser demo page (only with DEMO_PAGE_ENABLED=true): sign in, get and refresh a token."""
+    return await endpoints.demo_page(req)

@@ -35,6 +35,7 @@ from azure.functions.decorators.timer import TimerTrigger
 from azure.functions.timer import TimerRequest  # func.TimerRequest is the abstract base
 
 from .cors import CorsPolicy
+from .dev_signin import DevSignin
 from .layout import CORS_CREDENTIALS_ENV, CORS_ENV
 from .ncrontab import CronSchedule, resolve_settings
 from .routes import RouteTemplate
@@ -364,6 +365,9 @@ def main(
         log.error("Could not load the function app %r:\n%s", app_spec, traceback.format_exc())
         app = create_unavailable_app(err, cors=cors)
         describe = f"function app failed to load ({type(err).__name__}): /api answers 503"
+    signin = DevSignin.from_environ(os.environ)
+    if signin is not None:  # only under `devstack up`: the demo page's dev sign-in
+        app.middlewares.append(signin.middleware())
     try:
         asyncio.run(serve(app, port, describe))
     except OSError as err:

@@ -15,14 +15,22 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .children import spawn
-from .layout import CORS_CREDENTIALS_ENV, CORS_ENV, DEFAULT_FUNCTION_APP, FUNCTION_KEY_ENV
+from .layout import CORS_CREDENTIALS_ENV, CORS_ENV, DEFAULT_FUNCTION_APP, DEV_SIGNIN_ENV, FUNCTION_KEY_ENV
 from .service_settings import REPO_ROOT, settings_for_host
 
 
 def environment(
-    env: dict, *, function_key: str, local_settings: dict, base: Mapping[str, str] | None = None
+    env: dict,
+    *,
+    function_key: str,
+    local_settings: dict,
+    base: Mapping[str, str] | None = None,
+    dev_signin: str | None = None,
 ) -> dict[str, str]:
-    """os.environ, then the service's app settings for this stack, then the host's own config."""
+    """os.environ, then the service's app settings for this stack, then the host's own config.
+
+    `dev_signin`: DevSignin.config(...), which turns on the demo page's dev sign-in route.
+    """
     host_section = local_settings.get("Host") or {}
     return {
         **(os.environ if base is None else base),
@@ -31,6 +39,7 @@ def environment(
         CORS_ENV: str(host_section.get("CORS") or ""),
         CORS_CREDENTIALS_ENV: str(host_section.get("CORSCredentials", False)).lower(),
         "PYTHONUNBUFFERED": "1",
+        **({DEV_SIGNIN_ENV: dev_signin} if dev_signin else {}),
     }
 
 

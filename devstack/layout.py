@@ -51,3 +51,4 @@ class Ports:
 FUNCTION_KEY_ENV = "DEVHOST_FUNCTION_KEY"
 CORS_ENV = "DEVHOST_CORS"
 CORS_CREDENTIALS_ENV = "DEVHOST_CORS_CREDENTIALS"
+DEV_SIGNIN_ENV = "DEVHOST_DEV_SIGNIN"  # JSON: the issuer key's path etc. (dev_signin.py); never the key

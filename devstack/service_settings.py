@@ -39,6 +39,8 @@ def settings_for_host(
         "SSL_CERT_FILE": env["ca_bundle"],
         "REQUESTS_CA_BUNDLE": env["ca_bundle"],
         "AzureWebJobsStorage": env["storage_connection_string"],
+        # The emulator accepts Teams tokens for this app only, as ACS does for the app you registered.
+        "TEAMS_CLIENT_APP_ID": env["teams_app_id"],
     }
     if managed_identity:
         stack_values |= {
@@ -55,4 +57,5 @@ def settings_for_host(
             "TABLES_CONNECTION_STRING": env["tables_connection_string"],
         }
     values.setdefault("CLEANUP_SCHEDULE", DEFAULT_CLEANUP_SCHEDULE)
+    values.setdefault("DEMO_PAGE_ENABLED", "true")  # a dev stack: GET /api/demo is on unless turned off
     return values | stack_values

@@ -32,6 +32,7 @@ from .acs_state import AcsResource, new_resource_id
 from .ca import TlsFiles, create_tls_files, load_or_create_tls_files
 from .children import stop as stop_child
 from .cors import CorsPolicy
+from .dev_signin import DevSignin
 from .issuer import DEV_TENANT_ID, DevIssuer
 from .keys import SigningKey
 from .layout import (  # noqa: F401  (re-exported: stack.Ports and friends are the stack's API)
@@ -370,7 +371,10 @@ async def _start_host(
     """Start the host once the rest answers; it counts as up on any HTTP answer, even a 404 or 503."""
     assert stack.host is not None
     environment = host_launcher.environment(
-        stack.env, function_key=stack.host.function_key, local_settings=stack.host.local_settings
+        stack.env,
+        function_key=stack.host.function_key,
+        local_settings=stack.host.local_settings,
+        dev_signin=DevSignin.config(key_file=stack.state_dir / ISSUER_KEY_FILE, env=stack.env),
     )
     sock.close()  # the host binds it itself, like Azurite
     process = host_launcher.start(stack.ports.host, stack.host.app_spec, environment, stack.host_log)
@@ -393,6 +397,7 @@ def summary(stack: Stack, env_path: Path) -> str:
         if stack.host_problem:
             lines.append(f"    !! every /api route answers 503: {stack.host_problem}")
         lines.append("    function-level routes need the `function_key` from the settings file below")
+        lines.append(f"  demo page               {env['api']}/demo  (signs in dev users; DEMO_PAGE_ENABLED)")
     lines += [
         f"  CA certificate          {env['ca_bundle']}",
         f"  settings for clients    {env_path}  (holds keys: keep it local)",

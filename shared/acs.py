@@ -20,9 +20,12 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
-from .errors import NotFound, ServiceError, Unavailable
+from . import telemetry
+from .errors import BadRequest, NotFound, ServiceError, Unavailable
 
 log = logging.getLogger("acs_token_service.acs")
+TEAMS_TOKEN_INVALID = "teams_token_invalid"  # noqa: S105 - an error code
+TEAMS_APP_REJECTED = "teams_app_rejected"
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class AcsGateway:
     def __init__(self, client: CommunicationIdentityClient) -> None:
         self.client = client
 
+    @telemetry.acs_operation("createIdentity")
     async def create_with_token(self, scopes: tuple[str, ...], minutes: int) -> tuple[str, IssuedToken]:
         try:
             user, token = await self.client.create_user_and_token(
@@ -86,6 +90,7 @@ class AcsGateway:
             raise translate(err) from None
         return user.properties["id"], IssuedToken(token.token, _parse_expiry(token.expires_on))
 
+    @telemetry.acs_operation("issueAccessToken")
     async def issue(self, communication_user_id: str, scopes: tuple[str, ...], minutes: int) -> IssuedToken:
         try:
             token = await self.client.get_token(
@@ -97,6 +102,7 @@ class AcsGateway:
             raise translate(err) from None
         return IssuedToken(token.token, _parse_expiry(token.expires_on))
 
+    @telemetry.acs_operation("revokeAccessTokens")
     async def revoke(self, communication_user_id: str, **options) -> None:
         """Revoke every token of the identity. `options` are per-call azure-core settings."""
         try:
@@ -104,6 +110,7 @@ class AcsGateway:
         except Exception as err:  # noqa: BLE001
             raise translate(err) from None
 
+    @telemetry.acs_operation("deleteIdentity")
     async def delete(self, communication_user_id: str, **options) -> None:
         """Delete the identity (which revokes its tokens); an identity already gone counts as done."""
         try:
@@ -113,3 +120,33 @@ class AcsGateway:
             if isinstance(translated, NotFound):
                 return
             raise translated from None
+
+    @telemetry.acs_operation("exchangeTeamsToken")
+    async def exchange_teams_token(
+        self, teams_token: str, client_id: str, user_object_id: str
+    ) -> IssuedToken:
+        """A Teams user's Entra token for ACS -> an ACS token for that Teams user.
+
+        ACS answers 401 InvalidAccessToken for a token that is bad, expired, for another audience
+        or for another user than `user_object_id`, and 400 when the token's app is not `client_id`
+        or not the one it expects: both are told apart from our own credentials being refused.
+        """
+        try:
+            token = await self.client.get_token_for_teams_user(teams_token, client_id, user_object_id)
+        except ClientAuthenticationError as err:
+            if getattr(getattr(err, "error", None), "code", None) == "InvalidAccessToken":
+                raise BadRequest(
+                    "ACS did not accept the Teams access token: it is invalid, expired, not for ACS, "
+                    "or not the caller's.",
+                    code=TEAMS_TOKEN_INVALID,
+                ) from None
+            raise translate(err) from None
+        except HttpResponseError as err:
+            if err.status_code == 400:
+                raise BadRequest(
+                    "ACS refused the Teams token's application.", code=TEAMS_APP_REJECTED
+                ) from None
+            raise translate(err) from None
+        except Exception as err:  # noqa: BLE001
+            raise translate(err) from None
+        return IssuedToken(token.token, _parse_expiry(token.expires_on))

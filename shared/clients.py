@@ -7,15 +7,18 @@ objects are safe to share across concurrent requests on the worker's event loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .acs import AcsGateway
-from .auth import EasyAuthAuthenticator, JwksCache, JwtAuthenticator
-from .cleanup import Cleanup
-from .ratelimit import RateLimiter
-from .revocation import RevocationService
 from .settings import Settings, get_settings
-from .store import IdentityStore
-from .tokens import TokenService
+
+if TYPE_CHECKING:
+    from .auth import EasyAuthAuthenticator, JwksCache, JwtAuthenticator
+    from .cleanup import Cleanup
+    from .ratelimit import RateLimiter
+    from .revocation import RevocationService
+    from .store import IdentityStore
+    from .teams import TeamsExchange
+    from .tokens import TokenService
 
 # Retries: azure-core retries 429 with Retry-After and POST 500/503/504. Its defaults give up
 # after 3 status retries: with 30% throttling and 10% errors that fails 2.6% of requests. Six
@@ -50,10 +53,25 @@ class Clients:
     store: IdentityStore
     limiter: RateLimiter | None
     closers: tuple
+    teams: TeamsExchange | None = None
 
     async def close(self) -> None:
         for close in self.closers:
             await close()
+
+
+def transport_options() -> dict:
+    """aiohttp's per-request environment lookups off, unless the environment names a proxy.
+
+    With `use_env_settings` on (azure-core's default) every SDK request first looks for a .netrc
+    entry and for proxy variables on worker threads: two thread hand-offs per call, which cost a
+    Table read or an ACS call almost as much CPU as the rest of it. Without proxy variables
+    (HTTP_PROXY, HTTPS_PROXY, ...) those lookups find nothing, so turning them off changes no
+    behaviour (a .netrc entry would only clash with the SDK's own Authorization header).
+    """
+    import urllib.request
+
+    return {} if urllib.request.getproxies() else {"use_env_settings": False}
 
 
 def _credential(settings: Settings):
@@ -66,26 +84,41 @@ def _credential(settings: Settings):
 
 
 def build(settings: Settings) -> Clients:
+    # Imported here, on the first request, not when the host indexes function_app: the SDKs and
+    # the modules built on them are most of the import time, and some functions never need them.
     from azure.communication.identity.aio import CommunicationIdentityClient
     from azure.data.tables.aio import TableClient
 
+    from . import telemetry
+    from .acs import AcsGateway
+    from .auth import EasyAuthAuthenticator, JwksCache, JwtAuthenticator
+    from .cleanup import Cleanup
+    from .ratelimit import RateLimiter
+    from .revocation import RevocationService
+    from .store import IdentityStore
+    from .teams import TeamsExchange
+    from .tokens import TokenService
+
+    telemetry.configure()  # Azure Monitor export, if APPLICATIONINSIGHTS_CONNECTION_STRING is set
+    acs_options = {**ACS_CLIENT_OPTIONS, **transport_options(), **telemetry.acs_client_options()}
+    table_options = {**TABLE_CLIENT_OPTIONS, **transport_options()}
     credential = None
     if settings.acs_connection_string is None or settings.tables_connection_string is None:
         credential = _credential(settings)
 
     if settings.acs_connection_string:
         acs = CommunicationIdentityClient.from_connection_string(
-            settings.acs_connection_string, **ACS_CLIENT_OPTIONS
+            settings.acs_connection_string, **acs_options
         )
     else:
-        acs = CommunicationIdentityClient(settings.acs_endpoint, credential, **ACS_CLIENT_OPTIONS)
+        acs = CommunicationIdentityClient(settings.acs_endpoint, credential, **acs_options)
     if settings.tables_connection_string:
         table = TableClient.from_connection_string(
-            settings.tables_connection_string, settings.table_name, **TABLE_CLIENT_OPTIONS
+            settings.tables_connection_string, settings.table_name, **table_options
         )
     else:
         table = TableClient(
-            settings.tables_endpoint, settings.table_name, credential=credential, **TABLE_CLIENT_OPTIONS
+            settings.tables_endpoint, settings.table_name, credential=credential, **table_options
         )
 
     jwks = None
@@ -110,6 +143,7 @@ def build(settings: Settings) -> Clients:
         store=store,
         limiter=RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None,
         closers=tuple(closers),
+        teams=TeamsExchange(gateway, settings),
     )
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import azure.functions as func
 
 from . import policy
-from .auth import Caller
 from .clients import Clients, get_clients
 from .errors import BadRequest, Forbidden, NotFound, ServiceError, SettingError
 from .problems import from_error, from_unexpected, json_response
@@ -23,7 +23,10 @@ log = logging.getLogger("acs_token_service.endpoints")
 ADMIN_ROLE = "TokenService.Admin"
 MAX_ID_LENGTH = 256
 
-Handler = Callable[[Clients, Caller, func.HttpRequest], Awaitable[func.HttpResponse]]
+if TYPE_CHECKING:  # auth loads with the clients, on first use: importing function_app stays light
+    from .auth import Caller
+
+    Handler = Callable[[Clients, Caller, func.HttpRequest], Awaitable[func.HttpResponse]]
 
 
 async def _respond(
@@ -174,3 +177,29 @@ async def cleanup_timer(_timer: func.TimerRequest) -> None:
         log.error("cleanup run skipped: %s (%s)", err.code, err.detail)
     except Exception as err:  # noqa: BLE001
         log.error("cleanup run failed: %s", type(err).__name__)
+
+
+# ---- Teams users --------------------------------------------------------------------------------------
+
+
+async def _teams_token(clients: Clients, caller: Caller, req: func.HttpRequest) -> func.HttpResponse:
+    from .teams import TeamsExchange, teams_token_request
+
+    request = teams_token_request(req.get_body())
+    exchange = clients.teams or TeamsExchange(clients.tokens.acs, clients.settings)
+    return json_response((await exchange.exchange(caller, request)).to_json())
+
+
+async def teams_token(req: func.HttpRequest) -> func.HttpResponse:
+    """POST /api/teams/token: the caller's Teams token (Entra, for ACS) -> an ACS token."""
+    return await _respond(req, _teams_token, rate_limited=True)
+
+
+# ---- the demo page ------------------------------------------------------------------------------------
+
+
+async def demo_page(req: func.HttpRequest) -> func.HttpResponse:
+    """GET /api/demo, anonymous: the browser demo page, or 404 unless DEMO_PAGE_ENABLED."""
+    from . import demo_page as page
+
+    return page.serve(req)

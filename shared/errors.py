@@ -43,6 +43,11 @@ class Unauthenticated(ServiceError):
 class Forbidden(ServiceError):
     status, code, title = 403, "forbidden", "Forbidden"
 
+    def __init__(self, detail: str, *, code: str | None = None) -> None:
+        super().__init__(detail)
+        if code:
+            self.code = code
+
 
 class NotFound(ServiceError):
     status, code, title = 404, "not_found", "Not found"

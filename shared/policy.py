@@ -18,12 +18,12 @@ class TokenRequest:
     minutes: int
 
 
-def parse_json_object(body: bytes | None) -> dict:
+def parse_json_object(body: bytes | None, max_bytes: int = MAX_BODY_BYTES) -> dict:
     """An optional JSON object body: empty means {}."""
     if body is None or not body.strip():
         return {}
-    if len(body) > MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+    if len(body) > max_bytes:
+        raise PayloadTooLarge(f"The request body is larger than {max_bytes} bytes.")
     try:
         value = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):

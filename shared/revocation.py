@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import telemetry
 from .acs import AcsGateway
 from .errors import NotFound, Unavailable
 from .store import IdentityRecord, IdentityStore
@@ -52,6 +53,7 @@ class RevocationService:
         self.acs = acs
         self.clock = clock
 
+    @telemetry.counts_revocations("revoke")
     async def revoke(self, record: IdentityRecord, *, source: str) -> Outcome:
         if record.pending:  # a pending delete revokes too; a pending revoke covers this one
             return Outcome("pending", record.communication_user_id)
@@ -68,6 +70,7 @@ class RevocationService:
         log.info("revoke done source=%s user=%s", source, _ref(record))
         return Outcome("revoked", record.communication_user_id)
 
+    @telemetry.counts_revocations("delete")
     async def delete(self, record: IdentityRecord, *, source: str) -> Outcome:
         if record.pending == "delete":
             return Outcome("pending", record.communication_user_id)

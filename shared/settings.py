@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -45,6 +46,8 @@ class Settings:
     revoke_on_graph_user_updated: bool = True
     user_deleted_event_types: tuple[str, ...] = ()
     credentials_changed_event_types: tuple[str, ...] = ()
+    teams_client_app_id: str | None = None  # TEAMS_CLIENT_APP_ID; POST /api/teams/token needs it
+    demo_page_enabled: bool = False
 
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
@@ -70,6 +73,14 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise SettingError(name, f"must be an integer, not {value!r}") from None
+
+
+def _is_guid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return len(value) == 36
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -160,6 +171,12 @@ def load(env: Mapping[str, str]) -> Settings:
     revoke_on_updated = (_get(env, "EVENTS_REVOKE_ON_USER_UPDATED") or "true").lower()
     if revoke_on_updated not in ("true", "false"):
         raise SettingError("EVENTS_REVOKE_ON_USER_UPDATED", "must be true or false")
+    teams_client_app_id = _get(env, "TEAMS_CLIENT_APP_ID")
+    if teams_client_app_id is not None and not _is_guid(teams_client_app_id):
+        raise SettingError("TEAMS_CLIENT_APP_ID", "must be the Entra application (client) id, a GUID")
+    demo_page = (_get(env, "DEMO_PAGE_ENABLED") or "false").lower()
+    if demo_page not in ("true", "false"):
+        raise SettingError("DEMO_PAGE_ENABLED", "must be true or false")
 
     rate_limit = _int(env, "RATE_LIMIT_PER_MINUTE", 0)
     if not 0 <= rate_limit <= 100_000:
@@ -187,6 +204,8 @@ def load(env: Mapping[str, str]) -> Settings:
         min_minutes=min_minutes,
         max_minutes=max_minutes,
         managed_identity_client_id=_get(env, "AZURE_CLIENT_ID"),
+        teams_client_app_id=teams_client_app_id,
+        demo_page_enabled=demo_page == "true",
     )
 
 

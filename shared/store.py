@@ -33,7 +33,7 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from azure.data.tables import UpdateMode
 from azure.data.tables.aio import TableClient
 
-from . import keys
+from . import keys, telemetry
 
 log = logging.getLogger("acs_token_service.store")
 RELEASED = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)  # a lease time that has always passed
@@ -140,10 +140,12 @@ class IdentityStore:
 
     # ---- the mapping and its lookups -------------------------------------------------------------
 
+    @telemetry.table_operation("get")
     async def get(self, user_key: str) -> IdentityRecord | None:
         entity = await self._get(user_key, keys.IDENTITY_ROW)
         return IdentityRecord.from_entity(entity) if entity is not None else None
 
+    @telemetry.table_operation("add")
     async def add(self, record: IdentityRecord) -> bool:
         """Insert owner, then mapping, then the lookups. False when another request won the user."""
         await self._ensure_table()
@@ -160,10 +162,15 @@ class IdentityStore:
         except ResourceExistsError:
             await self.forget_owner(record.communication_user_id)
             return False
-        try:
-            await self._file_for_retention(record.user_key, record.communication_user_id, record.last_used_on)
-            if record.object_id and record.tenant_id:
-                await self.table.upsert_entity(
+        # The retention row and the Graph lookup live in partitions of their own (a day; a tenant
+        # and object id), so no entity-group transaction can carry them with the mapping: written
+        # at once, they cost the caller one round trip instead of two.
+        lookups = [
+            self._file_for_retention(record.user_key, record.communication_user_id, record.last_used_on)
+        ]
+        if record.object_id and record.tenant_id:
+            lookups.append(
+                self.table.upsert_entity(
                     {
                         "PartitionKey": keys.graph_user_key(record.tenant_id, record.object_id),
                         "RowKey": keys.USER_ROW,
@@ -171,8 +178,10 @@ class IdentityStore:
                     },
                     mode=UpdateMode.REPLACE,
                 )
-        except Exception as err:  # noqa: BLE001 - the mapping stands; lookups are secondary
-            log.warning("identity lookups not written: %s", type(err).__name__)
+            )
+        for outcome in await asyncio.gather(*lookups, return_exceptions=True):
+            if isinstance(outcome, Exception):  # the mapping stands; lookups are secondary
+                log.warning("identity lookups not written: %s", type(outcome).__name__)
         return True
 
     async def _file_for_retention(self, user_key: str, communication_user_id: str, day: str) -> None:
@@ -185,9 +194,11 @@ class IdentityStore:
             mode=UpdateMode.REPLACE,
         )
 
+    @telemetry.table_operation("forget_owner")
     async def forget_owner(self, communication_user_id: str) -> None:
         await self._delete(keys.communication_user_key(communication_user_id), keys.OWNER_ROW)
 
+    @telemetry.table_operation("touch")
     async def touch(self, record: IdentityRecord, now: dt.datetime) -> None:
         """Record use (issue or refresh) once per day: the retention cleanup reads it."""
         await self.table.update_entity(
@@ -200,14 +211,17 @@ class IdentityStore:
             mode=UpdateMode.MERGE,
         )
 
+    @telemetry.table_operation("owner_of")
     async def owner_of(self, communication_user_id: str) -> str | None:
         entity = await self._get(keys.communication_user_key(communication_user_id), keys.OWNER_ROW)
         return entity["userKey"] if entity is not None else None
 
+    @telemetry.table_operation("user_for_graph")
     async def user_for_graph(self, tenant_id: str, object_id: str) -> str | None:
         entity = await self._get(keys.graph_user_key(tenant_id, object_id), keys.USER_ROW)
         return entity["userKey"] if entity is not None else None
 
+    @telemetry.table_operation("remove")
     async def remove(self, record: IdentityRecord) -> None:
         """Forget a deleted identity: mapping first (so no token is issued for it), then lookups."""
         await self._delete(record.user_key, keys.IDENTITY_ROW)
@@ -221,6 +235,7 @@ class IdentityStore:
 
     # ---- pending work --------------------------------------------------------------------------
 
+    @telemetry.table_operation("mark_pending")
     async def mark_pending(
         self, record: IdentityRecord, op: str, now: dt.datetime, retry_in: dt.timedelta
     ) -> None:
@@ -252,6 +267,7 @@ class IdentityStore:
             mode=UpdateMode.MERGE,
         )
 
+    @telemetry.table_operation("queue_discard")
     async def queue_discard(self, communication_user_id: str, now: dt.datetime) -> None:
         await self._ensure_table()
         await self.table.upsert_entity(
@@ -269,6 +285,7 @@ class IdentityStore:
             mode=UpdateMode.REPLACE,
         )
 
+    @telemetry.table_operation("pending_work")
     async def pending_work(self) -> AsyncIterator[PendingWork]:
         await self._ensure_table()
         async for entity in self.table.query_entities(
@@ -286,6 +303,7 @@ class IdentityStore:
                 etag=entity.metadata["etag"],
             )
 
+    @telemetry.table_operation("claim")
     async def claim(self, work: PendingWork, lease_until: dt.datetime) -> PendingWork | None:
         """Take a lease on one piece of work; None when another cleanup run got it first."""
         try:
@@ -299,6 +317,7 @@ class IdentityStore:
             return None
         return replace(work, lease_until=lease_until, etag=metadata["etag"])
 
+    @telemetry.table_operation("retry_later")
     async def retry_later(self, work: PendingWork, next_attempt_at: dt.datetime) -> None:
         try:
             await self.table.update_entity(
@@ -316,9 +335,11 @@ class IdentityStore:
         except (ResourceModifiedError, ResourceNotFoundError):
             pass
 
+    @telemetry.table_operation("finish")
     async def finish(self, work: PendingWork) -> None:
         await self._delete(keys.PENDING_PARTITION, work.row_key, work.etag)
 
+    @telemetry.table_operation("clear_pending")
     async def clear_pending(self, record: IdentityRecord) -> bool:
         """Unblock the user after a revoke completed, unless a newer request replaced this one."""
         try:
@@ -339,6 +360,7 @@ class IdentityStore:
 
     # ---- retention -----------------------------------------------------------------------------
 
+    @telemetry.table_operation("filed_before")
     async def filed_before(self, day: str) -> AsyncIterator[tuple[str, str, str]]:
         """(day, user_key, communication user id) for retention rows older than `day`."""
         await self._ensure_table()
@@ -347,16 +369,19 @@ class IdentityStore:
         async for entity in self.table.query_entities(query, parameters=params):
             yield entity["PartitionKey"], entity["RowKey"], entity["communicationUserId"]
 
+    @telemetry.table_operation("refile")
     async def refile(self, old_partition: str, record: IdentityRecord) -> None:
         """An identity was used after its retention row's day: move the row to that day."""
         await self._file_for_retention(record.user_key, record.communication_user_id, record.last_used_on)
         await self._delete(old_partition, record.user_key)
 
+    @telemetry.table_operation("drop_retention_row")
     async def drop_retention_row(self, partition: str, user_key: str) -> None:
         await self._delete(partition, user_key)
 
     # ---- events --------------------------------------------------------------------------------
 
+    @telemetry.table_operation("claim_event")
     async def claim_event(self, event_id: str, now: dt.datetime) -> bool:
         """Record an event id before acting on it; False when it was acted on already."""
         await self._ensure_table()
@@ -368,10 +393,12 @@ class IdentityStore:
             return False
         return True
 
+    @telemetry.table_operation("release_event")
     async def release_event(self, event_id: str) -> None:
         """Acting failed: let Event Grid's retry act on it."""
         await self._delete(keys.EVENTS_PARTITION, keys.event_row(event_id))
 
+    @telemetry.table_operation("ping")
     async def ping(self) -> None:
         """A cheap round trip for health checks (a point read that usually finds nothing)."""
         await self._get("health", "probe")

@@ -2,7 +2,8 @@
 
 Cost per request is the floor ACS and Table Storage set: a repeated issue or a refresh is one
 point read and one ACS call (plus, once a day per user, a last-use write); a first issue is one
-read, one create-and-issue, and the owner + mapping inserts.
+read, one create-and-issue, the owner + mapping inserts, then the retention row and (with oid/tid)
+the Graph lookup row, written together (`make bench` counts them; README, Performance).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import telemetry
 from .acs import AcsGateway, IssuedToken
 from .auth import Caller
 from .errors import Conflict, NotFound, ServiceError
@@ -51,6 +53,7 @@ class TokenService:
         self.acs = acs
         self.clock = clock
 
+    @telemetry.counts_tokens
     async def issue(self, caller: Caller, request: TokenRequest) -> TokenResult:
         key = user_key(caller.issuer, caller.subject)
         record = await self.store.get(key)
@@ -58,6 +61,7 @@ class TokenService:
             return await self._issue_existing(record, request)
         return await self._create(caller, key, request)
 
+    @telemetry.counts_tokens
     async def refresh(self, caller: Caller, request: TokenRequest) -> TokenResult:
         record = await self.store.get(user_key(caller.issuer, caller.subject))
         if record is None:

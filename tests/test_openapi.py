@@ -56,8 +56,18 @@ def test_served_document_equals_the_file(stack):
 def test_documented_error_codes_exist_in_the_code():
     """Every `code` the README and clients rely on is one the service can produce."""
     source = "\n".join(p.read_text() for p in DOCUMENT.parent.glob("shared/*.py"))
-    for code in ("invalid_json", "unknown_scope", "scope_not_allowed", "invalid_expiry", "identity_not_found",
-                 "unauthenticated", "forbidden", "configuration_error", "acs_unavailable", "acs_throttled"):
+    for code in (
+        "invalid_json",
+        "unknown_scope",
+        "scope_not_allowed",
+        "invalid_expiry",
+        "identity_not_found",
+        "unauthenticated",
+        "forbidden",
+        "configuration_error",
+        "acs_unavailable",
+        "acs_throttled",
+    ):
         assert re.search(rf'["\']{code}["\']', source), code
 
 

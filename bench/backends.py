@@ -1,0 +1,192 @@
+"""The three ways a benchmark reaches ACS and Table Storage.
+
+- `Floor`: the backend calls a request cannot avoid, made directly with the aio SDKs: a refresh is
+  one Table point read and one ACS issueAccessToken; a first issue is one read (a miss), one ACS
+  create-and-issue and one insert.
+- `HandlerLevel`: the function app's registered handlers, called in this process the way the
+  Functions worker calls them (an `HttpRequest` in, awaited on the loop, many at once).
+- `EndToEnd`: HTTP through the dev host, a process of its own, as clients reach the service.
+
+All three use the same stack and the same kind of credential (managed identity through the
+stack's App Service-style endpoint), so the only difference between them is the service.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from contextlib import contextmanager
+
+import aiohttp
+import azure.functions as func
+from azure.communication.identity import CommunicationUserIdentifier
+from azure.communication.identity.aio import CommunicationIdentityClient
+from azure.core.exceptions import ResourceNotFoundError
+from azure.data.tables.aio import TableClient
+from azure.identity.aio import ManagedIdentityCredential
+
+from devstack.service_settings import settings_for_host
+
+SCOPES = ["chat", "voip"]  # the service's defaults, asked for by an empty body
+MINUTES = 60
+TABLE = "acsidentities"
+# Every setting the service reads that the stack's managed-identity settings might leave stale.
+SERVICE_SETTINGS = (
+    "ACS_CONNECTION_STRING",
+    "TABLES_CONNECTION_STRING",
+    "AZURE_CLIENT_ID",
+    "IDENTITY_TABLE",
+    "AUTH_MODE",
+    "AUTH_USER_CLAIM",
+    "TOKEN_ALLOWED_SCOPES",
+    "TOKEN_DEFAULT_SCOPES",
+    "TOKEN_DEFAULT_MINUTES",
+    "MSI_ENDPOINT",
+    "MSI_SECRET",
+)
+
+
+@contextmanager
+def service_environment(env: dict, **overrides: str):
+    """The app settings the dev host gets (managed identity, no keys), restored on exit."""
+    values = settings_for_host(env, managed_identity=True) | overrides
+    values = {k: v for k, v in values.items() if k not in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")}
+    names = set(values) | set(SERVICE_SETTINGS)
+    saved = {name: os.environ.get(name) for name in names}
+    for name in SERVICE_SETTINGS:
+        os.environ.pop(name, None)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+class Floor:
+    """The unavoidable calls, made directly with the aio SDKs (inside `service_environment`)."""
+
+    def __init__(self, env: dict) -> None:
+        self.env = env
+
+    async def __aenter__(self) -> Floor:
+        # The service's own client options (timeouts, retries, transport), so that the ratio
+        # service / floor measures what the service does around the calls, not how it calls.
+        from shared.clients import ACS_CLIENT_OPTIONS, TABLE_CLIENT_OPTIONS, transport_options
+
+        self.credential = ManagedIdentityCredential()
+        self.table = TableClient(
+            self.env["tables_endpoint"],
+            TABLE,
+            credential=self.credential,
+            **TABLE_CLIENT_OPTIONS,
+            **transport_options(),
+        )
+        self.acs = CommunicationIdentityClient(
+            self.env["acs_endpoint"], self.credential, **ACS_CLIENT_OPTIONS, **transport_options()
+        )
+        return self
+
+    async def __aexit__(self, *_exc) -> None:
+        await self.acs.close()
+        await self.table.close()
+        await self.credential.close()
+
+    async def refresh(self, user_key: str, communication_user_id: str) -> None:
+        await self.table.get_entity(user_key, "identity")
+        await self.acs.get_token(
+            CommunicationUserIdentifier(communication_user_id),
+            SCOPES,
+            token_expires_in=dt.timedelta(minutes=MINUTES),
+        )
+
+    async def first_issue(self, user_key: str, issuer: str, subject: str) -> None:
+        try:
+            await self.table.get_entity(user_key, "identity")
+            raise RuntimeError("a floor first issue found an existing row")
+        except ResourceNotFoundError:
+            pass
+        user, _token = await self.acs.create_user_and_token(
+            SCOPES, token_expires_in=dt.timedelta(minutes=MINUTES)
+        )
+        now = dt.datetime.now(dt.UTC)
+        await self.table.create_entity(
+            {
+                "PartitionKey": user_key,
+                "RowKey": "identity",
+                "communicationUserId": user.properties["id"],
+                "issuer": issuer,
+                "subject": subject,
+                "createdAt": now,
+                "lastUsedOn": now.date().isoformat(),
+                "lastIssuedAt": now,
+                "pending": "",
+                "pendingId": "",
+            }
+        )
+
+
+class HandlerLevel:
+    """function_app's registered HTTP functions, in this process (inside `service_environment`)."""
+
+    async def __aenter__(self) -> HandlerLevel:
+        import function_app
+        from devstack.devhost import discover
+        from shared.clients import reset_clients
+        from shared.settings import reset_settings
+
+        reset_settings()
+        await reset_clients()
+        self.functions = {f.name: f for f in discover(function_app.app).http}
+        self.calls = 0
+        return self
+
+    async def __aexit__(self, *_exc) -> None:
+        from shared.clients import reset_clients
+        from shared.settings import reset_settings
+
+        await reset_clients()
+        reset_settings()
+
+    async def call(self, name: str, token: str, body: bytes = b"", method: str = "POST") -> func.HttpResponse:
+        function = self.functions[name]
+        request = func.HttpRequest(
+            method=method,
+            url=f"http://localhost/api/{function.route.template}",
+            headers={"Authorization": f"Bearer {token}"},
+            params={},
+            route_params={},
+            body=body,
+        )
+        self.calls += 1
+        response = await function.user_function(**{function.arg_name: request})
+        if response.status_code != 200:
+            raise RuntimeError(f"{name} answered {response.status_code}: {response.get_body()[:200]!r}")
+        return response  # not parsed here: the worker hands the body on as it is
+
+
+class EndToEnd:
+    """HTTP to the stack's dev host, over keep-alive connections, one per concurrent caller."""
+
+    def __init__(self, api: str, connections: int) -> None:
+        self.api = api.rstrip("/")
+        self.connections = connections
+
+    async def __aenter__(self) -> EndToEnd:
+        connector = aiohttp.TCPConnector(limit=self.connections)
+        self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60))
+        return self
+
+    async def __aexit__(self, *_exc) -> None:
+        await self.session.close()
+
+    async def call(self, route: str, token: str) -> bytes:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with self.session.post(f"{self.api}/{route}", headers=headers) as response:
+            body = await response.read()
+            if response.status != 200:
+                raise RuntimeError(f"{route} answered {response.status}: {body[:200]!r}")
+            return body

@@ -1,0 +1,321 @@
+"""OpenTelemetry metrics and spans at the service's boundaries, and Azure Monitor export when asked.
+
+Everything here goes through the OpenTelemetry *API*: until a provider is installed, every
+instrument and span is a cheap no-op. `configure()` installs Azure Monitor's providers, on first
+use and only when APPLICATIONINSIGHTS_CONNECTION_STRING is set; `azure.monitor.opentelemetry` is
+imported there and nowhere else, so importing function_app stays free of I/O and of that import.
+
+What telemetry may carry: operation names, outcome codes (our stable error codes), HTTP status
+codes, scope names, counts and durations. Never a token, JWT, key, connection string, user
+subject, object id or ACS identity id: attributes are built only from the fixed labels below,
+exceptions are never recorded (their messages may quote a request), and Azure SDK auto-tracing,
+whose spans carry request URLs with ACS identity ids in the path, stays off.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from azure.core.pipeline.policies import SansIOHTTPPolicy
+from opentelemetry import metrics, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from .errors import ServiceError
+
+log = logging.getLogger("acs_token_service.telemetry")
+
+INSTRUMENTATION_NAME = "acs_token_service"
+CONNECTION_STRING_SETTING = "APPLICATIONINSIGHTS_CONNECTION_STRING"
+SERVICE_NAME = "acs-token-service"
+# Only records from the service's own loggers go to Application Insights: they never hold a
+# secret, while the Azure SDK's HTTP logging names request URLs (ACS identity ids).
+EXPORTED_LOGGER = "acs_token_service"
+# azure-monitor-opentelemetry's auto-instrumentations. azure_sdk would trace every SDK request
+# with its URL; the HTTP client ones would do the same for the managed-identity endpoint.
+DISABLED_INSTRUMENTATIONS = (
+    "azure_sdk",
+    "requests",
+    "urllib",
+    "urllib3",
+    "django",
+    "fastapi",
+    "flask",
+    "psycopg2",
+)
+
+_tracer = trace.get_tracer(INSTRUMENTATION_NAME)
+_meter = metrics.get_meter(INSTRUMENTATION_NAME)
+
+TOKENS_ISSUED = _meter.create_counter(
+    "acs_token_service.tokens.issued",
+    unit="{token}",
+    description="ACS access tokens handed to callers, by kind, scopes and whether the identity was new",
+)
+IDENTITIES_CREATED = _meter.create_counter(
+    "acs_token_service.identities.created",
+    unit="{identity}",
+    description="ACS identities created and mapped to an app user",
+)
+REVOCATIONS = _meter.create_counter(
+    "acs_token_service.revocations",
+    unit="{request}",
+    description="Revocations and deletions requested, by operation, final status and source",
+)
+ACS_DURATION = _meter.create_histogram(
+    "acs_token_service.acs.duration",
+    unit="s",
+    description="Duration of ACS Identity calls, retries included, by operation and outcome",
+)
+ACS_THROTTLED = _meter.create_counter(
+    "acs_token_service.acs.throttled",
+    unit="{response}",
+    description="429 answers from ACS, each attempt counted (azure-core retries them internally)",
+)
+
+# The ACS operation in progress, for the per-attempt response policy below.
+_acs_operation: contextvars.ContextVar[str] = contextvars.ContextVar("acs_operation", default="unknown")
+
+
+def outcome_of(err: BaseException | None) -> str:
+    """A bounded, secret-free label: "ok", one of our error codes, or an exception type name."""
+    if err is None:
+        return "ok"
+    if isinstance(err, ServiceError):
+        return err.code
+    return type(err).__name__
+
+
+def _status_code(err: BaseException | None) -> int | None:
+    if isinstance(err, ServiceError):
+        return err.status
+    code = getattr(err, "status_code", None)
+    return code if isinstance(code, int) else None
+
+
+def _end(span: trace.Span, err: BaseException | None, attributes: dict[str, Any]) -> None:
+    attributes["outcome"] = outcome_of(err)
+    if not span.is_recording():
+        return
+    status = _status_code(err)
+    if status is not None:
+        attributes["error.status_code"] = status
+    if err is not None:
+        attributes["error.type"] = outcome_of(err)
+    span.set_attributes(attributes)
+    # Only the label: a description or a recorded exception could quote the request.
+    span.set_status(Status(StatusCode.ERROR) if err is not None else Status(StatusCode.OK))
+
+
+# ---- ACS -------------------------------------------------------------------------------------------
+
+
+def acs_operation(operation: str) -> Callable:
+    """Decorate an AcsGateway coroutine: a CLIENT span, the duration histogram, the 429 label."""
+
+    def decorate(call: Callable) -> Callable:
+        @functools.wraps(call)
+        async def wrapper(*args, **kwargs):
+            token = _acs_operation.set(operation)
+            started = time.perf_counter()
+            err: BaseException | None = None
+            with _tracer.start_as_current_span(
+                f"ACS {operation}",
+                kind=SpanKind.CLIENT,
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                try:
+                    return await call(*args, **kwargs)
+                except BaseException as caught:
+                    err = caught
+                    raise
+                finally:
+                    _acs_operation.reset(token)
+                    attributes: dict[str, Any] = {"acs.operation": operation}
+                    _end(span, err, attributes)
+                    ACS_DURATION.record(
+                        time.perf_counter() - started,
+                        {"acs.operation": operation, "outcome": attributes["outcome"]},
+                    )
+
+        return wrapper
+
+    return decorate
+
+
+class AcsResponsePolicy(SansIOHTTPPolicy):
+    """Sees every attempt's response (it sits after azure-core's retry policy): counts 429s.
+
+    azure-core retries a 429 that carries Retry-After by itself, so the gateway sees only the
+    last answer; this policy is where each throttled attempt becomes visible.
+    """
+
+    def on_response(self, request, response) -> None:
+        if response.http_response.status_code != 429:
+            return
+        operation = _acs_operation.get()
+        ACS_THROTTLED.add(1, {"acs.operation": operation})
+        retry_after = response.http_response.headers.get("Retry-After", "")
+        event: dict[str, Any] = {"acs.operation": operation}
+        if retry_after.isdigit():
+            event["retry_after_s"] = int(retry_after)
+        trace.get_current_span().add_event("acs.throttled", event)
+
+
+def acs_client_options() -> dict[str, Any]:
+    """Extra keyword arguments for the ACS client: the per-attempt response policy."""
+    return {"per_retry_policies": [AcsResponsePolicy()]}
+
+
+# ---- Table Storage -------------------------------------------------------------------------------
+
+
+def _table_span(operation: str):
+    return _tracer.start_as_current_span(
+        f"Table {operation}",
+        kind=SpanKind.CLIENT,
+        record_exception=False,
+        set_status_on_exception=False,
+    )
+
+
+def table_operation(operation: str) -> Callable:
+    """Decorate an IdentityStore method (coroutine or async generator) with a CLIENT span."""
+
+    def decorate(call: Callable) -> Callable:
+        attributes = {"db.system": "azure_table", "db.operation.name": operation}
+
+        if inspect.isasyncgenfunction(call):
+
+            @functools.wraps(call)
+            async def iterate(*args, **kwargs) -> AsyncIterator:
+                # Not made current: a generator may be closed in another context than it began in.
+                span = _tracer.start_span(f"Table {operation}", kind=SpanKind.CLIENT)
+                err: BaseException | None = None
+                try:
+                    async for item in call(*args, **kwargs):
+                        yield item
+                except GeneratorExit:  # the consumer stopped early: not a failure
+                    raise
+                except BaseException as caught:
+                    err = caught
+                    raise
+                finally:
+                    _end(span, err, dict(attributes))
+                    span.end()
+
+            return iterate
+
+        @functools.wraps(call)
+        async def wrapper(*args, **kwargs):
+            err: BaseException | None = None
+            with _table_span(operation) as span:
+                try:
+                    return await call(*args, **kwargs)
+                except BaseException as caught:
+                    err = caught
+                    raise
+                finally:
+                    _end(span, err, dict(attributes))
+
+        return wrapper
+
+    return decorate
+
+
+# ---- the token service and revocations ------------------------------------------------------------
+
+
+def token_issued(*, kind: str, scopes: tuple[str, ...] | None, identity_created: bool) -> None:
+    """`scopes` None: ACS chose them (Teams tokens)."""
+    attributes: dict[str, Any] = {"token.kind": kind, "identity.created": identity_created}
+    if scopes is not None:
+        attributes["token.scopes"] = ",".join(sorted(scopes))
+    TOKENS_ISSUED.add(1, attributes)
+    if identity_created:
+        IDENTITIES_CREATED.add(1)
+
+
+def counts_tokens(call: Callable) -> Callable:
+    """Decorate a TokenService coroutine that returns a TokenResult."""
+
+    @functools.wraps(call)
+    async def wrapper(*args, **kwargs):
+        result = await call(*args, **kwargs)
+        token_issued(
+            kind="communication_user", scopes=result.scopes, identity_created=result.identity_created
+        )
+        return result
+
+    return wrapper
+
+
+def counts_revocations(operation: str) -> Callable:
+    """Decorate a RevocationService coroutine `(record, *, source)` that returns an Outcome."""
+
+    def decorate(call: Callable) -> Callable:
+        @functools.wraps(call)
+        async def wrapper(*args, source: str, **kwargs):
+            result = await call(*args, source=source, **kwargs)
+            REVOCATIONS.add(
+                1,
+                {
+                    "revocation.operation": operation,
+                    "revocation.status": result.status,
+                    # "event:<type>" -> "event": a fixed set of labels, whatever the event types.
+                    "revocation.source": source.split(":", 1)[0],
+                },
+            )
+            return result
+
+        return wrapper
+
+    return decorate
+
+
+# ---- export to Azure Monitor --------------------------------------------------------------------------
+
+_configured = False
+_configure_lock = threading.Lock()
+
+
+def configure(environ: dict[str, str] | None = None) -> bool:
+    """Install Azure Monitor's providers once, if APPLICATIONINSIGHTS_CONNECTION_STRING is set.
+
+    Called when the worker builds its clients (first request), never at import. True when
+    export is on. A failure to configure is logged and leaves telemetry off: it must not take
+    the token service down with it.
+    """
+    global _configured
+    env = os.environ if environ is None else environ
+    connection_string = (env.get(CONNECTION_STRING_SETTING) or "").strip()
+    if not connection_string:
+        return False
+    with _configure_lock:
+        if _configured:
+            return True
+        try:
+            from azure.monitor.opentelemetry import configure_azure_monitor
+            from opentelemetry.sdk.resources import Resource
+
+            attributes = {} if env.get("OTEL_SERVICE_NAME") else {"service.name": SERVICE_NAME}
+            configure_azure_monitor(
+                connection_string=connection_string,
+                logger_name=EXPORTED_LOGGER,
+                resource=Resource.create(attributes),
+                instrumentation_options={name: {"enabled": False} for name in DISABLED_INSTRUMENTATIONS},
+            )
+        except Exception as err:  # noqa: BLE001 - telemetry is optional; the service is not
+            log.error("Azure Monitor export not configured: %s", type(err).__name__)
+            return False
+        _configured = True
+        log.info("Azure Monitor export configured")
+        return True

@@ -1,0 +1,51 @@
+"""The benchmark code runs end to end, in a tiny configuration, so that it cannot rot.
+
+No timing is asserted: the numbers of a run this small mean nothing. What is checked is that every
+part runs and reports, and the backend calls per operation, which are counts, not timings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import chart, report, targets
+from bench.run import Config, run
+
+
+def test_bench_runs_end_to_end_in_a_quick_configuration(stack, emulator, tmp_path):
+    config = Config.quick_config()
+    results = run(
+        stack.env,
+        stack.state_dir / "issuer-key.pem",
+        Path(stack["ca_bundle"]).parent,
+        config,
+        stack_pid=stack.process.pid,
+        log=lambda _line: None,
+    )
+    results["targets"] = targets.evaluate(results)
+    json.dumps(results)  # what bench/results.json gets
+
+    for operation in ("refresh", "first_issue"):
+        for c in config.concurrency:
+            for mode in ("floor", "handler", "e2e"):
+                measured = results["throughput"][operation][str(c)][mode]
+                assert measured["errors"] == 0, measured.get("first_error")
+                assert measured["throughput"] > 0
+
+    calls = results["calls"]
+    for operation in ("refresh", "repeated issue"):
+        assert (calls[operation]["table_reads"], calls[operation]["acs_calls"]) == (1, 1), calls[operation]
+        assert calls[operation]["table_writes"] == 0, calls[operation]
+    assert calls["refresh, first of a new day"]["table_writes"] == 1
+    assert calls["first issue"]["acs"] == {"createIdentity": 1}
+    assert calls["first issue"]["table"]["insert mapping"] == 1
+    assert results["per_worker"]["jwks_fetches"] == 1
+
+    cold = results["cold_start"]
+    assert cold["index"]["total_ms"] > 0 and "azure.functions" in cold["index"]["dependencies"]
+    assert {t["status"] for t in results["targets"]} <= {"PASS", "FAIL", "NOT MET (known)", "INFO"}
+
+    assert "Refresh" in report.render(results)
+    png = chart.draw(results, tmp_path / "throughput.png")
+    assert png.read_bytes().startswith(b"\x89PNG")
