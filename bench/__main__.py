@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out or folder / "results.json"
     args.chart = args.chart or folder / "throughput.png"
 
-    tls_dir = trust_new_ca()  # before anything imports aiohttp
+    tls_dir = trust_new_ca(prefix="bench-tls-").ca_cert.parent  # before anything imports aiohttp
     from . import chart, coldstart, report, targets
     from .run import Config, run
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.state_dir / "issuer-key.pem",
             tls_dir,
             config,
-            stack_pid=stack.process.pid if stack.process else None,
+            stack_pid=stack.running.process.pid if stack.running else None,
             cold_start=cold,
             log=lambda line: print(line, flush=True),
         )

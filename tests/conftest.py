@@ -6,13 +6,8 @@ default TLS context once, from SSL_CERT_FILE, when it is first imported.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,105 +15,28 @@ import pytest
 
 assert "aiohttp" not in sys.modules, "conftest must set SSL_CERT_FILE before aiohttp is imported"
 
-from devstack.ca import create_tls_files  # noqa: E402  (cryptography only)
+# Standard library and cryptography only; re-exported for tests that drive `devstack up` themselves.
+from devstack import running  # noqa: E402
+from devstack.running import REPO_ROOT, RunningStack, wait_for_env  # noqa: E402, F401
+from devstack.running import stop as stop_stack  # noqa: E402, F401
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TLS_DIR = Path(tempfile.mkdtemp(prefix="devstack-tls-"))
-TLS = create_tls_files(TLS_DIR)
-os.environ["SSL_CERT_FILE"] = os.environ["REQUESTS_CA_BUNDLE"] = str(TLS.ca_cert)
-
-STACK_START_TIMEOUT = 90.0
+TLS = running.trust_new_ca()
+TLS_DIR = TLS.ca_cert.parent
 pytest_plugins = ["tests.service_fixtures"]
 
 
-class RunningStack:
-    """A `python -m devstack up` child process and the env.json it wrote."""
-
-    def __init__(self, process: subprocess.Popen, state_dir: Path, env: dict) -> None:
-        self.process, self.state_dir, self.env = process, state_dir, env
-
-    def __getitem__(self, key: str):
-        return self.env[key]
-
-    def timer(self, name: str) -> str:
-        """`python -m devstack timer NAME` against this stack: what it printed."""
-        out = subprocess.run(
-            [sys.executable, "-m", "devstack", "timer", name, "--state-dir", str(self.state_dir)],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=120,
-        )
-        return out.stdout
-
-    def token(self, *args: str) -> str:
-        """`python -m devstack token ARGS...` against this stack: the printed JWT."""
-        out = subprocess.run(
-            [sys.executable, "-m", "devstack", "token", *args, "--state-dir", str(self.state_dir)],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        )
-        return out.stdout
-
-
 def start_stack(state_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "devstack",
-            "up",
-            "--free-ports",
-            "--quiet",
-            "--state-dir",
-            str(state_dir),
-            "--tls-dir",
-            str(TLS_DIR),
-            *extra,
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-
-
-def wait_for_env(process: subprocess.Popen, state_dir: Path, timeout: float = STACK_START_TIMEOUT) -> dict:
-    env_path = state_dir / "env.json"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            _out, err = process.communicate()
-            raise RuntimeError(f"devstack up exited with {process.returncode}: {err.decode()}")
-        if env_path.exists():
-            return json.loads(env_path.read_text())
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("devstack up did not become ready in time")
-
-
-def stop_stack(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    """`devstack up` trusting this session's CA (tests of `up` itself drive the process)."""
+    return running.start(state_dir, TLS_DIR, *extra, env=env)
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    state_dir = tmp_path_factory.mktemp("devstack")
-    process = start_stack(state_dir)
+    running_stack = RunningStack.launch(tmp_path_factory.mktemp("devstack"), TLS_DIR)
     try:
-        yield RunningStack(process, state_dir, wait_for_env(process, state_dir))
+        yield running_stack
     finally:
-        stop_stack(process)
+        running_stack.close()
 
 
 @pytest.fixture
