@@ -26,6 +26,8 @@ RUN_BUDGET = 240  # ACS calls of each kind per run
 CONCURRENCY = 16
 LEASE = dt.timedelta(minutes=2)
 MAX_BACKOFF = dt.timedelta(hours=1)
+# Event Grid redelivers for at most 24 hours; remembering ids for a week is ample.
+EVENT_MEMORY = dt.timedelta(days=7)
 TIMER_OPTIONS = {"retry_total": 1, "retry_backoff_factor": 0.2}
 
 
@@ -70,6 +72,9 @@ class Cleanup:
         started = time.monotonic()
         await self._pending(counts, budget, deadline, ignore_backoff)
         await self._retention(counts, budget, deadline)
+        forgotten = await self.store.forget_events_before(self.clock() - EVENT_MEMORY)
+        if forgotten:
+            counts["event_ids_forgotten"] = forgotten
         report = dict(sorted(counts.items()))
         log.info(
             "cleanup run done in %.1fs: %s",

@@ -398,6 +398,21 @@ class IdentityStore:
         """Acting failed: let Event Grid's retry act on it."""
         await self._delete(keys.EVENTS_PARTITION, keys.event_row(event_id))
 
+    @telemetry.table_operation("forget_events")
+    async def forget_events_before(self, cutoff: dt.datetime) -> int:
+        """Drop event-id markers older than Event Grid's redelivery window; returns how many."""
+        await self._ensure_table()
+        query = "PartitionKey eq @p and receivedAt lt @cutoff"
+        old = [
+            entity["RowKey"]
+            async for entity in self.table.query_entities(
+                query, parameters={"p": keys.EVENTS_PARTITION, "cutoff": cutoff}, select=["RowKey"]
+            )
+        ]
+        for row in old:
+            await self._delete(keys.EVENTS_PARTITION, row)
+        return len(old)
+
     @telemetry.table_operation("ping")
     async def ping(self) -> None:
         """A cheap round trip for health checks (a point read that usually finds nothing)."""

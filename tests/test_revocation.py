@@ -255,3 +255,14 @@ def test_the_dev_host_schedules_the_cleanup_timer_from_settings(stack):
     assert timers["cleanup"].schedule.expression == "0 */5 * * * *"
     custom = discover(app_module.app, {"CLEANUP_SCHEDULE": "30 * * * * *"}).timers
     assert [t.schedule.expression for t in custom] == ["30 * * * * *"]
+
+
+async def test_event_ids_are_remembered_for_a_week_then_forgotten(service):
+    store = get_clients().store
+    now = dt.datetime.now(dt.UTC)
+    assert await store.claim_event("evt-old", now - dt.timedelta(days=8))
+    assert await store.claim_event("evt-recent", now - dt.timedelta(days=2))
+    report = await _cleanup()
+    assert report["event_ids_forgotten"] >= 1
+    assert await store.claim_event("evt-old", now)  # forgotten: a new delivery would act
+    assert not await store.claim_event("evt-recent", now)  # still deduplicated
