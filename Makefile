@@ -62,7 +62,7 @@ demo-bundle: $(NODE_STAMP)
 
 lint: $(PY_STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m ruff format --check devstack tests bench
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(VENV) node_modules .devstack .pytest_cache .ruff_cache
