@@ -48,8 +48,14 @@ def mint_user_token(
     tenant_id: str = DEV_TENANT_ID,
     app_id: str | None = None,
     now: float | None = None,
+    entra_ids: bool = True,
+    token_id: str | None = None,
 ) -> str:
-    """A user JWT as the app's identity provider would sign it."""
+    """A user JWT as the app's identity provider would sign it.
+
+    `entra_ids=False` leaves out `oid`/`tid`, as a plain OpenID Connect IdP would; `token_id`
+    sets `jti`, making two tokens minted in the same second differ, as two sign-ins would.
+    """
     issued_at = int(time.time() if now is None else now)
     claims: dict = {
         "iss": issuer,
@@ -67,6 +73,10 @@ def mint_user_token(
     }
     if app_id:
         claims["appid"] = claims["azp"] = app_id
+    if not entra_ids:
+        del claims["oid"], claims["tid"]
+    if token_id:
+        claims["jti"] = token_id
     return jwt.encode(claims, key.private_key, algorithm="RS256", headers={"kid": key.kid})
 
 
