@@ -101,7 +101,7 @@ def parse_delivery(
         raise _invalid("The delivery holds no events.")
     if len(items) > MAX_EVENTS:
         raise _invalid(f"The delivery holds {len(items)} events; at most {MAX_EVENTS} are accepted.")
-    events = [_cloud_event(i, item) if cloud else _grid_event(i, item) for i, item in enumerate(items)]
+    events = [_event(i, item, cloud=cloud) for i, item in enumerate(items)]
 
     handshake = (aeg_event_type or "").strip().casefold() == "subscriptionvalidation"
     if handshake or any(_is(e.type, VALIDATION_EVENT) for e in events):
@@ -200,32 +200,21 @@ def _label(index: int, item: dict) -> str:
     return f"Event #{index}"
 
 
-def _grid_event(index: int, item: Any) -> _Event:
+def _event(index: int, item: Any, *, cloud: bool) -> _Event:
+    """The attributes both schemas share; they differ in the type's name and CloudEvents' extras."""
     if not isinstance(item, dict):
         raise _invalid(f"Event #{index} is not a JSON object.")
     label = _label(index, item)
+    if cloud:
+        if item.get("specversion") != "1.0":
+            raise _invalid(f'{label}: specversion must be "1.0".')
+        _string(item.get("source"), f"{label}: source")
+    type_key = "type" if cloud else "eventType"
     subject = item.get("subject")
     return _Event(
         label=label,
         id=_string(item.get("id"), f"{label}: id"),
-        type=_string(item.get("eventType"), f"{label}: eventType"),
-        subject=subject if isinstance(subject, str) else None,
-        data=item.get("data"),
-    )
-
-
-def _cloud_event(index: int, item: Any) -> _Event:
-    if not isinstance(item, dict):
-        raise _invalid(f"Event #{index} is not a JSON object.")
-    label = _label(index, item)
-    if item.get("specversion") != "1.0":
-        raise _invalid(f'{label}: specversion must be "1.0".')
-    _string(item.get("source"), f"{label}: source")
-    subject = item.get("subject")
-    return _Event(
-        label=label,
-        id=_string(item.get("id"), f"{label}: id"),
-        type=_string(item.get("type"), f"{label}: type"),
+        type=_string(item.get(type_key), f"{label}: {type_key}"),
         subject=subject if isinstance(subject, str) else None,
         data=item.get("data"),
     )

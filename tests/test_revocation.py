@@ -85,53 +85,26 @@ async def test_a_user_acts_only_on_their_own_identity(service, emulator):
     assert emulator.verify(alice["token"])["valid"]
 
 
+async def _admin(users, handler, method: str, communication_user_id: str):
+    params = {"communicationUserId": communication_user_id}
+    return await _call(handler, users, "adm-root", method, "admin", roles=ADMIN, route_params=params)
+
+
 async def test_admin_revokes_and_deletes_any_identity(service, emulator):
     carol = await _token(service, "adm-carol")
-    params = {"communicationUserId": carol["communicationUserId"]}
-    revoked = await _call(
-        function_app.admin_revoke_tokens,
-        service,
-        "adm-root",
-        "POST",
-        "admin",
-        roles=ADMIN,
-        route_params=params,
-    )
+    revoked = await _admin(service, function_app.admin_revoke_tokens, "POST", carol["communicationUserId"])
     assert revoked.status_code == 200 and body_of(revoked)["status"] == "revoked"
     assert not emulator.verify(carol["token"])["valid"]
-    deleted = await _call(
-        function_app.admin_delete_identity,
-        service,
-        "adm-root",
-        "DELETE",
-        "admin",
-        roles=ADMIN,
-        route_params=params,
+    deleted = await _admin(
+        service, function_app.admin_delete_identity, "DELETE", carol["communicationUserId"]
     )
     assert deleted.status_code == 200 and body_of(deleted)["status"] == "deleted"
-    again = await _call(
-        function_app.admin_delete_identity,
-        service,
-        "adm-root",
-        "DELETE",
-        "admin",
-        roles=ADMIN,
-        route_params=params,
-    )
+    again = await _admin(service, function_app.admin_delete_identity, "DELETE", carol["communicationUserId"])
     assert again.status_code == 404
 
 
 async def test_admin_unknown_identity_is_404(service):
-    params = {"communicationUserId": "8:acs:unknown_1"}
-    response = await _call(
-        function_app.admin_revoke_tokens,
-        service,
-        "adm-root",
-        "POST",
-        "admin",
-        roles=ADMIN,
-        route_params=params,
-    )
+    response = await _admin(service, function_app.admin_revoke_tokens, "POST", "8:acs:unknown_1")
     assert response.status_code == 404
 
 
