@@ -163,20 +163,27 @@ class JwksCache:
         return self._keys[kid]
 
 
-def _unverified_header(token: str) -> dict:
-    """The JOSE header, read only to pick the algorithm and key; `jwt.decode` then checks it all.
+def unverified_segment(token: str, index: int) -> dict | None:
+    """JWT segment `index` (0 header, 1 payload) as a JSON object, NOT verified; None if not a JWT.
 
-    Cheaper than `jwt.get_unverified_header`, which decodes and checks every segment, a second time
-    before `jwt.decode` does the same: that was a tenth of a refresh's CPU time in the service.
+    Only for choosing (algorithm, key) or refusing early: `jwt.decode` checks everything that is
+    trusted. Cheaper than `jwt.get_unverified_header`, which decodes and checks every segment.
     """
-    segment, dot, rest = token.partition(".")
-    if not dot or rest.count(".") != 1:
-        raise Unauthenticated("The bearer token is not a JWT.")
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[index]:
+        return None
+    segment = parts[index]
     try:
-        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+        value = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
     except (binascii.Error, ValueError):  # also UnicodeDecodeError and JSONDecodeError
-        raise Unauthenticated("The bearer token is not a JWT.") from None
-    if not isinstance(header, dict):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _unverified_header(token: str) -> dict:
+    """The JOSE header, to pick the algorithm and key; decoding it twice cost a tenth of a refresh."""
+    header = unverified_segment(token, 0)
+    if header is None:
         raise Unauthenticated("The bearer token is not a JWT.")
     return header
 
