@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from .acs import AcsGateway
 from .errors import NotFound, ServiceError, Unavailable
+from .keys import retention_partition
 from .store import IdentityRecord, IdentityStore, PendingWork
 
 log = logging.getLogger("acs_token_service.cleanup")
@@ -153,12 +154,13 @@ class Cleanup:
 
     async def _retention(self, counts: Counter, budget: Budget, deadline: float) -> None:
         cutoff = (self.clock() - dt.timedelta(days=self.retention_days)).date().isoformat()
-        async for partition, user_key, communication_user_id in self.store.filed_before(cutoff):
+        # A row names only the user: the mapping says which identity, and when it was last used.
+        async for partition, user_key in self.store.filed_before(cutoff):
             if time.monotonic() > deadline:
                 counts["deferred_deadline"] += 1
                 return
             record = await self.store.get(user_key)
-            if record is None or record.communication_user_id != communication_user_id:
+            if record is None:
                 await self.store.drop_retention_row(partition, user_key)
                 counts["retention_rows_dropped"] += 1
             elif record.last_used_on >= cutoff:
@@ -171,17 +173,19 @@ class Cleanup:
                 return
             else:
                 try:
-                    await self._retire(record, counts)
+                    await self._retire(record, partition, counts)
                 except Exception as err:  # noqa: BLE001 - the next run tries again
                     counts["retention_failed"] += 1
                     log.warning("retention delete failed: %s", type(err).__name__)
 
-    async def _retire(self, record: IdentityRecord, counts: Counter) -> None:
+    async def _retire(self, record: IdentityRecord, partition: str, counts: Counter) -> None:
         try:
             await self.acs.delete(record.communication_user_id, **TIMER_OPTIONS)
         except Unavailable:
             await self.store.mark_pending(record, "delete", self.clock(), backoff(0))
             counts["retention_pending"] += 1
             return
-        await self.store.remove(record)
+        await self.store.remove(record)  # drops the row of its last-use day
+        if partition != retention_partition(record.last_used_on):  # a second row: a race, a crash
+            await self.store.drop_retention_row(partition, record.user_key)
         counts["retention_deleted"] += 1

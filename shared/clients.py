@@ -127,7 +127,7 @@ def build(settings: Settings) -> Clients:
     else:
         jwks = JwksCache(settings.issuer)
         authenticator = JwtAuthenticator(settings, jwks)
-    store = IdentityStore(table)
+    store = IdentityStore(table, object_id_issuer=settings.object_id_issuer)
     gateway = AcsGateway(acs)
     closers = (
         [acs.close, table.close] + ([jwks.close] if jwks else []) + ([credential.close] if credential else [])

@@ -49,6 +49,16 @@ class Settings:
     teams_client_app_id: str | None = None  # TEAMS_CLIENT_APP_ID; POST /api/teams/token needs it
     demo_page_enabled: bool = False
 
+    @property
+    def object_id_issuer(self) -> str | None:
+        """The issuer whose users are keyed by their Entra object id, if they are.
+
+        With JWT validation and AUTH_USER_CLAIM=oid a user's key is user_key(issuer, oid): a
+        Microsoft Graph event, which names users by object id, finds the mapping directly, so first
+        issues need no Graph lookup row. Easy Auth passes the issuer per request, so it can't tell.
+        """
+        return self.issuer if self.auth_mode == "jwt" and self.user_claim == "oid" else None
+
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
     value = env.get(name, "").strip()

@@ -5,12 +5,15 @@ Rows (one table, every lookup a point read or a key-range scan):
   it was created and last used, and any pending revoke/delete. One point read answers every
   token request, including "is this user blocked by a pending revocation?".
 - owner `PK=communication_user_key(id), RK="owner"`: ACS id -> app user, for admins and events.
-  It is written *before* the mapping, so an owner row whose user's mapping names another id marks
-  an identity that lost a creation race or was left mid-way.
+  It is written *before* the mapping, so every mapping has one; an owner row whose user's mapping
+  names another id marks an identity that lost a creation race or was left mid-way.
 - graph `PK=graph_user_key(tid, oid), RK="user"`: Entra (tenant, object id) -> app user, for
-  Microsoft Graph events, which name users that way.
+  Microsoft Graph events, which name users that way. Not written when users are keyed by object id
+  (`Settings.object_id_issuer`): the event then names the mapping itself.
 - retention `PK="d-<day last known used>", RK=user_key`: scanned by key range for days older
-  than the retention period, so cleanup costs grow with stale identities, not all identities.
+  than the retention period, so cleanup costs grow with stale identities, not all identities. It
+  is the first day's last-use record; later days' uses update the mapping, and cleanup moves the
+  row forward lazily when it finds the identity used since.
 - pending `PK="pending", RK=user_key | discard_row(id)`: revocations and deletions that could not
   reach ACS yet, with attempts, next attempt and a lease; the timer completes them.
 - events `PK="events", RK=event_row(id)`: Event Grid event ids already acted on.
@@ -107,8 +110,9 @@ class PendingWork:
 
 
 class IdentityStore:
-    def __init__(self, table: TableClient) -> None:
+    def __init__(self, table: TableClient, *, object_id_issuer: str | None = None) -> None:
         self.table = table
+        self.object_id_issuer = object_id_issuer
         self._ready = False
         self._ready_lock = asyncio.Lock()
 
@@ -147,7 +151,13 @@ class IdentityStore:
 
     @telemetry.table_operation("add")
     async def add(self, record: IdentityRecord) -> bool:
-        """Insert owner, then mapping, then the lookups. False when another request won the user."""
+        """Insert owner, then mapping and lookups at once. False when another request won the user.
+
+        The retention and Graph rows name only the user, so a request that loses the mapping insert
+        writes exactly what the winner writes: they need not wait for it, and the first issue costs
+        two write round trips, not three. Each lives in a partition of its own (a day; a tenant and
+        object id), so no entity-group transaction can carry it with the mapping.
+        """
         await self._ensure_table()
         owner = {
             "PartitionKey": keys.communication_user_key(record.communication_user_id),
@@ -157,19 +167,12 @@ class IdentityStore:
             "createdAt": record.created_at,
         }
         await self.table.upsert_entity(owner, mode=UpdateMode.REPLACE)
-        try:
-            await self.table.create_entity(record.to_entity())
-        except ResourceExistsError:
-            await self.forget_owner(record.communication_user_id)
-            return False
-        # The retention row and the Graph lookup live in partitions of their own (a day; a tenant
-        # and object id), so no entity-group transaction can carry them with the mapping: written
-        # at once, they cost the caller one round trip instead of two.
-        lookups = [
-            self._file_for_retention(record.user_key, record.communication_user_id, record.last_used_on)
+        writes = [
+            self.table.create_entity(record.to_entity()),
+            self._file_for_retention(record.user_key, record.last_used_on),
         ]
-        if record.object_id and record.tenant_id:
-            lookups.append(
+        if record.object_id and record.tenant_id and self.object_id_issuer is None:
+            writes.append(
                 self.table.upsert_entity(
                     {
                         "PartitionKey": keys.graph_user_key(record.tenant_id, record.object_id),
@@ -179,19 +182,20 @@ class IdentityStore:
                     mode=UpdateMode.REPLACE,
                 )
             )
-        for outcome in await asyncio.gather(*lookups, return_exceptions=True):
-            if isinstance(outcome, Exception):  # the mapping stands; lookups are secondary
+        mapping, *lookups = await asyncio.gather(*writes, return_exceptions=True)
+        if isinstance(mapping, ResourceExistsError):
+            await self.forget_owner(record.communication_user_id)
+            return False
+        if isinstance(mapping, BaseException):
+            raise mapping
+        for outcome in lookups:
+            if isinstance(outcome, BaseException):  # the mapping stands; lookups are secondary
                 log.warning("identity lookups not written: %s", type(outcome).__name__)
         return True
 
-    async def _file_for_retention(self, user_key: str, communication_user_id: str, day: str) -> None:
+    async def _file_for_retention(self, user_key: str, day: str) -> None:
         await self.table.upsert_entity(
-            {
-                "PartitionKey": keys.retention_partition(day),
-                "RowKey": user_key,
-                "communicationUserId": communication_user_id,
-            },
-            mode=UpdateMode.REPLACE,
+            {"PartitionKey": keys.retention_partition(day), "RowKey": user_key}, mode=UpdateMode.REPLACE
         )
 
     @telemetry.table_operation("forget_owner")
@@ -216,17 +220,27 @@ class IdentityStore:
         entity = await self._get(keys.communication_user_key(communication_user_id), keys.OWNER_ROW)
         return entity["userKey"] if entity is not None else None
 
-    @telemetry.table_operation("user_for_graph")
-    async def user_for_graph(self, tenant_id: str, object_id: str) -> str | None:
-        entity = await self._get(keys.graph_user_key(tenant_id, object_id), keys.USER_ROW)
-        return entity["userKey"] if entity is not None else None
+    @telemetry.table_operation("graph_user")
+    async def graph_user(self, tenant_id: str, object_id: str) -> IdentityRecord | None:
+        """The mapping of the Entra user a Microsoft Graph event names, if they have one."""
+        if self.object_id_issuer is None:
+            entity = await self._get(keys.graph_user_key(tenant_id, object_id), keys.USER_ROW)
+            return await self.get(entity["userKey"]) if entity is not None else None
+        # Object ids are GUIDs: tokens and Graph both write them in lower case, but be lenient.
+        for candidate in dict.fromkeys((object_id, object_id.lower())):
+            record = await self.get(keys.user_key(self.object_id_issuer, candidate))
+            if record is not None:
+                # Object ids are unique across tenants; checking the tenant costs nothing.
+                same_tenant = (record.tenant_id or "").lower() == tenant_id.lower()
+                return record if same_tenant else None
+        return None
 
     @telemetry.table_operation("remove")
     async def remove(self, record: IdentityRecord) -> None:
         """Forget a deleted identity: mapping first (so no token is issued for it), then lookups."""
         await self._delete(record.user_key, keys.IDENTITY_ROW)
         await self.forget_owner(record.communication_user_id)
-        if record.object_id and record.tenant_id:
+        if record.object_id and record.tenant_id and self.object_id_issuer is None:
             graph_key = keys.graph_user_key(record.tenant_id, record.object_id)
             entity = await self._get(graph_key, keys.USER_ROW)
             if entity is not None and entity["userKey"] == record.user_key:
@@ -361,18 +375,19 @@ class IdentityStore:
     # ---- retention -----------------------------------------------------------------------------
 
     @telemetry.table_operation("filed_before")
-    async def filed_before(self, day: str) -> AsyncIterator[tuple[str, str, str]]:
-        """(day, user_key, communication user id) for retention rows older than `day`."""
+    async def filed_before(self, day: str) -> AsyncIterator[tuple[str, str]]:
+        """(partition, user_key) for retention rows older than `day`."""
         await self._ensure_table()
         query = "PartitionKey ge @lo and PartitionKey lt @hi"
         params = {"lo": keys.RETENTION_PREFIX, "hi": keys.retention_partition(day)}
-        async for entity in self.table.query_entities(query, parameters=params):
-            yield entity["PartitionKey"], entity["RowKey"], entity["communicationUserId"]
+        select = ["PartitionKey", "RowKey"]
+        async for entity in self.table.query_entities(query, parameters=params, select=select):
+            yield entity["PartitionKey"], entity["RowKey"]
 
     @telemetry.table_operation("refile")
     async def refile(self, old_partition: str, record: IdentityRecord) -> None:
         """An identity was used after its retention row's day: move the row to that day."""
-        await self._file_for_retention(record.user_key, record.communication_user_id, record.last_used_on)
+        await self._file_for_retention(record.user_key, record.last_used_on)
         await self._delete(old_partition, record.user_key)
 
     @telemetry.table_operation("drop_retention_row")

@@ -2,8 +2,9 @@
 
 Cost per request is the floor ACS and Table Storage set: a repeated issue or a refresh is one
 point read and one ACS call (plus, once a day per user, a last-use write); a first issue is one
-read, one create-and-issue, the owner + mapping inserts, then the retention row and (with oid/tid)
-the Graph lookup row, written together (`make bench` counts them; README, Performance).
+read, one create-and-issue, the reverse-lookup (owner) insert, then the mapping insert together
+with the day's last-use row (retention) and, only for Entra users keyed by `sub`, the Graph lookup
+row (`make bench` counts them; README, Performance).
 """
 
 from __future__ import annotations

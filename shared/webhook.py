@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import azure.functions as func
 
@@ -19,23 +20,26 @@ from .events import Action, EventTypes, handshake_allowed_origin, parse_delivery
 from .keys import user_key
 from .problems import from_error, from_unexpected, json_response
 
+if TYPE_CHECKING:  # the store loads with the clients: importing function_app stays light
+    from .store import IdentityRecord
+
 log = logging.getLogger("acs_token_service.events")
 
 
-async def _user_key_for(clients: Clients, action: Action) -> str | None:
-    target = action.target
+async def _record_for(clients: Clients, action: Action) -> IdentityRecord | None:
+    target, store = action.target, clients.store
     if target.tenant_id and target.object_id:
-        return await clients.store.user_for_graph(target.tenant_id, target.object_id)
+        return await store.graph_user(target.tenant_id, target.object_id)
+    key = None
     if target.issuer and target.subject:
-        return user_key(target.issuer, target.subject)
-    if target.communication_user_id:
-        return await clients.store.owner_of(target.communication_user_id)
-    return None
+        key = user_key(target.issuer, target.subject)
+    elif target.communication_user_id:
+        key = await store.owner_of(target.communication_user_id)
+    return await store.get(key) if key else None
 
 
 async def _act(clients: Clients, action: Action) -> str:
-    key = await _user_key_for(clients, action)
-    record = await clients.store.get(key) if key else None
+    record = await _record_for(clients, action)
     if record is None:
         return "unknown_user"  # never used the service (or already deleted): nothing to do
     if action.kind == "delete":

@@ -40,6 +40,14 @@ def test_bench_runs_end_to_end_in_a_quick_configuration(stack, emulator, tmp_pat
     assert calls["refresh, first of a new day"]["table_writes"] == 1
     assert calls["first issue"]["acs"] == {"createIdentity": 1}
     assert calls["first issue"]["table"]["insert mapping"] == 1
+    # Keyed by object id, an Entra user needs no Graph lookup row; keyed by sub, one.
+    assert calls["first issue"]["table"]["upsert graph"] == 1
+    oid_keyed = calls["first issue, AUTH_USER_CLAIM=oid"]
+    assert "upsert graph" not in oid_keyed["table"] and oid_keyed["table_writes"] == 3, oid_keyed
+    status = {t["target"]: t["status"] for t in results["targets"]}
+    assert status["first issue, AUTH_USER_CLAIM=oid calls"] == "PASS"
+    assert status["first issue, no oid/tid calls"] == "PASS"
+    assert status["first issue calls"] == "NOT MET (known)"
     assert results["per_worker"]["jwks_fetches"] == 1
 
     cold = results["cold_start"]

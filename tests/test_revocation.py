@@ -198,6 +198,27 @@ async def test_retention_deletes_exactly_the_stale_identities(service, emulator)
     assert (await _cleanup()).get("retention_deleted", 0) == 0
 
 
+async def test_retention_retires_an_identity_filed_twice_once_and_drops_both_rows(service, emulator):
+    # Two rows for one user: left by a creation race across midnight, or a crash mid-refile.
+    clients = get_clients()
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(days=120)
+    real_clock = clients.tokens.clock
+    clients.tokens.clock = lambda: old
+    try:
+        issued = await _token(service, "filed-twice")
+    finally:
+        clients.tokens.clock = real_clock
+    key = user_key(service.stack["issuer"], "filed-twice")
+    older = (old - dt.timedelta(days=3)).date().isoformat()
+    await clients.store.table.upsert_entity({"PartitionKey": f"d-{older}", "RowKey": key})
+
+    report = await _cleanup()
+    assert report["retention_deleted"] == 1 and report.get("retention_failed", 0) == 0
+    assert emulator.verify(issued["token"])["reason"] == "identity deleted"
+    query = "PartitionKey ge 'd-' and PartitionKey lt 'd.' and RowKey eq @k"
+    assert [e async for e in clients.store.table.query_entities(query, parameters={"k": key})] == []
+
+
 def test_devstack_timer_cleanup_runs_once_now(stack):
     report = json.loads(stack.timer("cleanup"))
     assert isinstance(report, dict)

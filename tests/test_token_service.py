@@ -110,6 +110,16 @@ async def test_twenty_concurrent_first_requests_make_one_identity(service, emula
     ]
     assert [o["communicationUserId"] for o in owners] == [bodies[0]["communicationUserId"]]
     assert await store.owner_of(bodies[0]["communicationUserId"]) == key
+    # Losers wrote their retention and Graph rows alongside their failed inserts: the same rows.
+    retention = [
+        e["PartitionKey"]
+        async for e in store.table.query_entities(
+            "PartitionKey ge 'd-' and PartitionKey lt 'd.' and RowKey eq @k", parameters={"k": key}
+        )
+    ]
+    assert len(retention) == 1
+    record = await store.get(key)
+    assert (await store.graph_user(record.tenant_id, record.object_id)).user_key == key
 
 
 async def test_managed_identity_path_issues_tokens_with_no_key_in_settings(keyless_service, emulator):

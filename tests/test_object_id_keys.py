@@ -1,0 +1,84 @@
+"""AUTH_USER_CLAIM=oid: users keyed by Entra object id, found by Graph events without a lookup row."""
+
+from __future__ import annotations
+
+import uuid
+
+import jwt
+
+import function_app
+from shared import keys
+from shared.clients import get_clients, reset_clients
+from shared.settings import load, reset_settings
+from tests.service_fixtures import configure
+from tests.service_helpers import Users, body_of, request
+
+BASE = {
+    "AUTH_ISSUER": "https://login.microsoftonline.com/t/v2.0",
+    "AUTH_AUDIENCE": "a",
+    "ACS_ENDPOINT": "https://a.example",
+    "TABLES_ENDPOINT": "https://t.example",
+}
+
+
+def test_only_jwt_validation_with_the_oid_claim_keys_users_by_object_id():
+    assert load(BASE).object_id_issuer is None
+    assert load({**BASE, "AUTH_USER_CLAIM": "oid"}).object_id_issuer == BASE["AUTH_ISSUER"]
+    easy = {**BASE, "AUTH_MODE": "easyauth", "AUTH_USER_CLAIM": "oid"}
+    assert load(easy).object_id_issuer is None  # the issuer comes with each request there
+
+
+def _graph_event(kind: str, tenant_id: str, object_id: str) -> bytes:
+    import json
+
+    return json.dumps(
+        {
+            "specversion": "1.0",
+            "id": str(uuid.uuid4()),
+            "source": f"/tenants/{tenant_id}/applications/00000000-0000-0000-0000-000000000000",
+            "type": f"Microsoft.Graph.{kind}",
+            "subject": f"Users/{object_id}",
+            "data": {
+                "changeType": "deleted",
+                "resource": f"Users/{object_id}",
+                "resourceData": {"id": object_id, "organizationId": tenant_id},
+            },
+        }
+    ).encode()
+
+
+async def _deliver(body: bytes):
+    headers = {"Content-Type": "application/cloudevents+json; charset=utf-8"}
+    return await function_app.events(request("POST", "events", raw=body, headers=headers))
+
+
+async def test_graph_events_find_oid_keyed_users_without_a_lookup_row(stack, emulator, monkeypatch):
+    await configure(monkeypatch, stack, managed_identity=False, AUTH_USER_CLAIM="oid")
+    users = Users(stack)
+    try:
+        token = users.token("oid-keyed")
+        claims = jwt.decode(token, options={"verify_signature": False})
+        response = await function_app.issue_token(request("POST", "token", token=token))
+        assert response.status_code == 200, response.get_body()
+        issued = body_of(response)
+        store = get_clients().store
+        key = keys.user_key(stack["issuer"], claims["oid"])
+        assert (await store.get(key)).communication_user_id == issued["communicationUserId"]
+        graph_row = keys.graph_user_key(claims["tid"], claims["oid"])
+        graph_rows = store.table.query_entities("PartitionKey eq @p", parameters={"p": graph_row})
+        assert [e async for e in graph_rows] == []
+
+        # The same object id in another tenant is not this user: nothing happens.
+        other_tenant = str(uuid.uuid4())
+        ignored = await _deliver(_graph_event("UserDeleted", other_tenant, claims["oid"]))
+        assert ignored.status_code == 200, ignored.get_body()
+        assert emulator.verify(issued["token"])["valid"]
+
+        deleted = await _deliver(_graph_event("UserDeleted", claims["tid"].upper(), claims["oid"].upper()))
+        assert deleted.status_code == 200, deleted.get_body()
+        assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
+        assert await store.get(key) is None
+        assert await store.owner_of(issued["communicationUserId"]) is None
+    finally:
+        await reset_clients()
+        reset_settings()
