@@ -33,11 +33,12 @@ def _throughput_table(title: str, by_concurrency: dict) -> list[str]:
 
 def _calls_table(calls: dict) -> list[str]:
     lines = ["Backend calls per operation (Azurite via a counting proxy, ACS via the emulator's counters)"]
-    lines.append(f"  {'operation':<30} {'reads':>5} {'ACS':>4} {'writes':>6}  detail")
+    width = max([len("operation"), *map(len, calls)])
+    lines.append(f"  {'operation':<{width}} {'reads':>5} {'ACS':>4} {'writes':>6}  detail")
     for op, c in calls.items():
         detail = ", ".join(f"{k} {v:g}" for k, v in {**c["table"], **c["acs"]}.items())
         lines.append(
-            f"  {op:<30} {c['table_reads']:>5g} {c['acs_calls']:>4g} {c['table_writes']:>6g}  {detail}"
+            f"  {op:<{width}} {c['table_reads']:>5g} {c['acs_calls']:>4g} {c['table_writes']:>6g}  {detail}"
         )
     return lines
 
