@@ -19,7 +19,7 @@ from collections.abc import Callable
 from .acs import AcsGateway
 from .errors import NotFound, ServiceError, Unavailable
 from .keys import retention_partition
-from .store import IdentityRecord, IdentityStore, PendingWork
+from .store import Filed, IdentityRecord, IdentityStore, PendingWork
 
 log = logging.getLogger("acs_token_service.cleanup")
 
@@ -154,31 +154,39 @@ class Cleanup:
 
     async def _retention(self, counts: Counter, budget: Budget, deadline: float) -> None:
         cutoff = (self.clock() - dt.timedelta(days=self.retention_days)).date().isoformat()
-        # A row names only the user: the mapping says which identity, and when it was last used.
-        async for partition, user_key in self.store.filed_before(cutoff):
+        async for filed in self.store.filed_before(cutoff):
             if time.monotonic() > deadline:
                 counts["deferred_deadline"] += 1
                 return
-            record = await self.store.get(user_key)
-            if record is None:
-                await self.store.drop_retention_row(partition, user_key)
-                counts["retention_rows_dropped"] += 1
-            elif record.last_used_on >= cutoff:
-                await self.store.refile(partition, record)
+            record = await self.store.get(filed.user_key)
+            unmapped = record is None or record.communication_user_id != filed.communication_user_id
+            if not unmapped and record.last_used_on >= cutoff:
+                await self.store.refile(filed, record)
                 counts["retention_refiled"] += 1
-            elif record.pending:
+            elif not unmapped and record.pending:
                 counts["retention_pending_elsewhere"] += 1
             elif not budget.take("delete"):
                 counts["deferred_budget"] += 1
                 return
             else:
                 try:
-                    await self._retire(record, partition, counts)
-                except Exception as err:  # noqa: BLE001 - the next run tries again
+                    if unmapped:
+                        await self._sweep(filed, counts)
+                    else:
+                        await self._retire(record, filed, counts)
+                except Exception as err:  # noqa: BLE001 - the row stays: the next run tries again
                     counts["retention_failed"] += 1
                     log.warning("retention delete failed: %s", type(err).__name__)
 
-    async def _retire(self, record: IdentityRecord, partition: str, counts: Counter) -> None:
+    async def _sweep(self, filed: Filed, counts: Counter) -> None:
+        """Its user maps to another identity, or to none: this one was deleted, or a crash (or a lost
+        race whose cleanup failed) left it unmapped. Deleting it again is harmless; ACS says 404."""
+        await self.acs.delete(filed.communication_user_id, **TIMER_OPTIONS)
+        await self.store.forget_owner(filed.communication_user_id)
+        await self.store.drop_retention_row(filed)
+        counts["retention_unmapped_deleted"] += 1
+
+    async def _retire(self, record: IdentityRecord, filed: Filed, counts: Counter) -> None:
         try:
             await self.acs.delete(record.communication_user_id, **TIMER_OPTIONS)
         except Unavailable:
@@ -186,6 +194,6 @@ class Cleanup:
             counts["retention_pending"] += 1
             return
         await self.store.remove(record)  # drops the row of its last-use day
-        if partition != retention_partition(record.last_used_on):  # a second row: a race, a crash
-            await self.store.drop_retention_row(partition, record.user_key)
+        if filed.partition != retention_partition(record.last_used_on):  # a second row: a crash
+            await self.store.drop_retention_row(filed)
         counts["retention_deleted"] += 1

@@ -43,6 +43,11 @@ def retention_partition(day: str) -> str:
     return "d-" + day
 
 
+def retention_row(user_key: str, communication_user_id: str) -> str:
+    """One row per (user, ACS identity): two racing first requests file distinct rows."""
+    return f"{user_key}.{_digest(communication_user_id)}"
+
+
 RETENTION_PREFIX = "d-"
 PENDING_PARTITION = "pending"
 EVENTS_PARTITION = "events"

@@ -10,10 +10,12 @@ Rows (one table, every lookup a point read or a key-range scan):
 - graph `PK=graph_user_key(tid, oid), RK="user"`: Entra (tenant, object id) -> app user, for
   Microsoft Graph events, which name users that way. Not written when users are keyed by object id
   (`Settings.object_id_issuer`): the event then names the mapping itself.
-- retention `PK="d-<day last known used>", RK=user_key`: scanned by key range for days older
-  than the retention period, so cleanup costs grow with stale identities, not all identities. It
-  is the first day's last-use record; later days' uses update the mapping, and cleanup moves the
-  row forward lazily when it finds the identity used since.
+- retention `PK="d-<day last known used>", RK=retention_row(user_key, id)`: scanned by key range
+  for days older than the retention period, so cleanup costs grow with stale identities, not all
+  identities. It is the first day's last-use record; later days' uses update the mapping, and
+  cleanup moves the row forward lazily when it finds the identity used since. Written with the
+  owner row, before the mapping, it also finds identities a crash left unmapped: cleanup deletes
+  an identity whose row's user maps to another identity, or to none.
 - pending `PK="pending", RK=user_key | discard_row(id)`: revocations and deletions that could not
   reach ACS yet, with attempts, next attempt and a lease; the timer completes them.
 - events `PK="events", RK=event_row(id)`: Event Grid event ids already acted on.
@@ -95,6 +97,16 @@ class IdentityRecord:
 
 
 @dataclass(frozen=True)
+class Filed:
+    """A retention row: this user had this identity, last known used on the partition's day."""
+
+    partition: str
+    row_key: str
+    user_key: str
+    communication_user_id: str
+
+
+@dataclass(frozen=True)
 class PendingWork:
     """A revoke, delete or discard that ACS has not confirmed yet."""
 
@@ -151,12 +163,13 @@ class IdentityStore:
 
     @telemetry.table_operation("add")
     async def add(self, record: IdentityRecord) -> bool:
-        """Insert owner, then mapping and lookups at once. False when another request won the user.
+        """Owner and retention rows, then the mapping insert. False when another request won the user.
 
-        The retention and Graph rows name only the user, so a request that loses the mapping insert
-        writes exactly what the winner writes: they need not wait for it, and the first issue costs
-        two write round trips, not three. Each lives in a partition of its own (a day; a tenant and
-        object id), so no entity-group transaction can carry it with the mapping.
+        Both rows name the new identity and land before the mapping can, so every mapping has them,
+        and an identity left unmapped (a crash, a lost race whose cleanup failed) is still on file
+        for cleanup. The Graph row names only the user, so it goes out with the mapping insert: a
+        loser writes what the winner writes. Two write round trips in all; each row lives in a
+        partition of its own, so no entity-group transaction can carry two of them.
         """
         await self._ensure_table()
         owner = {
@@ -166,11 +179,14 @@ class IdentityStore:
             "userKey": record.user_key,
             "createdAt": record.created_at,
         }
-        await self.table.upsert_entity(owner, mode=UpdateMode.REPLACE)
-        writes = [
-            self.table.create_entity(record.to_entity()),
-            self._file_for_retention(record.user_key, record.last_used_on),
-        ]
+        for outcome in await asyncio.gather(
+            self.table.upsert_entity(owner, mode=UpdateMode.REPLACE),
+            self._file(record),
+            return_exceptions=True,
+        ):
+            if isinstance(outcome, BaseException):
+                raise outcome  # the caller deletes the identity; a row that landed is swept later
+        writes = [self.table.create_entity(record.to_entity())]
         if record.object_id and record.tenant_id and self.object_id_issuer is None:
             writes.append(
                 self.table.upsert_entity(
@@ -184,7 +200,7 @@ class IdentityStore:
             )
         mapping, *lookups = await asyncio.gather(*writes, return_exceptions=True)
         if isinstance(mapping, ResourceExistsError):
-            await self.forget_owner(record.communication_user_id)
+            await asyncio.gather(self.forget_owner(record.communication_user_id), self._unfile(record))
             return False
         if isinstance(mapping, BaseException):
             raise mapping
@@ -193,10 +209,21 @@ class IdentityStore:
                 log.warning("identity lookups not written: %s", type(outcome).__name__)
         return True
 
-    async def _file_for_retention(self, user_key: str, day: str) -> None:
+    async def _file(self, record: IdentityRecord) -> None:
+        """File the identity under its last-use day."""
         await self.table.upsert_entity(
-            {"PartitionKey": keys.retention_partition(day), "RowKey": user_key}, mode=UpdateMode.REPLACE
+            {
+                "PartitionKey": keys.retention_partition(record.last_used_on),
+                "RowKey": keys.retention_row(record.user_key, record.communication_user_id),
+                "userKey": record.user_key,
+                "communicationUserId": record.communication_user_id,
+            },
+            mode=UpdateMode.REPLACE,
         )
+
+    async def _unfile(self, record: IdentityRecord) -> None:
+        row = keys.retention_row(record.user_key, record.communication_user_id)
+        await self._delete(keys.retention_partition(record.last_used_on), row)
 
     @telemetry.table_operation("forget_owner")
     async def forget_owner(self, communication_user_id: str) -> None:
@@ -245,7 +272,7 @@ class IdentityStore:
             entity = await self._get(graph_key, keys.USER_ROW)
             if entity is not None and entity["userKey"] == record.user_key:
                 await self._delete(graph_key, keys.USER_ROW)
-        await self._delete(keys.retention_partition(record.last_used_on), record.user_key)
+        await self._unfile(record)
 
     # ---- pending work --------------------------------------------------------------------------
 
@@ -375,24 +402,28 @@ class IdentityStore:
     # ---- retention -----------------------------------------------------------------------------
 
     @telemetry.table_operation("filed_before")
-    async def filed_before(self, day: str) -> AsyncIterator[tuple[str, str]]:
-        """(partition, user_key) for retention rows older than `day`."""
+    async def filed_before(self, day: str) -> AsyncIterator[Filed]:
+        """Retention rows older than `day`, oldest first."""
         await self._ensure_table()
         query = "PartitionKey ge @lo and PartitionKey lt @hi"
         params = {"lo": keys.RETENTION_PREFIX, "hi": keys.retention_partition(day)}
-        select = ["PartitionKey", "RowKey"]
-        async for entity in self.table.query_entities(query, parameters=params, select=select):
-            yield entity["PartitionKey"], entity["RowKey"]
+        async for entity in self.table.query_entities(query, parameters=params):
+            yield Filed(
+                partition=entity["PartitionKey"],
+                row_key=entity["RowKey"],
+                user_key=entity["userKey"],
+                communication_user_id=entity["communicationUserId"],
+            )
 
     @telemetry.table_operation("refile")
-    async def refile(self, old_partition: str, record: IdentityRecord) -> None:
+    async def refile(self, filed: Filed, record: IdentityRecord) -> None:
         """An identity was used after its retention row's day: move the row to that day."""
-        await self._file_for_retention(record.user_key, record.last_used_on)
-        await self._delete(old_partition, record.user_key)
+        await self._file(record)
+        await self._delete(filed.partition, filed.row_key)
 
     @telemetry.table_operation("drop_retention_row")
-    async def drop_retention_row(self, partition: str, user_key: str) -> None:
-        await self._delete(partition, user_key)
+    async def drop_retention_row(self, filed: Filed) -> None:
+        await self._delete(filed.partition, filed.row_key)
 
     # ---- events --------------------------------------------------------------------------------
 

@@ -30,12 +30,15 @@ async def _record_for(clients: Clients, action: Action) -> IdentityRecord | None
     target, store = action.target, clients.store
     if target.tenant_id and target.object_id:
         return await store.graph_user(target.tenant_id, target.object_id)
-    key = None
     if target.issuer and target.subject:
-        key = user_key(target.issuer, target.subject)
-    elif target.communication_user_id:
+        return await store.get(user_key(target.issuer, target.subject))
+    if target.communication_user_id:
         key = await store.owner_of(target.communication_user_id)
-    return await store.get(key) if key else None
+        record = await store.get(key) if key else None
+        # An event may name an identity the user no longer has (deleted, then recreated).
+        if record is not None and record.communication_user_id == target.communication_user_id:
+            return record
+    return None
 
 
 async def _act(clients: Clients, action: Action) -> str:

@@ -209,14 +209,56 @@ async def test_retention_retires_an_identity_filed_twice_once_and_drops_both_row
     finally:
         clients.tokens.clock = real_clock
     key = user_key(service.stack["issuer"], "filed-twice")
+    query = "PartitionKey ge 'd-' and PartitionKey lt 'd.' and userKey eq @k"
+    [row] = [e async for e in clients.store.table.query_entities(query, parameters={"k": key})]
     older = (old - dt.timedelta(days=3)).date().isoformat()
-    await clients.store.table.upsert_entity({"PartitionKey": f"d-{older}", "RowKey": key})
+    await clients.store.table.upsert_entity({**row, "PartitionKey": f"d-{older}"})
 
     report = await _cleanup()
     assert report["retention_deleted"] == 1 and report.get("retention_failed", 0) == 0
     assert emulator.verify(issued["token"])["reason"] == "identity deleted"
-    query = "PartitionKey ge 'd-' and PartitionKey lt 'd.' and RowKey eq @k"
     assert [e async for e in clients.store.table.query_entities(query, parameters={"k": key})] == []
+
+
+async def test_retention_deletes_an_identity_a_crash_left_unmapped(service, emulator, monkeypatch):
+    from azure.communication.identity import CommunicationIdentityClient
+
+    from shared.store import IdentityRecord
+
+    acs = CommunicationIdentityClient.from_connection_string(service.stack["acs_connection_string"])
+    created, token = acs.create_user_and_token(["chat"])
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(days=120)
+    record = IdentityRecord(
+        user_key=user_key(service.stack["issuer"], "crashed-mid-create"),
+        communication_user_id=created.properties["id"],
+        issuer=service.stack["issuer"],
+        subject="crashed-mid-create",
+        created_at=old,
+        last_used_on=old.date().isoformat(),
+        last_issued_at=old,
+    )
+    store = get_clients().store
+
+    class Crash(Exception):
+        pass
+
+    async def crash(*_args, **_kwargs):
+        raise Crash  # the process dies before the mapping insert lands
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store.table, "create_entity", crash)
+        with pytest.raises(Crash):
+            await store.add(record)
+    kept = await _token(service, "kept-while-sweeping")
+    assert await store.owner_of(record.communication_user_id) == record.user_key
+    assert emulator.verify(token.token)["valid"]
+
+    report = await _cleanup()
+    assert report["retention_unmapped_deleted"] == 1, report
+    assert emulator.verify(token.token)["reason"] == "identity deleted"
+    assert await store.owner_of(record.communication_user_id) is None
+    assert emulator.verify(kept["token"])["valid"]
+    assert (await _cleanup()).get("retention_unmapped_deleted", 0) == 0
 
 
 def test_devstack_timer_cleanup_runs_once_now(stack):

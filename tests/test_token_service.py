@@ -110,14 +110,14 @@ async def test_twenty_concurrent_first_requests_make_one_identity(service, emula
     ]
     assert [o["communicationUserId"] for o in owners] == [bodies[0]["communicationUserId"]]
     assert await store.owner_of(bodies[0]["communicationUserId"]) == key
-    # Losers wrote their retention and Graph rows alongside their failed inserts: the same rows.
+    # Losers removed their retention rows too; the Graph row they wrote is the winner's.
     retention = [
-        e["PartitionKey"]
+        e["communicationUserId"]
         async for e in store.table.query_entities(
-            "PartitionKey ge 'd-' and PartitionKey lt 'd.' and RowKey eq @k", parameters={"k": key}
+            "PartitionKey ge 'd-' and PartitionKey lt 'd.' and userKey eq @k", parameters={"k": key}
         )
     ]
-    assert len(retention) == 1
+    assert retention == [bodies[0]["communicationUserId"]]
     record = await store.get(key)
     assert (await store.graph_user(record.tenant_id, record.object_id)).user_key == key
 
