@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+from contextlib import contextmanager
 
 import pytest
 
@@ -30,6 +31,18 @@ async def _call(handler, users, user: str, method: str, route: str, *, roles=(),
 
 async def _cleanup() -> dict:
     return await get_clients().cleanup.run(ignore_backoff=True)
+
+
+@contextmanager
+def _days_ago(days: int):
+    """The token service's clock set back: what it creates now looks unused since then."""
+    tokens = get_clients().tokens
+    real_clock, then = tokens.clock, dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
+    tokens.clock = lambda: then
+    try:
+        yield then
+    finally:
+        tokens.clock = real_clock
 
 
 async def test_revoke_invalidates_every_earlier_token_and_new_ones_work(service, emulator):
@@ -175,14 +188,9 @@ async def test_failed_attempts_back_off(service, emulator):
 
 async def test_retention_deletes_exactly_the_stale_identities(service, emulator):
     clients = get_clients()
-    old = dt.datetime.now(dt.UTC) - dt.timedelta(days=120)
-    real_clock = clients.tokens.clock
-    clients.tokens.clock = lambda: old
-    try:
+    with _days_ago(120):
         stale = [await _token(service, f"stale-{i}") for i in range(3)]
         revived = await _token(service, "stale-but-back")
-    finally:
-        clients.tokens.clock = real_clock
     fresh = await _token(service, "fresh-one")
     await _token(service, "stale-but-back")  # used today: the daily touch moves it forward
     live = emulator.stats()["liveIdentities"]
@@ -199,15 +207,10 @@ async def test_retention_deletes_exactly_the_stale_identities(service, emulator)
 
 
 async def test_retention_retires_an_identity_filed_twice_once_and_drops_both_rows(service, emulator):
-    # Two rows for one user: left by a creation race across midnight, or a crash mid-refile.
+    # Two rows for one identity: a refile that wrote the new row and crashed before dropping the old.
     clients = get_clients()
-    old = dt.datetime.now(dt.UTC) - dt.timedelta(days=120)
-    real_clock = clients.tokens.clock
-    clients.tokens.clock = lambda: old
-    try:
+    with _days_ago(120) as old:
         issued = await _token(service, "filed-twice")
-    finally:
-        clients.tokens.clock = real_clock
     key = user_key(service.stack["issuer"], "filed-twice")
     query = "PartitionKey ge 'd-' and PartitionKey lt 'd.' and userKey eq @k"
     [row] = [e async for e in clients.store.table.query_entities(query, parameters={"k": key})]
