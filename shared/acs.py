@@ -65,6 +65,8 @@ def translate(err: Exception) -> ServiceError:
         return Unavailable("The service cannot authenticate to ACS.", code="acs_auth_failed", retry_after=60)
     if isinstance(err, HttpResponseError):
         status = err.status_code or 0
+        if status == 404:
+            return NotFound("The ACS identity no longer exists.", code="identity_gone")
         if status == 429:
             return Unavailable(
                 "ACS is throttling; retry later.", code="acs_throttled", retry_after=_retry_after(err)

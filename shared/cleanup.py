@@ -116,7 +116,11 @@ class Cleanup:
             counts["skipped_claimed_elsewhere"] += 1
             return
         record = await self.store.get(work.user_key) if work.user_key else None
-        if work.op != "discard" and (record is None or record.pending_id != work.pending_id):
+        if work.op != "discard" and (
+            record is None
+            or record.pending_id != work.pending_id
+            or record.communication_user_id != work.communication_user_id
+        ):
             await self.store.finish(claimed)  # done already, or superseded by a newer request
             counts["dropped_stale"] += 1
             return
@@ -158,25 +162,37 @@ class Cleanup:
             if time.monotonic() > deadline:
                 counts["deferred_deadline"] += 1
                 return
-            record = await self.store.get(filed.user_key)
-            unmapped = record is None or record.communication_user_id != filed.communication_user_id
-            if not unmapped and record.last_used_on >= cutoff:
+            try:
+                if not await self._file_or_retire(filed, cutoff, counts, budget):
+                    counts["deferred_budget"] += 1
+                    return
+            except Exception as err:  # noqa: BLE001 - the row stays: the next run tries again
+                counts["retention_failed"] += 1
+                log.warning("retention step failed: %s", type(err).__name__)
+
+    async def _file_or_retire(self, filed: Filed, cutoff: str, counts: Counter, budget: Budget) -> bool:
+        """One retention row; False when the run's delete budget is spent."""
+        record = await self.store.get(filed.user_key)
+        if record is not None and filed.communication_user_id in ("", record.communication_user_id):
+            if record.last_used_on >= cutoff:
                 await self.store.refile(filed, record)
                 counts["retention_refiled"] += 1
-            elif not unmapped and record.pending:
+                return True
+            if record.pending:
                 counts["retention_pending_elsewhere"] += 1
-            elif not budget.take("delete"):
-                counts["deferred_budget"] += 1
-                return
-            else:
-                try:
-                    if unmapped:
-                        await self._sweep(filed, counts)
-                    else:
-                        await self._retire(record, filed, counts)
-                except Exception as err:  # noqa: BLE001 - the row stays: the next run tries again
-                    counts["retention_failed"] += 1
-                    log.warning("retention delete failed: %s", type(err).__name__)
+                return True
+            if not budget.take("delete"):
+                return False
+            await self._retire(record, filed, counts)
+            return True
+        if not filed.communication_user_id:  # an old row naming no identity, its user gone
+            await self.store.drop_retention_row(filed)
+            counts["retention_rows_dropped"] += 1
+            return True
+        if not budget.take("delete"):
+            return False
+        await self._sweep(filed, counts)
+        return True
 
     async def _sweep(self, filed: Filed, counts: Counter) -> None:
         """Its user maps to another identity, or to none: this one was deleted, or a crash (or a lost

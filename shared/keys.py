@@ -54,8 +54,9 @@ EVENTS_PARTITION = "events"
 USER_ROW = "user"
 
 
-def pending_row(user_key: str) -> str:
-    return user_key
+def pending_row(user_key: str, communication_user_id: str) -> str:
+    """A newer request for the same identity replaces an older one; another identity's stays."""
+    return f"{user_key}.{_digest(communication_user_id)}"
 
 
 def discard_row(communication_user_id: str) -> str:

@@ -6,7 +6,7 @@ Rows (one table, every lookup a point read or a key-range scan):
   token request, including "is this user blocked by a pending revocation?".
 - owner `PK=communication_user_key(id), RK="owner"`: ACS id -> app user, for admins and events.
   It is written *before* the mapping, so every mapping has one; an owner row whose user's mapping
-  names another id marks an identity that lost a creation race or was left mid-way.
+  names another id is a leftover, and lookups through it check the mapping.
 - graph `PK=graph_user_key(tid, oid), RK="user"`: Entra (tenant, object id) -> app user, for
   Microsoft Graph events, which name users that way. Not written when users are keyed by object id
   (`Settings.object_id_issuer`): the event then names the mapping itself.
@@ -16,12 +16,15 @@ Rows (one table, every lookup a point read or a key-range scan):
   cleanup moves the row forward lazily when it finds the identity used since. Written with the
   owner row, before the mapping, it also finds identities a crash left unmapped: cleanup deletes
   an identity whose row's user maps to another identity, or to none.
-- pending `PK="pending", RK=user_key | discard_row(id)`: revocations and deletions that could not
-  reach ACS yet, with attempts, next attempt and a lease; the timer completes them.
+- pending `PK="pending", RK=pending_row(user_key, id) | discard_row(id)`: revocations and
+  deletions that could not reach ACS yet, with attempts, next attempt and a lease; the timer
+  completes them.
 - events `PK="events", RK=event_row(id)`: Event Grid event ids already acted on.
 
 Creation is race-safe because the mapping insert is an insert, not an upsert: of two concurrent
-first requests exactly one wins; the loser removes what it made and uses the winner's identity.
+first requests exactly one wins; the loser deletes its identity, then its rows, and uses the
+winner's identity (`TokenService`). Writes that act on an identity the user may have replaced
+since (remove, mark_pending) are etag-guarded and touch the mapping only while it names it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import asyncio
 import datetime as dt
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from azure.core import MatchConditions
@@ -162,8 +165,8 @@ class IdentityStore:
         return IdentityRecord.from_entity(entity) if entity is not None else None
 
     @telemetry.table_operation("add")
-    async def add(self, record: IdentityRecord) -> bool:
-        """Owner and retention rows, then the mapping insert. False when another request won the user.
+    async def add(self, record: IdentityRecord) -> None:
+        """Owner and retention rows, then the mapping insert: ResourceExistsError if the user has one.
 
         Both rows name the new identity and land before the mapping can, so every mapping has them,
         and an identity left unmapped (a crash, a lost race whose cleanup failed) is still on file
@@ -199,15 +202,11 @@ class IdentityStore:
                 )
             )
         mapping, *lookups = await asyncio.gather(*writes, return_exceptions=True)
-        if isinstance(mapping, ResourceExistsError):
-            await asyncio.gather(self.forget_owner(record.communication_user_id), self._unfile(record))
-            return False
-        if isinstance(mapping, BaseException):
-            raise mapping
         for outcome in lookups:
             if isinstance(outcome, BaseException):  # the mapping stands; lookups are secondary
                 log.warning("identity lookups not written: %s", type(outcome).__name__)
-        return True
+        if isinstance(mapping, BaseException):
+            raise mapping  # the rows stay until the caller has deleted the identity: forget_lost
 
     async def _file(self, record: IdentityRecord) -> None:
         """File the identity under its last-use day."""
@@ -220,6 +219,37 @@ class IdentityStore:
             },
             mode=UpdateMode.REPLACE,
         )
+
+    @telemetry.table_operation("forget_lost")
+    async def forget_lost(self, record: IdentityRecord) -> None:
+        """A race loser's rows, once its identity is deleted or queued for deletion."""
+        outcomes = await asyncio.gather(
+            self.forget_owner(record.communication_user_id), self._unfile(record), return_exceptions=True
+        )
+        if any(isinstance(outcome, BaseException) for outcome in outcomes):
+            log.warning("a lost race's rows stay for cleanup to sweep")
+
+    async def _if_still_mapped(self, record: IdentityRecord, write: Callable[[str], Awaitable]) -> bool:
+        """Run `write(etag)` on the mapping while it names `record`'s identity; False once it doesn't.
+
+        A revocation, deletion or cleanup acting on one identity may find the user on another by
+        now: an etag-guarded write never touches the newer mapping.
+        """
+        etag = record.etag
+        for _ in range(3):
+            if etag is None:
+                current = await self._get(record.user_key, keys.IDENTITY_ROW)
+                if current is None or current["communicationUserId"] != record.communication_user_id:
+                    return False
+                etag = current.metadata["etag"]
+            try:
+                await write(etag)
+                return True
+            except ResourceNotFoundError:
+                return False
+            except ResourceModifiedError:
+                etag = None  # touched or marked meanwhile: look again
+        raise ResourceModifiedError(message="The identity mapping keeps changing; try again.")
 
     async def _unfile(self, record: IdentityRecord) -> None:
         row = keys.retention_row(record.user_key, record.communication_user_id)
@@ -252,7 +282,14 @@ class IdentityStore:
         """The mapping of the Entra user a Microsoft Graph event names, if they have one."""
         if self.object_id_issuer is None:
             entity = await self._get(keys.graph_user_key(tenant_id, object_id), keys.USER_ROW)
-            return await self.get(entity["userKey"]) if entity is not None else None
+            record = await self.get(entity["userKey"]) if entity is not None else None
+            # The row is a hint: act only on a mapping recorded for this very Entra user.
+            named = (record.tenant_id or "", record.object_id or "") if record else ("", "")
+            return (
+                record
+                if named[0].lower() == tenant_id.lower() and named[1].lower() == object_id.lower()
+                else None
+            )
         # Object ids are GUIDs: tokens and Graph both write them in lower case, but be lenient.
         for candidate in dict.fromkeys((object_id, object_id.lower())):
             record = await self.get(keys.user_key(self.object_id_issuer, candidate))
@@ -265,9 +302,14 @@ class IdentityStore:
     @telemetry.table_operation("remove")
     async def remove(self, record: IdentityRecord) -> None:
         """Forget a deleted identity: mapping first (so no token is issued for it), then lookups."""
-        await self._delete(record.user_key, keys.IDENTITY_ROW)
+        mapped = await self._if_still_mapped(
+            record,
+            lambda etag: self.table.delete_entity(
+                record.user_key, keys.IDENTITY_ROW, etag=etag, match_condition=MatchConditions.IfNotModified
+            ),
+        )
         await self.forget_owner(record.communication_user_id)
-        if record.object_id and record.tenant_id and self.object_id_issuer is None:
+        if mapped and record.object_id and record.tenant_id and self.object_id_issuer is None:
             graph_key = keys.graph_user_key(record.tenant_id, record.object_id)
             entity = await self._get(graph_key, keys.USER_ROW)
             if entity is not None and entity["userKey"] == record.user_key:
@@ -281,13 +323,15 @@ class IdentityStore:
         self, record: IdentityRecord, op: str, now: dt.datetime, retry_in: dt.timedelta
     ) -> None:
         """Durably queue `op` for the timer, then block the mapping. Queue first: a crash between
-        the two leaves a queue row the timer drops, never a user blocked with no work queued."""
+        the two leaves a queue row the timer drops, never a user blocked with no work queued. A
+        mapping that names another identity by now is not blocked: the timer drops the queue row,
+        and cleanup sweeps the old identity as unmapped."""
         pending_id = uuid.uuid4().hex
         await self._ensure_table()
         await self.table.upsert_entity(
             {
                 "PartitionKey": keys.PENDING_PARTITION,
-                "RowKey": keys.pending_row(record.user_key),
+                "RowKey": keys.pending_row(record.user_key, record.communication_user_id),
                 "op": op,
                 "pendingId": pending_id,
                 "communicationUserId": record.communication_user_id,
@@ -298,14 +342,17 @@ class IdentityStore:
             },
             mode=UpdateMode.REPLACE,
         )
-        await self.table.update_entity(
-            {
-                "PartitionKey": record.user_key,
-                "RowKey": keys.IDENTITY_ROW,
-                "pending": op,
-                "pendingId": pending_id,
-            },
-            mode=UpdateMode.MERGE,
+        block = {
+            "PartitionKey": record.user_key,
+            "RowKey": keys.IDENTITY_ROW,
+            "pending": op,
+            "pendingId": pending_id,
+        }
+        await self._if_still_mapped(
+            record,
+            lambda etag: self.table.update_entity(
+                block, mode=UpdateMode.MERGE, etag=etag, match_condition=MatchConditions.IfNotModified
+            ),
         )
 
     @telemetry.table_operation("queue_discard")
@@ -411,8 +458,8 @@ class IdentityStore:
             yield Filed(
                 partition=entity["PartitionKey"],
                 row_key=entity["RowKey"],
-                user_key=entity["userKey"],
-                communication_user_id=entity["communicationUserId"],
+                user_key=entity.get("userKey") or entity["RowKey"],  # rows before 2026-11 were keyed so
+                communication_user_id=entity.get("communicationUserId", ""),
             )
 
     @telemetry.table_operation("refile")

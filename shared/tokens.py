@@ -2,9 +2,9 @@
 
 Cost per request is the floor ACS and Table Storage set: a repeated issue or a refresh is one
 point read and one ACS call (plus, once a day per user, a last-use write); a first issue is one
-read, one create-and-issue, the reverse-lookup (owner) insert, then the mapping insert together
-with the day's last-use row (retention) and, only for Entra users keyed by `sub`, the Graph lookup
-row (`make bench` counts them; README, Performance).
+read, one create-and-issue, the reverse-lookup (owner) row together with the day's last-use row
+(retention), then the mapping insert together with, only for Entra users keyed by `sub`, the Graph
+lookup row (`make bench` counts them; README, Performance).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from azure.core.exceptions import ResourceExistsError
 
 from . import telemetry
 from .acs import AcsGateway, IssuedToken
@@ -107,29 +109,47 @@ class TokenService:
             tenant_id=caller.tenant_id,
         )
         try:
-            won = await self.store.add(record)
-        except Exception:
-            await self._discard(communication_user_id)
-            raise
-        if won:
+            await self.store.add(record)
+        except Exception as err:  # noqa: BLE001 - settled from the mapping itself
+            return await self._settle(record, token, request, err)
+        log.info("identity created")
+        return TokenResult(communication_user_id, token, request.scopes, identity_created=True)
+
+    async def _settle(
+        self, record: IdentityRecord, token: IssuedToken, request: TokenRequest, err: Exception
+    ) -> TokenResult:
+        """The mapping insert failed: 409 when another request won the user, or when a retried
+        insert finds its own first try landed; any other failure may hide a landed insert too.
+        The mapping says which: ours stands, or theirs is used, or there is none."""
+        ours = record.communication_user_id
+        try:
+            current = await self.store.get(record.user_key)
+        except Exception:  # noqa: BLE001 - unknown: keep the identity; if unmapped, cleanup sweeps it
+            raise err from None
+        if current is not None and current.communication_user_id == ours:
             log.info("identity created")
-            return TokenResult(communication_user_id, token, request.scopes, identity_created=True)
-        # A concurrent first request mapped this user first: use its identity, drop ours.
-        await self._discard(communication_user_id)
-        winner = await self.store.get(key)
-        if winner is None:  # mapped and deleted in between: vanishingly rare, safe to ask again
+            return TokenResult(ours, token, request.scopes, identity_created=True)
+        # Not ours: delete our identity, and only then its rows, which until then let cleanup find it.
+        if await self._discard(ours):
+            await self.store.forget_lost(record)
+        if current is not None:  # a concurrent first request mapped this user first: use its identity
+            return await self._issue_existing(current, request)
+        if isinstance(err, ResourceExistsError):  # mapped and deleted in between: safe to ask again
             raise NotFound(
                 "Your identity changed while it was being created; retry.", code="identity_conflict"
             )
-        return await self._issue_existing(winner, request)
+        raise err
 
-    async def _discard(self, communication_user_id: str) -> None:
-        """Delete an ACS identity nobody maps to; cleanup retries it if ACS is unavailable now."""
+    async def _discard(self, communication_user_id: str) -> bool:
+        """Delete an ACS identity nobody maps to, or queue that for the timer; False if neither."""
         try:
             await self.acs.delete(communication_user_id)
+            return True
         except ServiceError as err:
             log.warning("could not delete an unmapped ACS identity now (%s); cleanup will", err.code)
-            try:
-                await self.store.queue_discard(communication_user_id, self.clock())
-            except Exception as store_err:  # noqa: BLE001 - nothing more we can do in this request
-                log.error("unmapped ACS identity not queued for cleanup: %s", type(store_err).__name__)
+        try:
+            await self.store.queue_discard(communication_user_id, self.clock())
+            return True
+        except Exception as store_err:  # noqa: BLE001 - its retention row still finds it later
+            log.error("unmapped ACS identity not queued: %s; retention sweeps it", type(store_err).__name__)
+            return False

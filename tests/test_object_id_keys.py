@@ -82,3 +82,24 @@ async def test_graph_events_find_oid_keyed_users_without_a_lookup_row(stack, emu
     finally:
         await reset_clients()
         reset_settings()
+
+
+async def test_a_graph_row_acts_only_on_the_entra_user_the_mapping_records(service, emulator):
+    token = service.token("graph-checked")
+    claims = jwt.decode(token, options={"verify_signature": False})
+    issued = body_of(await function_app.issue_token(request("POST", "token", token=token)))
+    store = get_clients().store
+    key = keys.user_key(service.stack["issuer"], "graph-checked")
+    stranger = str(uuid.uuid4())  # a row naming this user for another object id: stale or misdirected
+    await store.table.upsert_entity(
+        {
+            "PartitionKey": keys.graph_user_key(claims["tid"], stranger),
+            "RowKey": keys.USER_ROW,
+            "userKey": key,
+        }
+    )
+    assert (await _deliver(_graph_event("UserDeleted", claims["tid"], stranger))).status_code == 200
+    assert emulator.verify(issued["token"])["valid"]
+
+    assert (await _deliver(_graph_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
+    assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}

@@ -1,0 +1,160 @@
+"""Failures around a first issue and around acting on an identity the user has since replaced.
+
+Against Azurite and the emulator; a Table or ACS failure is injected by wrapping one SDK call,
+the way a retried or cut-off request looks to the service.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from azure.core.exceptions import ResourceExistsError, ServiceResponseError
+
+import function_app
+from shared import keys
+from shared.auth import Caller
+from shared.clients import get_clients
+from shared.errors import Unavailable
+from shared.policy import TokenRequest
+from tests.service_helpers import body_of, request
+
+
+async def _post_token(users, user: str):
+    return await function_app.issue_token(request("POST", "token", token=users.token(user)))
+
+
+def _live(emulator) -> int:
+    return emulator.stats()["liveIdentities"]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        ResourceExistsError(message="the retried insert finds its first try"),
+        ServiceResponseError(message="connection reset after the insert landed"),
+    ],
+    ids=["retried-409", "answer-lost"],
+)
+async def test_a_mapping_insert_that_landed_but_failed_to_say_so_keeps_its_identity(
+    service, emulator, monkeypatch, answer
+):
+    table = get_clients().store.table
+    real_insert = table.create_entity
+
+    async def landed_then_failed(entity, **kwargs):
+        await real_insert(entity, **kwargs)
+        raise answer
+
+    monkeypatch.setattr(table, "create_entity", landed_then_failed)
+    live = _live(emulator)
+    user = f"landed-{type(answer).__name__}"
+    response = await _post_token(service, user)
+    assert response.status_code == 200, response.get_body()
+    issued = body_of(response)
+    assert issued["identityCreated"] is True and emulator.verify(issued["token"])["valid"]
+    assert _live(emulator) == live + 1
+    store = get_clients().store
+    assert await store.owner_of(issued["communicationUserId"]) == keys.user_key(service.stack["issuer"], user)
+
+
+async def test_a_mapping_insert_that_failed_deletes_the_new_identity(service, emulator, monkeypatch):
+    table = get_clients().store.table
+
+    async def refused(_entity, **_kwargs):
+        raise ServiceResponseError(message="storage went away")
+
+    monkeypatch.setattr(table, "create_entity", refused)
+    live = _live(emulator)
+    response = await _post_token(service, "insert-failed")
+    assert response.status_code == 503 and body_of(response)["code"] == "dependency_unavailable"
+    assert _live(emulator) == live
+    query = "PartitionKey ge 'd-' and PartitionKey lt 'd.' and userKey eq @k"
+    key = keys.user_key(service.stack["issuer"], "insert-failed")
+    assert [e async for e in table.query_entities(query, parameters={"k": key})] == []
+
+
+async def test_a_lost_race_whose_discard_failed_stays_on_file_and_is_swept(service, emulator, monkeypatch):
+    winner = body_of(await _post_token(service, "race-sweep"))
+    clients = get_clients()
+    tokens, store = clients.tokens, clients.store
+
+    async def acs_down(*_args, **_kwargs):
+        raise Unavailable("ACS is down.", code="acs_unavailable")
+
+    async def table_down(*_args, **_kwargs):
+        raise ServiceResponseError(message="storage went away")
+
+    caller = Caller(issuer=service.stack["issuer"], subject="race-sweep")
+    key = keys.user_key(caller.issuer, caller.subject)
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=120)
+    live = _live(emulator)
+    with monkeypatch.context() as patch:
+        patch.setattr(tokens, "clock", lambda: long_ago)  # files the loser's row long ago
+        patch.setattr(tokens.acs, "delete", acs_down)
+        patch.setattr(store, "queue_discard", table_down)
+        # The loser of a race that read no mapping, then found the winner's on insert.
+        served = await tokens._create(caller, key, TokenRequest(scopes=("chat",), minutes=60))
+    assert served.communication_user_id == winner["communicationUserId"]
+    assert _live(emulator) == live + 1  # the loser's identity could not be deleted
+    query = "PartitionKey ge 'd-' and PartitionKey lt 'd.' and userKey eq @k"
+    filed = [e["communicationUserId"] async for e in store.table.query_entities(query, parameters={"k": key})]
+    [lost] = [i for i in filed if i != winner["communicationUserId"]]
+
+    report = await clients.cleanup.run(ignore_backoff=True)
+    assert report["retention_unmapped_deleted"] == 1, report
+    assert _live(emulator) == live
+    assert await store.owner_of(lost) is None
+    assert emulator.verify(winner["token"])["valid"]
+
+
+async def test_acting_on_a_replaced_identity_leaves_the_new_mapping_alone(service, emulator):
+    store = get_clients().store
+    key = keys.user_key(service.stack["issuer"], "replaced")
+    await _post_token(service, "replaced")
+    old = await store.get(key)
+    deleted = await function_app.delete_identity(
+        request("DELETE", "identity", token=service.token("replaced"))
+    )
+    assert deleted.status_code == 200
+    new = body_of(await _post_token(service, "replaced"))
+    assert new["communicationUserId"] != old.communication_user_id
+
+    # A cleanup or revocation that read the old mapping acts late:
+    await store.remove(old)
+    await store.mark_pending(old, "revoke", dt.datetime.now(dt.UTC), dt.timedelta(seconds=30))
+    current = await store.get(key)
+    assert current.communication_user_id == new["communicationUserId"] and current.pending == ""
+    assert await store.owner_of(new["communicationUserId"]) == key
+    again = await _post_token(service, "replaced")
+    assert again.status_code == 200 and body_of(again)["communicationUserId"] == new["communicationUserId"]
+    report = await get_clients().cleanup.run(ignore_backoff=True)
+    assert report.get("dropped_stale", 0) >= 1  # the late revocation's queue row
+    assert emulator.verify(body_of(again)["token"])["valid"]
+
+
+async def test_cleanup_reads_retention_rows_written_before_they_named_the_identity(service, emulator):
+    clients = get_clients()
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=120)
+    real_clock = clients.tokens.clock
+    clients.tokens.clock = lambda: long_ago
+    try:
+        issued = body_of(await _post_token(service, "legacy-row"))
+    finally:
+        clients.tokens.clock = real_clock
+    key = keys.user_key(service.stack["issuer"], "legacy-row")
+    table = clients.store.table
+    query = "PartitionKey ge 'd-' and PartitionKey lt 'd.' and userKey eq @k"
+    [row] = [e async for e in table.query_entities(query, parameters={"k": key})]
+    await table.delete_entity(row["PartitionKey"], row["RowKey"])
+    # As the previous release filed it: keyed by user, no userKey column.
+    legacy = {
+        "PartitionKey": row["PartitionKey"],
+        "RowKey": key,
+        "communicationUserId": issued["communicationUserId"],
+    }
+    await table.upsert_entity(legacy)
+
+    report = await clients.cleanup.run(ignore_backoff=True)
+    assert report.get("retention_failed", 0) == 0 and report["retention_deleted"] >= 1, report
+    assert emulator.verify(issued["token"])["reason"] == "identity deleted"
