@@ -16,6 +16,7 @@ from azure.communication.identity.aio import CommunicationIdentityClient
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
+    ResourceNotFoundError,
     ServiceRequestError,
     ServiceResponseError,
 )
@@ -65,8 +66,6 @@ def translate(err: Exception) -> ServiceError:
         return Unavailable("The service cannot authenticate to ACS.", code="acs_auth_failed", retry_after=60)
     if isinstance(err, HttpResponseError):
         status = err.status_code or 0
-        if status == 404:
-            return NotFound("The ACS identity no longer exists.", code="identity_gone")
         if status == 429:
             return Unavailable(
                 "ACS is throttling; retry later.", code="acs_throttled", retry_after=_retry_after(err)
@@ -119,7 +118,9 @@ class AcsGateway:
             await self.client.delete_user(CommunicationUserIdentifier(communication_user_id), **options)
         except Exception as err:  # noqa: BLE001
             translated = translate(err)
-            if isinstance(translated, NotFound):
+            # ACS answers IdentityNotOwned for an identity deleted already; a plain 404 is only
+            # trusted here, where "not there" is the goal (for issue or revoke it may be a bad URL).
+            if isinstance(translated, NotFound) or isinstance(err, ResourceNotFoundError):
                 return
             raise translated from None
 

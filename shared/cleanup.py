@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from .acs import AcsGateway
 from .errors import NotFound, ServiceError, Unavailable
-from .keys import retention_partition
+from .keys import retention_partition, retention_row
 from .store import Filed, IdentityRecord, IdentityStore, PendingWork
 
 log = logging.getLogger("acs_token_service.cleanup")
@@ -116,18 +116,24 @@ class Cleanup:
             counts["skipped_claimed_elsewhere"] += 1
             return
         record = await self.store.get(work.user_key) if work.user_key else None
-        if work.op != "discard" and (
-            record is None
-            or record.pending_id != work.pending_id
-            or record.communication_user_id != work.communication_user_id
-        ):
-            await self.store.finish(claimed)  # done already, or superseded by a newer request
-            counts["dropped_stale"] += 1
-            return
+        op = work.op
+        if op != "discard":
+            if (
+                record is None
+                or not record.pending
+                or record.communication_user_id != work.communication_user_id
+            ):
+                await self.store.finish(claimed)  # done already, or the user has another identity
+                counts["dropped_stale"] += 1
+                return
+            # This is the identity's only queue row (one per user and identity), whichever request
+            # blocked the mapping last: two requests racing may leave their ids crossed. Do the
+            # stronger of the two, so that no blocked user waits for work nobody will do.
+            op = "delete" if "delete" in (op, record.pending) else "revoke"
         try:
-            if work.op == "revoke":
+            if op == "revoke":
                 await self._revoke(claimed, record, counts)
-            elif work.op == "delete":
+            elif op == "delete":
                 await self.acs.delete(work.communication_user_id, **TIMER_OPTIONS)
                 await self.store.remove(record)
                 await self.store.finish(claimed)
@@ -210,6 +216,10 @@ class Cleanup:
             counts["retention_pending"] += 1
             return
         await self.store.remove(record)  # drops the row of its last-use day
-        if filed.partition != retention_partition(record.last_used_on):  # a second row: a crash
+        own_row = (
+            retention_partition(record.last_used_on),
+            retention_row(record.user_key, record.communication_user_id),
+        )
+        if (filed.partition, filed.row_key) != own_row:  # another row: a crash mid-refile, an old format
             await self.store.drop_retention_row(filed)
         counts["retention_deleted"] += 1

@@ -164,15 +164,14 @@ class IdentityStore:
         entity = await self._get(user_key, keys.IDENTITY_ROW)
         return IdentityRecord.from_entity(entity) if entity is not None else None
 
-    @telemetry.table_operation("add")
-    async def add(self, record: IdentityRecord) -> None:
-        """Owner and retention rows, then the mapping insert: ResourceExistsError if the user has one.
+    @telemetry.table_operation("file_new")
+    async def file_new(self, record: IdentityRecord) -> None:
+        """A new identity's owner and retention rows, before its mapping insert (`insert`).
 
         Both rows name the new identity and land before the mapping can, so every mapping has them,
         and an identity left unmapped (a crash, a lost race whose cleanup failed) is still on file
-        for cleanup. The Graph row names only the user, so it goes out with the mapping insert: a
-        loser writes what the winner writes. Two write round trips in all; each row lives in a
-        partition of its own, so no entity-group transaction can carry two of them.
+        for cleanup. Each lives in a partition of its own, so no entity-group transaction can carry
+        both; they go out at once, and the mapping with the Graph row next: two round trips.
         """
         await self._ensure_table()
         owner = {
@@ -189,6 +188,14 @@ class IdentityStore:
         ):
             if isinstance(outcome, BaseException):
                 raise outcome  # the caller deletes the identity; a row that landed is swept later
+
+    @telemetry.table_operation("insert")
+    async def insert(self, record: IdentityRecord) -> None:
+        """The mapping insert, which two racing first requests can't both win: ResourceExistsError.
+
+        The Graph row names only the user, so it goes with the insert: a loser writes what the
+        winner writes.
+        """
         writes = [self.table.create_entity(record.to_entity())]
         if record.object_id and record.tenant_id and self.object_id_issuer is None:
             writes.append(
@@ -309,6 +316,9 @@ class IdentityStore:
             ),
         )
         await self.forget_owner(record.communication_user_id)
+        # The Graph row serves the user, whichever identity: it goes only with the user's mapping.
+        if not mapped:
+            mapped = await self._get(record.user_key, keys.IDENTITY_ROW) is None
         if mapped and record.object_id and record.tenant_id and self.object_id_issuer is None:
             graph_key = keys.graph_user_key(record.tenant_id, record.object_id)
             entity = await self._get(graph_key, keys.USER_ROW)

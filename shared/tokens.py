@@ -109,7 +109,13 @@ class TokenService:
             tenant_id=caller.tenant_id,
         )
         try:
-            await self.store.add(record)
+            await self.store.file_new(record)
+        except Exception:
+            if await self._discard(communication_user_id):  # no mapping was tried: none names it
+                await self.store.forget_lost(record)
+            raise
+        try:
+            await self.store.insert(record)
         except Exception as err:  # noqa: BLE001 - settled from the mapping itself
             return await self._settle(record, token, request, err)
         log.info("identity created")

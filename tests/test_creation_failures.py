@@ -158,3 +158,44 @@ async def test_cleanup_reads_retention_rows_written_before_they_named_the_identi
     report = await clients.cleanup.run(ignore_backoff=True)
     assert report.get("retention_failed", 0) == 0 and report["retention_deleted"] >= 1, report
     assert emulator.verify(issued["token"])["reason"] == "identity deleted"
+
+
+async def test_rows_that_cannot_be_written_delete_the_new_identity(service, emulator, monkeypatch):
+    table = get_clients().store.table
+
+    async def refused(*_args, **_kwargs):
+        raise ServiceResponseError(message="storage went away")
+
+    monkeypatch.setattr(table, "upsert_entity", refused)
+    live = _live(emulator)
+    response = await _post_token(service, "rows-refused")
+    assert response.status_code == 503 and body_of(response)["code"] == "dependency_unavailable"
+    assert _live(emulator) == live  # no mapping could name it, so it was deleted at once
+
+
+@pytest.mark.parametrize(
+    ("queued", "blocked", "done"), [("revoke", "revoke", "revoked"), ("revoke", "delete", "deleted")]
+)
+async def test_racing_requests_that_cross_their_pending_ids_still_complete(
+    service, emulator, queued, blocked, done
+):
+    # Two requests queue and block at once; the last queue write and the last block differ.
+    store = get_clients().store
+    key = keys.user_key(service.stack["issuer"], f"crossed-{blocked}")
+    issued = body_of(await _post_token(service, f"crossed-{blocked}"))
+    record = await store.get(key)
+    now = dt.datetime.now(dt.UTC)
+    await store.mark_pending(record, blocked, now, dt.timedelta(seconds=0))
+    row = keys.pending_row(key, record.communication_user_id)
+    queue_row = await store.table.get_entity("pending", row)
+    await store.table.upsert_entity({**queue_row, "op": queued, "pendingId": "another-request"})
+
+    report = await get_clients().cleanup.run(ignore_backoff=True)
+    assert report.get(done, 0) >= 1, report
+    if done == "revoked":
+        assert emulator.verify(issued["token"]) == {"valid": False, "reason": "revoked"}
+        again = await _post_token(service, f"crossed-{blocked}")
+        assert again.status_code == 200  # unblocked
+    else:
+        assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
+        assert await store.get(key) is None

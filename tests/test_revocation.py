@@ -250,8 +250,9 @@ async def test_retention_deletes_an_identity_a_crash_left_unmapped(service, emul
 
     with monkeypatch.context() as patch:
         patch.setattr(store.table, "create_entity", crash)
+        await store.file_new(record)
         with pytest.raises(Crash):
-            await store.add(record)
+            await store.insert(record)
     kept = await _token(service, "kept-while-sweeping")
     assert await store.owner_of(record.communication_user_id) == record.user_key
     assert emulator.verify(token.token)["valid"]

@@ -150,7 +150,11 @@ async def test_metrics_and_spans_of_a_real_flow_hold_no_secrets(otel, service, e
     spans = otel.spans.get_finished_spans()
     names = Counter(span.name for span in spans)
     assert names["ACS createIdentity"] == 2 and names["ACS exchangeTeamsToken"] == 1
-    assert names["Table get"] >= 4 and names["Table add"] == 2 and names["Table mark_pending"] == 1
+    assert (
+        names["Table get"] >= 4
+        and names["Table file_new"] == names["Table insert"] == 2
+        and names["Table mark_pending"] == 1
+    )
     throttled = [
         s for s in spans if s.name == "ACS revokeAccessTokens" and s.status.status_code == StatusCode.ERROR
     ]
