@@ -16,7 +16,6 @@ from azure.communication.identity.aio import CommunicationIdentityClient
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
-    ResourceNotFoundError,
     ServiceRequestError,
     ServiceResponseError,
 )
@@ -118,9 +117,7 @@ class AcsGateway:
             await self.client.delete_user(CommunicationUserIdentifier(communication_user_id), **options)
         except Exception as err:  # noqa: BLE001
             translated = translate(err)
-            # ACS answers IdentityNotOwned for an identity deleted already; a plain 404 is only
-            # trusted here, where "not there" is the goal (for issue or revoke it may be a bad URL).
-            if isinstance(translated, NotFound) or isinstance(err, ResourceNotFoundError):
+            if isinstance(translated, NotFound):  # IdentityNotOwned: deleted already
                 return
             raise translated from None
 

@@ -1,10 +1,12 @@
 """The cleanup timer: finish pending revocations and deletions, and retire unused identities.
 
 Safe to run twice at once and to stop midway: every piece of work is claimed with an etag lease
-before ACS is called, and every step is idempotent or guarded by the mapping's `pendingId`, so a
-revocation is applied once and never after the user has been unblocked. It stays well under ACS's
-limits (500 revokes and 500 deletes per 30 s): each run spends at most RUN_BUDGET of each, so even
-two overlapping runs stay below them, and a run stops taking work near its deadline.
+before ACS is called, and every step is idempotent or etag-guarded (unblocking the user only
+succeeds if nobody blocked the mapping again since it was read), so a revocation is applied once
+and never after the user has been unblocked, and a queued delete is never lost to a revoke. It
+stays well under ACS's limits (500 revokes and 500 deletes per 30 s): each run spends at most
+RUN_BUDGET of each, so even two overlapping runs stay below them, and a run stops taking work
+near its deadline.
 """
 
 from __future__ import annotations
@@ -118,17 +120,14 @@ class Cleanup:
         record = await self.store.get(work.user_key) if work.user_key else None
         op = work.op
         if op != "discard":
-            if (
-                record is None
-                or not record.pending
-                or record.communication_user_id != work.communication_user_id
-            ):
+            mapped = record is not None and record.communication_user_id == work.communication_user_id
+            # A revoke is done once the user is unblocked; a delete once the identity is unmapped.
+            if not mapped or (op == "revoke" and not record.pending):
                 await self.store.finish(claimed)  # done already, or the user has another identity
                 counts["dropped_stale"] += 1
                 return
-            # This is the identity's only queue row (one per user and identity), whichever request
-            # blocked the mapping last: two requests racing may leave their ids crossed. Do the
-            # stronger of the two, so that no blocked user waits for work nobody will do.
+            # Whichever request blocked the mapping last (racing requests may cross their ids), do
+            # the stronger of the two, so that no blocked user waits for work nobody will do.
             op = "delete" if "delete" in (op, record.pending) else "revoke"
         try:
             if op == "revoke":
@@ -156,7 +155,11 @@ class Cleanup:
             await self.store.finish(work)
             counts["revoked_identity_gone"] += 1
             return
-        await self.store.clear_pending(record)
+        if not await self.store.clear_pending(record):
+            # Blocked again (or touched) since it was read: keep the work, the next run sees why.
+            await self.store.retry_later(work, self.clock())
+            counts["revoked_still_blocked"] += 1
+            return
         await self.store.finish(work)
         counts["revoked"] += 1
 

@@ -54,9 +54,10 @@ EVENTS_PARTITION = "events"
 USER_ROW = "user"
 
 
-def pending_row(user_key: str, communication_user_id: str) -> str:
-    """A newer request for the same identity replaces an older one; another identity's stays."""
-    return f"{user_key}.{_digest(communication_user_id)}"
+def pending_row(user_key: str, communication_user_id: str, op: str) -> str:
+    """A newer request of the same kind for the same identity replaces an older one; a revoke
+    never replaces a pending delete, and another identity's work stays."""
+    return f"{user_key}.{_digest(communication_user_id)}.{op}"
 
 
 def discard_row(communication_user_id: str) -> str:

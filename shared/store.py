@@ -236,26 +236,29 @@ class IdentityStore:
         if any(isinstance(outcome, BaseException) for outcome in outcomes):
             log.warning("a lost race's rows stay for cleanup to sweep")
 
-    async def _if_still_mapped(self, record: IdentityRecord, write: Callable[[str], Awaitable]) -> bool:
-        """Run `write(etag)` on the mapping while it names `record`'s identity; False once it doesn't.
+    async def _if_still_mapped(
+        self, record: IdentityRecord, write: Callable[[IdentityRecord], Awaitable]
+    ) -> bool:
+        """Run `write(current)` on the mapping while it names `record`'s identity; False once it
+        doesn't. `write` guards itself with `current.etag`.
 
         A revocation, deletion or cleanup acting on one identity may find the user on another by
         now: an etag-guarded write never touches the newer mapping.
         """
-        etag = record.etag
+        current: IdentityRecord | None = record if record.etag else None
         for _ in range(3):
-            if etag is None:
-                current = await self._get(record.user_key, keys.IDENTITY_ROW)
-                if current is None or current["communicationUserId"] != record.communication_user_id:
+            if current is None:
+                entity = await self._get(record.user_key, keys.IDENTITY_ROW)
+                current = IdentityRecord.from_entity(entity) if entity is not None else None
+                if current is None or current.communication_user_id != record.communication_user_id:
                     return False
-                etag = current.metadata["etag"]
             try:
-                await write(etag)
+                await write(current)
                 return True
             except ResourceNotFoundError:
                 return False
             except ResourceModifiedError:
-                etag = None  # touched or marked meanwhile: look again
+                current = None  # touched or marked meanwhile: look again
         raise ResourceModifiedError(message="The identity mapping keeps changing; try again.")
 
     async def _unfile(self, record: IdentityRecord) -> None:
@@ -311,8 +314,11 @@ class IdentityStore:
         """Forget a deleted identity: mapping first (so no token is issued for it), then lookups."""
         mapped = await self._if_still_mapped(
             record,
-            lambda etag: self.table.delete_entity(
-                record.user_key, keys.IDENTITY_ROW, etag=etag, match_condition=MatchConditions.IfNotModified
+            lambda current: self.table.delete_entity(
+                record.user_key,
+                keys.IDENTITY_ROW,
+                etag=current.etag,
+                match_condition=MatchConditions.IfNotModified,
             ),
         )
         await self.forget_owner(record.communication_user_id)
@@ -341,7 +347,7 @@ class IdentityStore:
         await self.table.upsert_entity(
             {
                 "PartitionKey": keys.PENDING_PARTITION,
-                "RowKey": keys.pending_row(record.user_key, record.communication_user_id),
+                "RowKey": keys.pending_row(record.user_key, record.communication_user_id, op),
                 "op": op,
                 "pendingId": pending_id,
                 "communicationUserId": record.communication_user_id,
@@ -358,12 +364,15 @@ class IdentityStore:
             "pending": op,
             "pendingId": pending_id,
         }
-        await self._if_still_mapped(
-            record,
-            lambda etag: self.table.update_entity(
-                block, mode=UpdateMode.MERGE, etag=etag, match_condition=MatchConditions.IfNotModified
-            ),
-        )
+
+        async def write(current: IdentityRecord) -> None:
+            if current.pending == "delete" and op != "delete":
+                return  # never downgrade: a pending delete revokes too
+            await self.table.update_entity(
+                block, mode=UpdateMode.MERGE, etag=current.etag, match_condition=MatchConditions.IfNotModified
+            )
+
+        await self._if_still_mapped(record, write)
 
     @telemetry.table_operation("queue_discard")
     async def queue_discard(self, communication_user_id: str, now: dt.datetime) -> None:
@@ -435,7 +444,10 @@ class IdentityStore:
 
     @telemetry.table_operation("finish")
     async def finish(self, work: PendingWork) -> None:
-        await self._delete(keys.PENDING_PARTITION, work.row_key, work.etag)
+        try:
+            await self._delete(keys.PENDING_PARTITION, work.row_key, work.etag)
+        except ResourceModifiedError:
+            pass  # a newer request replaced it: that one stays for the next run
 
     @telemetry.table_operation("clear_pending")
     async def clear_pending(self, record: IdentityRecord) -> bool:

@@ -161,41 +161,61 @@ async def test_cleanup_reads_retention_rows_written_before_they_named_the_identi
 
 
 async def test_rows_that_cannot_be_written_delete_the_new_identity(service, emulator, monkeypatch):
+    # Storage goes away between the first read (no mapping yet) and the new identity's rows.
     table = get_clients().store.table
+    real_read = table.get_entity
+    down = False
 
-    async def refused(*_args, **_kwargs):
+    async def write(*_args, **_kwargs):
+        nonlocal down
+        down = True
         raise ServiceResponseError(message="storage went away")
 
-    monkeypatch.setattr(table, "upsert_entity", refused)
-    live = _live(emulator)
+    async def read(*args, **kwargs):
+        if down:  # no read tells what landed either
+            raise ServiceResponseError(message="storage went away")
+        return await real_read(*args, **kwargs)
+
+    monkeypatch.setattr(table, "upsert_entity", write)
+    monkeypatch.setattr(table, "get_entity", read)
+    live, created = _live(emulator), emulator.stats()["calls"].get("createIdentity", 0)
     response = await _post_token(service, "rows-refused")
     assert response.status_code == 503 and body_of(response)["code"] == "dependency_unavailable"
+    assert emulator.stats()["calls"]["createIdentity"] == created + 1
     assert _live(emulator) == live  # no mapping could name it, so it was deleted at once
 
 
-@pytest.mark.parametrize(
-    ("queued", "blocked", "done"), [("revoke", "revoke", "revoked"), ("revoke", "delete", "deleted")]
-)
-async def test_racing_requests_that_cross_their_pending_ids_still_complete(
-    service, emulator, queued, blocked, done
-):
-    # Two requests queue and block at once; the last queue write and the last block differ.
+async def test_two_revokes_that_cross_their_pending_ids_still_complete(service, emulator):
+    # Both queue and block at once; the queue row keeps one request's id, the mapping the other's.
     store = get_clients().store
-    key = keys.user_key(service.stack["issuer"], f"crossed-{blocked}")
-    issued = body_of(await _post_token(service, f"crossed-{blocked}"))
+    key = keys.user_key(service.stack["issuer"], "crossed")
+    issued = body_of(await _post_token(service, "crossed"))
     record = await store.get(key)
-    now = dt.datetime.now(dt.UTC)
-    await store.mark_pending(record, blocked, now, dt.timedelta(seconds=0))
-    row = keys.pending_row(key, record.communication_user_id)
-    queue_row = await store.table.get_entity("pending", row)
-    await store.table.upsert_entity({**queue_row, "op": queued, "pendingId": "another-request"})
+    await store.mark_pending(record, "revoke", dt.datetime.now(dt.UTC), dt.timedelta(seconds=0))
+    row = keys.pending_row(key, record.communication_user_id, "revoke")
+    queued = await store.table.get_entity("pending", row)
+    await store.table.upsert_entity({**queued, "pendingId": "the-other-request"})
 
     report = await get_clients().cleanup.run(ignore_backoff=True)
-    assert report.get(done, 0) >= 1, report
-    if done == "revoked":
-        assert emulator.verify(issued["token"]) == {"valid": False, "reason": "revoked"}
-        again = await _post_token(service, f"crossed-{blocked}")
-        assert again.status_code == 200  # unblocked
-    else:
-        assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
-        assert await store.get(key) is None
+    assert report.get("revoked", 0) >= 1, report
+    assert emulator.verify(issued["token"]) == {"valid": False, "reason": "revoked"}
+    current = await store.get(key)
+    assert current.communication_user_id == record.communication_user_id and current.pending == ""
+
+
+@pytest.mark.parametrize("order", [("delete", "revoke"), ("revoke", "delete")])
+async def test_a_revoke_racing_a_delete_never_loses_the_delete(service, emulator, order):
+    # Both requests read the unblocked mapping, then ACS is down for both, in either order.
+    store = get_clients().store
+    user = f"race-{'-'.join(order)}"
+    key = keys.user_key(service.stack["issuer"], user)
+    issued = body_of(await _post_token(service, user))
+    read_by_both = await store.get(key)
+    for op in order:
+        await store.mark_pending(read_by_both, op, dt.datetime.now(dt.UTC), dt.timedelta(seconds=0))
+    assert (await store.get(key)).pending == "delete"  # a revoke never downgrades the block
+
+    report = await get_clients().cleanup.run(ignore_backoff=True)
+    assert report.get("deleted", 0) >= 1, report
+    assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
+    assert await store.get(key) is None
