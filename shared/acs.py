@@ -51,6 +51,12 @@ def _retry_after(err: HttpResponseError, default: int = 5) -> int:
         return default
 
 
+def _acs_not_found(err: Exception) -> bool:
+    """A 404 in ACS's own error format: a proxy's or a wrong URL's 404 carries no ACS error code."""
+    code = getattr(getattr(err, "error", None), "code", None)
+    return isinstance(err, HttpResponseError) and err.status_code == 404 and bool(code)
+
+
 def translate(err: Exception) -> ServiceError:
     """Map an SDK failure to what our caller should see."""
     if isinstance(err, ServiceRequestError | ServiceResponseError):
@@ -117,7 +123,7 @@ class AcsGateway:
             await self.client.delete_user(CommunicationUserIdentifier(communication_user_id), **options)
         except Exception as err:  # noqa: BLE001
             translated = translate(err)
-            if isinstance(translated, NotFound):  # IdentityNotOwned: deleted already
+            if isinstance(translated, NotFound) or _acs_not_found(err):  # deleted already
                 return
             raise translated from None
 

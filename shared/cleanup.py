@@ -28,6 +28,9 @@ log = logging.getLogger("acs_token_service.cleanup")
 RUN_BUDGET = 240  # ACS calls of each kind per run
 CONCURRENCY = 16
 LEASE = dt.timedelta(minutes=2)
+# A revoke queued this recently whose block is not on the mapping yet may be a request still on
+# its way, not one that crashed: keep it until it is clearly abandoned.
+BLOCK_GRACE = dt.timedelta(minutes=10)
 MAX_BACKOFF = dt.timedelta(hours=1)
 # Event Grid redelivers for at most 24 hours; remembering ids for a week is ample.
 EVENT_MEMORY = dt.timedelta(days=7)
@@ -108,11 +111,11 @@ class Cleanup:
                 if not budget.take(kind):
                     counts["deferred_budget"] += 1
                     return
-                await self._complete(work, counts)
+                await self._complete(work, counts, budget)
 
         await asyncio.gather(*(one(work) for work in due))
 
-    async def _complete(self, work: PendingWork, counts: Counter) -> None:
+    async def _complete(self, work: PendingWork, counts: Counter, budget: Budget) -> None:
         claimed = await self.store.claim(work, self.clock() + LEASE)
         if claimed is None:
             counts["skipped_claimed_elsewhere"] += 1
@@ -121,6 +124,12 @@ class Cleanup:
         op = work.op
         if op != "discard":
             mapped = record is not None and record.communication_user_id == work.communication_user_id
+            now = self.clock()
+            if mapped and op == "revoke" and not record.pending:
+                if work.requested_at is not None and now - work.requested_at < BLOCK_GRACE:
+                    await self.store.retry_later(claimed, now + LEASE)  # its block may be on its way
+                    counts["waiting_for_block"] += 1
+                    return
             # A revoke is done once the user is unblocked; a delete once the identity is unmapped.
             if not mapped or (op == "revoke" and not record.pending):
                 await self.store.finish(claimed)  # done already, or the user has another identity
@@ -128,7 +137,12 @@ class Cleanup:
                 return
             # Whichever request blocked the mapping last (racing requests may cross their ids), do
             # the stronger of the two, so that no blocked user waits for work nobody will do.
-            op = "delete" if "delete" in (op, record.pending) else "revoke"
+            if op == "revoke" and record.pending == "delete":
+                if not budget.take("delete"):
+                    await self.store.retry_later(claimed, now)
+                    counts["deferred_budget"] += 1
+                    return
+                op = "delete"
         try:
             if op == "revoke":
                 await self._revoke(claimed, record, counts)
@@ -205,7 +219,7 @@ class Cleanup:
 
     async def _sweep(self, filed: Filed, counts: Counter) -> None:
         """Its user maps to another identity, or to none: this one was deleted, or a crash (or a lost
-        race whose cleanup failed) left it unmapped. Deleting it again is harmless; ACS says 404."""
+        race whose cleanup failed) left it unmapped. Deleting it again is harmless: ACS says so."""
         await self.acs.delete(filed.communication_user_id, **TIMER_OPTIONS)
         await self.store.forget_owner(filed.communication_user_id)
         await self.store.drop_retention_row(filed)

@@ -16,7 +16,7 @@ Rows (one table, every lookup a point read or a key-range scan):
   cleanup moves the row forward lazily when it finds the identity used since. Written with the
   owner row, before the mapping, it also finds identities a crash left unmapped: cleanup deletes
   an identity whose row's user maps to another identity, or to none.
-- pending `PK="pending", RK=pending_row(user_key, id) | discard_row(id)`: revocations and
+- pending `PK="pending", RK=pending_row(user_key, id, op) | discard_row(id)`: revocations and
   deletions that could not reach ACS yet, with attempts, next attempt and a lease; the timer
   completes them.
 - events `PK="events", RK=event_row(id)`: Event Grid event ids already acted on.
@@ -122,6 +122,7 @@ class PendingWork:
     next_attempt_at: dt.datetime
     lease_until: dt.datetime | None
     etag: str
+    requested_at: dt.datetime | None = None
 
 
 class IdentityStore:
@@ -339,9 +340,10 @@ class IdentityStore:
         self, record: IdentityRecord, op: str, now: dt.datetime, retry_in: dt.timedelta
     ) -> None:
         """Durably queue `op` for the timer, then block the mapping. Queue first: a crash between
-        the two leaves a queue row the timer drops, never a user blocked with no work queued. A
-        mapping that names another identity by now is not blocked: the timer drops the queue row,
-        and cleanup sweeps the old identity as unmapped."""
+        the two leaves queued work (a revoke the timer drops once it is clearly abandoned, a delete
+        it carries out), never a user blocked with no work queued. A mapping that names another
+        identity by now is not blocked: the timer drops the queue row, and cleanup sweeps the old
+        identity as unmapped."""
         pending_id = uuid.uuid4().hex
         await self._ensure_table()
         await self.table.upsert_entity(
@@ -408,6 +410,7 @@ class IdentityStore:
                 next_attempt_at=entity["nextAttemptAt"],
                 lease_until=entity.get("leaseUntil"),
                 etag=entity.metadata["etag"],
+                requested_at=entity.get("requestedAt"),
             )
 
     @telemetry.table_operation("claim")

@@ -219,3 +219,45 @@ async def test_a_revoke_racing_a_delete_never_loses_the_delete(service, emulator
     assert report.get("deleted", 0) >= 1, report
     assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
     assert await store.get(key) is None
+
+
+async def test_a_revoke_queued_before_its_block_lands_is_kept_until_it_does(service, emulator, monkeypatch):
+    # The request wrote its queue row, then stalled before blocking the mapping; a timer ran between.
+    store = get_clients().store
+    key = keys.user_key(service.stack["issuer"], "slow-block")
+    issued = body_of(await _post_token(service, "slow-block"))
+    record = await store.get(key)
+
+    async def stalled(_record, _write):
+        return True
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "_if_still_mapped", stalled)
+        await store.mark_pending(record, "revoke", dt.datetime.now(dt.UTC), dt.timedelta(seconds=0))
+    first = await get_clients().cleanup.run(ignore_backoff=True)
+    assert first.get("waiting_for_block", 0) >= 1, first
+    assert emulator.verify(issued["token"])["valid"]  # not dropped: nothing was revoked yet
+
+    block = {"PartitionKey": key, "RowKey": keys.IDENTITY_ROW, "pending": "revoke", "pendingId": "late"}
+    await store.table.update_entity(block)  # the stalled request's block lands
+    second = await get_clients().cleanup.run(ignore_backoff=True)
+    assert second.get("revoked", 0) >= 1, second
+    assert emulator.verify(issued["token"]) == {"valid": False, "reason": "revoked"}
+    assert (await store.get(key)).pending == ""
+
+
+def test_an_acs_delete_counts_a_404_as_gone_only_in_acs_error_format():
+    from azure.core.exceptions import HttpResponseError
+
+    from shared.acs import _acs_not_found
+
+    class Error:
+        code = "IdentityNotFound"
+
+    from_acs, from_elsewhere = HttpResponseError(message="gone"), HttpResponseError(message="no route")
+    for err in (from_acs, from_elsewhere):
+        err.status_code = 404
+    from_acs.error = Error()
+    assert _acs_not_found(from_acs) and not _acs_not_found(from_elsewhere)
+    from_acs.status_code = 400
+    assert not _acs_not_found(from_acs)
