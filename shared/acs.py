@@ -122,8 +122,10 @@ class AcsGateway:
         try:
             await self.client.delete_user(CommunicationUserIdentifier(communication_user_id), **options)
         except Exception as err:  # noqa: BLE001
+            if _acs_not_found(err):  # deleted already, in ACS's words: not an error to log
+                return
             translated = translate(err)
-            if isinstance(translated, NotFound) or _acs_not_found(err):  # deleted already
+            if isinstance(translated, NotFound):  # IdentityNotOwned: deleted already
                 return
             raise translated from None
 

@@ -111,7 +111,11 @@ class Cleanup:
                 if not budget.take(kind):
                     counts["deferred_budget"] += 1
                     return
-                await self._complete(work, counts, budget)
+                try:
+                    await self._complete(work, counts, budget)
+                except Exception as err:  # noqa: BLE001 - its lease lapses; the next run takes it up
+                    counts["pending_failed"] += 1
+                    log.warning("pending work step failed: %s", type(err).__name__)
 
         await asyncio.gather(*(one(work) for work in due))
 

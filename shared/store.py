@@ -263,8 +263,12 @@ class IdentityStore:
         raise ResourceModifiedError(message="The identity mapping keeps changing; try again.")
 
     async def _unfile(self, record: IdentityRecord) -> None:
+        """Drop the identity's retention row: filed under its first day, and moved by cleanup to
+        its last-use day only when that day comes up, so it is in one of the two (or, moved by a
+        run that saw an older last use, in between: then the sweep finds it and ACS says gone)."""
         row = keys.retention_row(record.user_key, record.communication_user_id)
-        await self._delete(keys.retention_partition(record.last_used_on), row)
+        days = {record.last_used_on, record.created_at.date().isoformat()}
+        await asyncio.gather(*(self._delete(keys.retention_partition(day), row) for day in days))
 
     @telemetry.table_operation("forget_owner")
     async def forget_owner(self, communication_user_id: str) -> None:

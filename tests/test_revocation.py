@@ -306,3 +306,16 @@ async def test_event_ids_are_remembered_for_a_week_then_forgotten(service):
     assert report["event_ids_forgotten"] >= 1
     assert await store.claim_event("evt-old", now)  # forgotten: a new delivery would act
     assert not await store.claim_event("evt-recent", now)  # still deduplicated
+
+
+async def test_deleting_an_identity_used_since_its_first_day_drops_its_retention_row(service, emulator):
+    # Filed under its first day, last used today: the row is still under the first day.
+    with _days_ago(30):
+        await _token(service, "used-since")
+    await _token(service, "used-since")  # today's use moves only the mapping's last use
+    key = user_key(service.stack["issuer"], "used-since")
+    response = await _call(function_app.delete_identity, service, "used-since", "DELETE", "identity")
+    assert response.status_code == 200
+    query = "PartitionKey ge 'd-' and PartitionKey lt 'd.' and userKey eq @k"
+    rows = get_clients().store.table.query_entities(query, parameters={"k": key})
+    assert [e async for e in rows] == []  # nothing left for a later sweep to spend an ACS call on
