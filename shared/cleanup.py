@@ -16,9 +16,9 @@ import datetime as dt
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
 
 from .acs import AcsGateway
+from .clock import Clock, utcnow
 from .errors import NotFound, ServiceError, Unavailable
 from .keys import retention_partition, retention_row
 from .store import Filed, IdentityRecord, IdentityStore, PendingWork
@@ -35,10 +35,6 @@ MAX_BACKOFF = dt.timedelta(hours=1)
 # Event Grid redelivers for at most 24 hours; remembering ids for a week is ample.
 EVENT_MEMORY = dt.timedelta(days=7)
 TIMER_OPTIONS = {"retry_total": 1, "retry_backoff_factor": 0.2}
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def backoff(attempts: int) -> dt.timedelta:
@@ -64,7 +60,7 @@ class Cleanup:
         acs: AcsGateway,
         *,
         retention_days: int,
-        clock: Callable[[], dt.datetime] = utcnow,
+        clock: Clock = utcnow,
     ) -> None:
         self.store = store
         self.acs = acs

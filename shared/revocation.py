@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import telemetry
 from .acs import AcsGateway
+from .clock import Clock, utcnow
 from .errors import NotFound, Unavailable
 from .store import IdentityRecord, IdentityStore
 
@@ -21,10 +21,6 @@ log = logging.getLogger("acs_token_service.revocation")
 
 REQUEST_PATH_OPTIONS = {"retry_total": 1, "retry_backoff_factor": 0.2}
 FIRST_RETRY = dt.timedelta(seconds=30)
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -46,9 +42,7 @@ def _ref(record: IdentityRecord) -> str:
 
 
 class RevocationService:
-    def __init__(
-        self, store: IdentityStore, acs: AcsGateway, clock: Callable[[], dt.datetime] = utcnow
-    ) -> None:
+    def __init__(self, store: IdentityStore, acs: AcsGateway, clock: Clock = utcnow) -> None:
         self.store = store
         self.acs = acs
         self.clock = clock

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from azure.core.exceptions import ResourceExistsError
@@ -19,16 +18,13 @@ from azure.core.exceptions import ResourceExistsError
 from . import telemetry
 from .acs import AcsGateway, IssuedToken
 from .auth import Caller
+from .clock import Clock, utcnow
 from .errors import Conflict, NotFound, ServiceError
 from .keys import user_key
 from .policy import TokenRequest
 from .store import IdentityRecord, IdentityStore
 
 log = logging.getLogger("acs_token_service.tokens")
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -49,9 +45,7 @@ class TokenResult:
 
 
 class TokenService:
-    def __init__(
-        self, store: IdentityStore, acs: AcsGateway, clock: Callable[[], dt.datetime] = utcnow
-    ) -> None:
+    def __init__(self, store: IdentityStore, acs: AcsGateway, clock: Clock = utcnow) -> None:
         self.store = store
         self.acs = acs
         self.clock = clock
