@@ -230,7 +230,8 @@ class IdentityStore:
 
     @telemetry.table_operation("forget_lost")
     async def forget_lost(self, record: IdentityRecord) -> None:
-        """A race loser's rows, once its identity is deleted or queued for deletion."""
+        """The rows of an identity no mapping names (a lost race, a failed first issue), once it is
+        deleted or queued for deletion."""
         outcomes = await asyncio.gather(
             self.forget_owner(record.communication_user_id), self._unfile(record), return_exceptions=True
         )
