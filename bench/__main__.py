@@ -1,6 +1,6 @@
 """`python -m bench [--quick]`: start a local stack, measure, print, write results.json and the chart.
 
-Exits 1 when a target fails (a known, documented gap prints NOT MET (known) and does not fail).
+Exits 1 when a target fails.
 """
 
 from __future__ import annotations

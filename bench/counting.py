@@ -19,45 +19,62 @@ from aiohttp import web
 
 _HOP_BY_HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 _POINT = re.compile(r"\(PartitionKey='(?P<pk>[^']*)',\s*RowKey='(?P<rk>[^']*)'\)$")
+_PART_REQUEST = re.compile(rb"^(?P<method>GET|POST|PUT|PATCH|MERGE|DELETE) (?P<url>\S+) HTTP/1\.1\r?$", re.M)
 ROW_KINDS = {
     "u-": "mapping",
-    "c-": "owner",
-    "o-": "graph",
-    "d-": "retention",
     "pending": "pending",
     "events": "events",
 }
+INDEX_ROW_KINDS = {"c-": "owner", "o-": "graph", "d-": "retention"}  # in the "index" partition
 WRITES = ("insert", "upsert", "update", "delete", "batch", "create table")
 
 
-def row_kind(partition_key: str) -> str:
+def row_kind(partition_key: str, row_key: str = "") -> str:
     from urllib.parse import unquote
 
-    key = unquote(partition_key)
+    key, row = unquote(partition_key), unquote(row_key)
+    if key == "index":
+        return next((kind for prefix, kind in INDEX_ROW_KINDS.items() if row.startswith(prefix)), "index")
     return next((kind for prefix, kind in ROW_KINDS.items() if key.startswith(prefix)), "other")
 
 
 def classify(method: str, path: str, headers, body: bytes) -> str:
-    """'<call> <row kind>', e.g. 'read mapping', 'insert owner', 'create table'."""
+    """'<call> <row kind>', e.g. 'read mapping', 'insert owner', 'create table'; an entity-group
+    transaction is one call, named with what it carries: 'batch [upsert owner, upsert retention]'."""
     resource = path.rstrip("/").rsplit("/", 1)[-1]
     if resource.startswith("Tables"):
         return "create table" if method == "POST" else "tables " + method.lower()
     if resource == "$batch":
-        return "batch"
+        return "batch [" + ", ".join(batch_parts(body)) + "]"
     point = _POINT.search(resource)
     if method == "GET":
-        return f"read {row_kind(point['pk'])}" if point else "query"
+        return f"read {row_kind(point['pk'], point['rk'])}" if point else "query"
     if method == "POST":
         try:
-            partition = json.loads(body).get("PartitionKey", "")
+            entity = json.loads(body)
+            kind = row_kind(entity.get("PartitionKey", ""), entity.get("RowKey", ""))
         except (ValueError, AttributeError):
-            partition = ""
-        return f"insert {row_kind(partition)}"
-    kind = row_kind(point["pk"]) if point else "other"
+            kind = "other"
+        return f"insert {kind}"
+    kind = row_kind(point["pk"], point["rk"]) if point else "other"
     if method == "DELETE":
         return f"delete {kind}"
     guarded = "if-match" in {k.lower() for k in headers}
     return f"{'update' if guarded else 'upsert'} {kind}"
+
+
+def batch_parts(body: bytes) -> list[str]:
+    """The operations inside a $batch body (multipart/mixed, one HTTP request per part)."""
+    parts = []
+    matches = list(_PART_REQUEST.finditer(body))
+    for n, match in enumerate(matches):
+        end = matches[n + 1].start() if n + 1 < len(matches) else len(body)
+        head, _, payload = body[match.end() : end].partition(b"\r\n\r\n")
+        headers = [line.split(b":", 1)[0].decode().strip() for line in head.splitlines() if b":" in line]
+        path = match["url"].decode().split("?", 1)[0]
+        payload = payload.split(b"\r\n--", 1)[0]
+        parts.append(classify(match["method"].decode(), path, headers, payload))
+    return parts
 
 
 class TableCountingProxy:
@@ -118,13 +135,21 @@ class AcsCounter:
 
 
 def summarize(table: Counter[str], acs: Counter[str], operations: int) -> dict:
-    """Calls per operation, averaged over `operations` identical operations."""
+    """Calls per operation, averaged over `operations` identical operations. Table calls are
+    requests (an entity-group transaction is one); `table_entities_written` counts what they wrote."""
     per_op = {k: round(v / operations, 2) for k, v in sorted(table.items()) if v}
+    written = 0
+    for call, count in table.items():
+        if call.startswith("batch ["):
+            written += count * (call.count(",") + 1 if call != "batch []" else 0)
+        elif call.startswith(WRITES) and call != "create table":
+            written += count
     return {
         "table_reads": round(
             sum(v for k, v in table.items() if k.startswith(("read", "query"))) / operations, 2
         ),
         "table_writes": round(sum(v for k, v in table.items() if k.startswith(WRITES)) / operations, 2),
+        "table_entities_written": round(written / operations, 2),
         "acs_calls": round(sum(acs.values()) / operations, 2),
         "table": per_op,
         "acs": {k: round(v / operations, 2) for k, v in sorted(acs.items()) if v},

@@ -20,7 +20,7 @@ from collections import Counter
 from .acs import AcsGateway
 from .clock import Clock, utcnow
 from .errors import NotFound, ServiceError, Unavailable
-from .keys import retention_partition, retention_row
+from .keys import retention_row
 from .store import Filed, IdentityRecord, IdentityStore, PendingWork
 
 log = logging.getLogger("acs_token_service.cleanup")
@@ -196,7 +196,7 @@ class Cleanup:
     async def _file_or_retire(self, filed: Filed, cutoff: str, counts: Counter, budget: Budget) -> bool:
         """One retention row; False when the run's delete budget is spent."""
         record = await self.store.get(filed.user_key)
-        if record is not None and filed.communication_user_id in ("", record.communication_user_id):
+        if record is not None and filed.communication_user_id == record.communication_user_id:
             if record.last_used_on >= cutoff:
                 await self.store.refile(filed, record)
                 counts["retention_refiled"] += 1
@@ -207,10 +207,6 @@ class Cleanup:
             if not budget.take("delete"):
                 return False
             await self._retire(record, filed, counts)
-            return True
-        if not filed.communication_user_id:  # an old row naming no identity, its user gone
-            await self.store.drop_retention_row(filed)
-            counts["retention_rows_dropped"] += 1
             return True
         if not budget.take("delete"):
             return False
@@ -233,10 +229,7 @@ class Cleanup:
             counts["retention_pending"] += 1
             return
         await self.store.remove(record)  # drops the row of its last-use day
-        own_row = (
-            retention_partition(record.last_used_on),
-            retention_row(record.user_key, record.communication_user_id),
-        )
-        if (filed.partition, filed.row_key) != own_row:  # another row: a crash mid-refile, an old format
+        own_row = retention_row(record.last_used_on, record.user_key, record.communication_user_id)
+        if filed.row_key != own_row:  # another day's row: a crash mid-refile
             await self.store.drop_retention_row(filed)
         counts["retention_deleted"] += 1

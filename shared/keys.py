@@ -11,7 +11,6 @@ import base64
 import hashlib
 
 IDENTITY_ROW = "identity"
-OWNER_ROW = "owner"
 
 
 def _digest(*parts: str) -> str:
@@ -28,30 +27,39 @@ def user_key(issuer: str, subject: str) -> str:
     return "u-" + _digest(issuer, subject)
 
 
-def communication_user_key(communication_user_id: str) -> str:
-    """PartitionKey of the reverse-lookup row: ACS identity -> app user."""
+# The index: every row that looks an identity up by something other than its user lives in one
+# partition, so a first issue files all of them in one entity-group transaction (atomic, one
+# request). Its load is bounded: first issues, and the cleanup timer's moves.
+INDEX_PARTITION = "index"
+RETENTION_PREFIX = "d-"
+
+
+def owner_row(communication_user_id: str) -> str:
+    """Index row of the reverse lookup: ACS identity -> app user."""
     return "c-" + _digest(communication_user_id)
 
 
-def graph_user_key(tenant_id: str, object_id: str) -> str:
-    """PartitionKey of the Entra lookup row: (tid, oid) from Graph events -> app user."""
+def graph_row(tenant_id: str, object_id: str) -> str:
+    """Index row of the Entra lookup: (tid, oid) from Graph events -> app user."""
     return "o-" + _digest(tenant_id.lower(), object_id.lower())
 
 
-def retention_partition(day: str) -> str:
-    """Identities last known to be used on `day` (YYYY-MM-DD): range-scannable by age."""
-    return "d-" + day
+def retention_row(day: str, user_key: str, communication_user_id: str) -> str:
+    """Index row saying this user had this identity, last known used on `day` (YYYY-MM-DD).
+
+    Rows sort by day, so the stale ones are one key-range scan; one row per (user, identity), so two
+    racing first requests file distinct rows.
+    """
+    return f"{RETENTION_PREFIX}{day}.{user_key}.{_digest(communication_user_id)}"
 
 
-def retention_row(user_key: str, communication_user_id: str) -> str:
-    """One row per (user, ACS identity): two racing first requests file distinct rows."""
-    return f"{user_key}.{_digest(communication_user_id)}"
+def retention_bound(day: str) -> str:
+    """Every retention row of a day before `day` sorts below this key, and no other."""
+    return RETENTION_PREFIX + day
 
 
-RETENTION_PREFIX = "d-"
 PENDING_PARTITION = "pending"
 EVENTS_PARTITION = "events"
-USER_ROW = "user"
 
 
 def pending_row(user_key: str, communication_user_id: str, op: str) -> str:

@@ -78,3 +78,12 @@ def request(
 
 def body_of(response: func.HttpResponse) -> dict:
     return json.loads(response.get_body())
+
+
+async def retention_rows(table, user_key: str) -> list:
+    """The index's retention rows filed for this user, under any day."""
+    from shared import keys
+
+    query = "PartitionKey eq @p and RowKey ge @lo and RowKey lt @hi and userKey eq @k"
+    params = {"p": keys.INDEX_PARTITION, "lo": keys.RETENTION_PREFIX, "hi": "d.", "k": user_key}
+    return [e async for e in table.query_entities(query, parameters=params)]

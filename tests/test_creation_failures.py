@@ -17,7 +17,7 @@ from shared.auth import Caller
 from shared.clients import get_clients
 from shared.errors import Unavailable
 from shared.policy import TokenRequest
-from tests.service_helpers import body_of, request
+from tests.service_helpers import body_of, request, retention_rows
 
 
 async def _post_token(users, user: str):
@@ -69,9 +69,8 @@ async def test_a_mapping_insert_that_failed_deletes_the_new_identity(service, em
     response = await _post_token(service, "insert-failed")
     assert response.status_code == 503 and body_of(response)["code"] == "dependency_unavailable"
     assert _live(emulator) == live
-    query = "PartitionKey ge 'd-' and PartitionKey lt 'd.' and userKey eq @k"
     key = keys.user_key(service.stack["issuer"], "insert-failed")
-    assert [e async for e in table.query_entities(query, parameters={"k": key})] == []
+    assert await retention_rows(table, key) == []
 
 
 async def test_a_lost_race_whose_discard_failed_stays_on_file_and_is_swept(service, emulator, monkeypatch):
@@ -97,8 +96,7 @@ async def test_a_lost_race_whose_discard_failed_stays_on_file_and_is_swept(servi
         served = await tokens._create(caller, key, TokenRequest(scopes=("chat",), minutes=60))
     assert served.communication_user_id == winner["communicationUserId"]
     assert _live(emulator) == live + 1  # the loser's identity could not be deleted
-    query = "PartitionKey ge 'd-' and PartitionKey lt 'd.' and userKey eq @k"
-    filed = [e["communicationUserId"] async for e in store.table.query_entities(query, parameters={"k": key})]
+    filed = [e["communicationUserId"] for e in await retention_rows(store.table, key)]
     [lost] = [i for i in filed if i != winner["communicationUserId"]]
 
     report = await clients.cleanup.run(ignore_backoff=True)
@@ -133,33 +131,6 @@ async def test_acting_on_a_replaced_identity_leaves_the_new_mapping_alone(servic
     assert emulator.verify(body_of(again)["token"])["valid"]
 
 
-async def test_cleanup_reads_retention_rows_written_before_they_named_the_identity(service, emulator):
-    clients = get_clients()
-    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=120)
-    real_clock = clients.tokens.clock
-    clients.tokens.clock = lambda: long_ago
-    try:
-        issued = body_of(await _post_token(service, "legacy-row"))
-    finally:
-        clients.tokens.clock = real_clock
-    key = keys.user_key(service.stack["issuer"], "legacy-row")
-    table = clients.store.table
-    query = "PartitionKey ge 'd-' and PartitionKey lt 'd.' and userKey eq @k"
-    [row] = [e async for e in table.query_entities(query, parameters={"k": key})]
-    await table.delete_entity(row["PartitionKey"], row["RowKey"])
-    # As the previous release filed it: keyed by user, no userKey column.
-    legacy = {
-        "PartitionKey": row["PartitionKey"],
-        "RowKey": key,
-        "communicationUserId": issued["communicationUserId"],
-    }
-    await table.upsert_entity(legacy)
-
-    report = await clients.cleanup.run(ignore_backoff=True)
-    assert report.get("retention_failed", 0) == 0 and report["retention_deleted"] >= 1, report
-    assert emulator.verify(issued["token"])["reason"] == "identity deleted"
-
-
 async def test_rows_that_cannot_be_written_delete_the_new_identity(service, emulator, monkeypatch):
     # Storage goes away between the first read (no mapping yet) and the new identity's rows.
     table = get_clients().store.table
@@ -176,7 +147,7 @@ async def test_rows_that_cannot_be_written_delete_the_new_identity(service, emul
             raise ServiceResponseError(message="storage went away")
         return await real_read(*args, **kwargs)
 
-    monkeypatch.setattr(table, "upsert_entity", write)
+    monkeypatch.setattr(table, "submit_transaction", write)
     monkeypatch.setattr(table, "get_entity", read)
     live, created = _live(emulator), emulator.stats()["calls"].get("createIdentity", 0)
     response = await _post_token(service, "rows-refused")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import uuid
 
 import jwt
+import pytest
+from azure.core.exceptions import ResourceNotFoundError
 
 import function_app
 from shared import keys
@@ -64,9 +66,9 @@ async def test_graph_events_find_oid_keyed_users_without_a_lookup_row(stack, emu
         store = get_clients().store
         key = keys.user_key(stack["issuer"], claims["oid"])
         assert (await store.get(key)).communication_user_id == issued["communicationUserId"]
-        graph_row = keys.graph_user_key(claims["tid"], claims["oid"])
-        graph_rows = store.table.query_entities("PartitionKey eq @p", parameters={"p": graph_row})
-        assert [e async for e in graph_rows] == []
+        graph_row = keys.graph_row(claims["tid"], claims["oid"])
+        with pytest.raises(ResourceNotFoundError):
+            await store.table.get_entity(keys.INDEX_PARTITION, graph_row)
 
         # The same object id in another tenant is not this user: nothing happens.
         other_tenant = str(uuid.uuid4())
@@ -93,8 +95,8 @@ async def test_a_graph_row_acts_only_on_the_entra_user_the_mapping_records(servi
     stranger = str(uuid.uuid4())  # a row naming this user for another object id: stale or misdirected
     await store.table.upsert_entity(
         {
-            "PartitionKey": keys.graph_user_key(claims["tid"], stranger),
-            "RowKey": keys.USER_ROW,
+            "PartitionKey": keys.INDEX_PARTITION,
+            "RowKey": keys.graph_row(claims["tid"], stranger),
             "userKey": key,
         }
     )

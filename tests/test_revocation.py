@@ -11,8 +11,8 @@ import pytest
 
 import function_app
 from shared.clients import get_clients
-from shared.keys import user_key
-from tests.service_helpers import body_of, request
+from shared.keys import retention_row, user_key
+from tests.service_helpers import body_of, request, retention_rows
 
 ADMIN = ("TokenService.Admin",)
 
@@ -212,15 +212,16 @@ async def test_retention_retires_an_identity_filed_twice_once_and_drops_both_row
     with _days_ago(120) as old:
         issued = await _token(service, "filed-twice")
     key = user_key(service.stack["issuer"], "filed-twice")
-    query = "PartitionKey ge 'd-' and PartitionKey lt 'd.' and userKey eq @k"
-    [row] = [e async for e in clients.store.table.query_entities(query, parameters={"k": key})]
+    [row] = await retention_rows(clients.store.table, key)
     older = (old - dt.timedelta(days=3)).date().isoformat()
-    await clients.store.table.upsert_entity({**row, "PartitionKey": f"d-{older}"})
+    record = await clients.store.get(key)
+    moved = retention_row(older, key, record.communication_user_id)
+    await clients.store.table.upsert_entity({**row, "RowKey": moved})
 
     report = await _cleanup()
     assert report["retention_deleted"] == 1 and report.get("retention_failed", 0) == 0
     assert emulator.verify(issued["token"])["reason"] == "identity deleted"
-    assert [e async for e in clients.store.table.query_entities(query, parameters={"k": key})] == []
+    assert await retention_rows(clients.store.table, key) == []
 
 
 async def test_retention_deletes_an_identity_a_crash_left_unmapped(service, emulator, monkeypatch):
@@ -316,6 +317,5 @@ async def test_deleting_an_identity_used_since_its_first_day_drops_its_retention
     key = user_key(service.stack["issuer"], "used-since")
     response = await _call(function_app.delete_identity, service, "used-since", "DELETE", "identity")
     assert response.status_code == 200
-    query = "PartitionKey ge 'd-' and PartitionKey lt 'd.' and userKey eq @k"
-    rows = get_clients().store.table.query_entities(query, parameters={"k": key})
-    assert [e async for e in rows] == []  # nothing left for a later sweep to spend an ACS call on
+    # Nothing left for a later sweep to spend an ACS call on.
+    assert await retention_rows(get_clients().store.table, key) == []

@@ -84,7 +84,7 @@ def test_user_keys_do_not_collide_across_issuers():
     assert keys.user_key("a|b", "c") != keys.user_key("a", "b|c")
     assert keys.user_key("https://a", "x") != keys.user_key("https://b", "x")
     assert keys.user_key("https://a", "x") == keys.user_key("https://a", "x")
-    assert keys.communication_user_key("8:acs:1") != keys.user_key("", "8:acs:1")
+    assert keys.owner_row("8:acs:1") != keys.user_key("", "8:acs:1")
 
 
 SETTINGS = load(BASE)

@@ -14,7 +14,7 @@ from devstack.keys import SigningKey
 from shared.clients import get_clients, reset_clients
 from shared.settings import reset_settings
 from tests.service_fixtures import configure as _configure
-from tests.service_helpers import Users, body_of, request
+from tests.service_helpers import Users, body_of, request, retention_rows
 
 
 def _acs_claims(token: str) -> dict:
@@ -108,18 +108,14 @@ async def test_twenty_concurrent_first_requests_make_one_identity(service, emula
     owners = [
         e
         async for e in store.table.query_entities(
-            "RowKey eq @r and userKey eq @k", parameters={"r": "owner", "k": key}
+            "PartitionKey eq 'index' and RowKey ge 'c-' and RowKey lt 'c.' and userKey eq @k",
+            parameters={"k": key},
         )
     ]
     assert [o["communicationUserId"] for o in owners] == [bodies[0]["communicationUserId"]]
     assert await store.owner_of(bodies[0]["communicationUserId"]) == key
     # Losers removed their retention rows too; the Graph row they wrote is the winner's.
-    retention = [
-        e["communicationUserId"]
-        async for e in store.table.query_entities(
-            "PartitionKey ge 'd-' and PartitionKey lt 'd.' and userKey eq @k", parameters={"k": key}
-        )
-    ]
+    retention = [e["communicationUserId"] for e in await retention_rows(store.table, key)]
     assert retention == [bodies[0]["communicationUserId"]]
     record = await store.get(key)
     assert (await store.graph_user(record.tenant_id, record.object_id)).user_key == key

@@ -1,0 +1,56 @@
+"""How `make bench` judges a first issue's Table writes: pure logic over counted calls."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from bench import targets
+from bench.counting import summarize
+
+
+def _first_issue(table: dict[str, int], acs: int = 1) -> str:
+    calls = summarize(Counter(table), Counter({"createIdentity": acs}), 1)
+    [verdict] = [
+        t for t in targets.evaluate({"calls": {"first issue": calls}}) if t["target"] == "first issue calls"
+    ]
+    return verdict["status"]
+
+
+INDEX = "batch [upsert owner, upsert retention, upsert graph]"
+
+
+def test_the_mapping_insert_and_one_index_transaction_pass():
+    assert _first_issue({"read mapping": 1, "insert mapping": 1, INDEX: 1}) == "PASS"
+    assert _first_issue({"read mapping": 1, "insert mapping": 1, "batch [upsert owner]": 1}) == "PASS"
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        # The same rows written one request each: three writes beside the mapping.
+        {"read mapping": 1, "insert mapping": 1, "upsert owner": 1, "upsert retention": 1, "upsert graph": 1},
+        # A transaction that lost the reverse lookup, or carried it twice, or carried something else.
+        {"read mapping": 1, "insert mapping": 1, "batch [upsert retention]": 1},
+        {"read mapping": 1, "insert mapping": 1, "batch [upsert owner, upsert owner]": 1},
+        {"read mapping": 1, "insert mapping": 1, "batch [upsert owner, upsert pending]": 1},
+        # Two transactions, or none beside the mapping, or no mapping insert.
+        {"read mapping": 1, "insert mapping": 1, "batch [upsert owner]": 2},
+        {"read mapping": 1, "insert mapping": 1},
+        {"read mapping": 1, INDEX: 1},
+        # A second read.
+        {"read mapping": 2, "insert mapping": 1, INDEX: 1},
+    ],
+)
+def test_anything_else_fails(table):
+    assert _first_issue(table) == "FAIL"
+
+
+def test_a_second_acs_call_fails():
+    assert _first_issue({"read mapping": 1, "insert mapping": 1, INDEX: 1}, acs=2) == "FAIL"
+
+
+def test_entities_written_count_each_row_of_a_transaction():
+    calls = summarize(Counter({"insert mapping": 2, INDEX: 2, "read mapping": 2}), Counter(), 2)
+    assert (calls["table_writes"], calls["table_entities_written"], calls["table_reads"]) == (2, 4, 1)
