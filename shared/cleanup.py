@@ -218,6 +218,8 @@ class Cleanup:
         race whose cleanup failed) left it unmapped. Deleting it again is harmless: ACS says so."""
         await self.acs.delete(filed.communication_user_id, **TIMER_OPTIONS)
         await self.store.forget_owner(filed.communication_user_id)
+        if filed.graph_row:  # a first issue that never got its mapping filed one
+            await self.store.forget_graph_row(filed.user_key, filed.graph_row)
         await self.store.drop_retention_row(filed)
         counts["retention_unmapped_deleted"] += 1
 

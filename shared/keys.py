@@ -39,9 +39,20 @@ def owner_row(communication_user_id: str) -> str:
     return "c-" + _digest(communication_user_id)
 
 
-def graph_row(tenant_id: str, object_id: str) -> str:
-    """Index row of the Entra lookup: (tid, oid) from Graph events -> app user."""
-    return "o-" + _digest(tenant_id.lower(), object_id.lower())
+def graph_prefix(tenant_id: str, object_id: str) -> str:
+    """Index rows of an Entra user (tid, oid), one per app user key it signed in as: Graph events
+    name the Entra user, and a `sub` differs per app, so one person may have several keys."""
+    return "o-" + _digest(tenant_id.lower(), object_id.lower()) + "."
+
+
+def graph_row(tenant_id: str, object_id: str, user_key: str) -> str:
+    """Index row of the Entra lookup: (tid, oid) from Graph events -> this app user."""
+    return graph_prefix(tenant_id, object_id) + user_key
+
+
+def prefix_end(prefix: str) -> str:
+    """The least key above every key that starts with `prefix`, for a key-range query."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 def retention_row(day: str, user_key: str, communication_user_id: str) -> str:

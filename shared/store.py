@@ -10,9 +10,10 @@ Rows (one table, every lookup a point read or a key-range scan):
   - owner `RK=owner_row(id)`: ACS id -> app user, for admins and events. Filed *before* the
     mapping, so every mapping has one; an owner row whose user's mapping names another id is a
     leftover, and lookups through it check the mapping.
-  - graph `RK=graph_row(tid, oid)`: Entra (tenant, object id) -> app user, for Microsoft Graph
-    events, which name users that way. Not written when users are keyed by object id
-    (`Settings.object_id_issuer`): the event then names the mapping itself.
+  - graph `RK=graph_row(tid, oid, user_key)`: Entra (tenant, object id) -> app user, for Microsoft
+    Graph events, which name users that way; one row per app user key, so a person who signed in
+    to two apps (two `sub`s) is found under both, by one key-range query. Not written when users
+    are keyed by object id (`Settings.object_id_issuer`): the event then names the mapping itself.
   - retention `RK=retention_row(day last known used, user_key, id)`: scanned by key range for days
     older than the retention period, so cleanup costs grow with stale identities, not all
     identities. It is the first day's last-use record; later days' uses update the mapping, and
@@ -111,6 +112,7 @@ class Filed:
     row_key: str
     user_key: str
     communication_user_id: str
+    graph_row: str = ""  # the user's Graph lookup row, if one was filed with it
 
 
 @dataclass(frozen=True)
@@ -189,13 +191,9 @@ class IdentityStore:
             },
             self._retention_entity(record),
         ]
-        if record.object_id and record.tenant_id and self.object_id_issuer is None:
+        if graph_row := self._graph_row(record):
             rows.append(
-                {
-                    "PartitionKey": keys.INDEX_PARTITION,
-                    "RowKey": keys.graph_row(record.tenant_id, record.object_id),
-                    "userKey": record.user_key,
-                }
+                {"PartitionKey": keys.INDEX_PARTITION, "RowKey": graph_row, "userKey": record.user_key}
             )
         # Upserts: idempotent, so the SDK may retry the batch after a lost answer.
         await self.table.submit_transaction([("upsert", row, {"mode": UpdateMode.REPLACE}) for row in rows])
@@ -206,23 +204,38 @@ class IdentityStore:
         The index rows stay until the caller has deleted a loser's identity: `forget_lost`."""
         await self.table.create_entity(record.to_entity())
 
-    @staticmethod
-    def _retention_entity(record: IdentityRecord) -> dict:
-        """The identity filed under its last-use day."""
-        return {
+    def _graph_row(self, record: IdentityRecord) -> str | None:
+        """The user's Graph lookup row, when Graph events need one to find them."""
+        if record.object_id and record.tenant_id and self.object_id_issuer is None:
+            return keys.graph_row(record.tenant_id, record.object_id, record.user_key)
+        return None
+
+    def _retention_entity(self, record: IdentityRecord) -> dict:
+        """The identity filed under its last-use day; it names the Graph row, which cleanup drops
+        with the last identity of a user who has no mapping left."""
+        entity = {
             "PartitionKey": keys.INDEX_PARTITION,
             "RowKey": keys.retention_row(record.last_used_on, record.user_key, record.communication_user_id),
             "userKey": record.user_key,
             "communicationUserId": record.communication_user_id,
         }
+        if graph_row := self._graph_row(record):
+            entity["graphRow"] = graph_row
+        return entity
 
     @telemetry.table_operation("forget_lost")
     async def forget_lost(self, record: IdentityRecord) -> None:
         """The rows of an identity no mapping names (a lost race, a failed first issue), once it is
-        deleted or queued for deletion."""
-        outcomes = await asyncio.gather(
-            self.forget_owner(record.communication_user_id), self._unfile(record), return_exceptions=True
-        )
+        deleted or queued for deletion. The Graph row goes first, and only if the user has no
+        mapping: the retention row names it, so cleanup's sweep finishes the job if this fails."""
+        try:
+            if graph_row := self._graph_row(record):
+                await self.forget_graph_row(record.user_key, graph_row)
+            outcomes = await asyncio.gather(
+                self.forget_owner(record.communication_user_id), self._unfile(record), return_exceptions=True
+            )
+        except Exception as err:  # noqa: BLE001 - the rows are secondary: cleanup sweeps them
+            outcomes = [err]
         if any(isinstance(outcome, BaseException) for outcome in outcomes):
             log.warning("a lost race's rows stay for cleanup to sweep")
 
@@ -281,32 +294,36 @@ class IdentityStore:
         entity = await self._get(keys.INDEX_PARTITION, keys.owner_row(communication_user_id))
         return entity["userKey"] if entity is not None else None
 
-    @telemetry.table_operation("graph_user")
-    async def graph_user(self, tenant_id: str, object_id: str) -> IdentityRecord | None:
-        """The mapping of the Entra user a Microsoft Graph event names, if they have one."""
+    @telemetry.table_operation("graph_users")
+    async def graph_users(self, tenant_id: str, object_id: str) -> list[IdentityRecord]:
+        """The mappings of the Entra user a Microsoft Graph event names: one per app user key."""
         if self.object_id_issuer is None:
-            entity = await self._get(keys.INDEX_PARTITION, keys.graph_row(tenant_id, object_id))
-            record = await self.get(entity["userKey"]) if entity is not None else None
-            # The row is a hint: act only on a mapping recorded for this very Entra user.
-            named = (record.tenant_id or "", record.object_id or "") if record else ("", "")
-            return (
+            await self._ensure_table()
+            prefix = keys.graph_prefix(tenant_id, object_id)
+            query = "PartitionKey eq @p and RowKey ge @lo and RowKey lt @hi"
+            params = {"p": keys.INDEX_PARTITION, "lo": prefix, "hi": keys.prefix_end(prefix)}
+            rows = self.table.query_entities(query, parameters=params, select=["userKey"])
+            found = await asyncio.gather(*[self.get(row["userKey"]) async for row in rows])
+            # A row is a hint: act only on a mapping recorded for this very Entra user.
+            return [
                 record
-                if named[0].lower() == tenant_id.lower() and named[1].lower() == object_id.lower()
-                else None
-            )
+                for record in found
+                if record is not None
+                and (record.tenant_id or "").lower() == tenant_id.lower()
+                and (record.object_id or "").lower() == object_id.lower()
+            ]
         # Object ids are GUIDs: tokens and Graph both write them in lower case, but be lenient.
         for candidate in dict.fromkeys((object_id, object_id.lower())):
             record = await self.get(keys.user_key(self.object_id_issuer, candidate))
             if record is not None:
                 # Object ids are unique across tenants; checking the tenant costs nothing.
-                same_tenant = (record.tenant_id or "").lower() == tenant_id.lower()
-                return record if same_tenant else None
-        return None
+                return [record] if (record.tenant_id or "").lower() == tenant_id.lower() else []
+        return []
 
     @telemetry.table_operation("remove")
     async def remove(self, record: IdentityRecord) -> None:
         """Forget a deleted identity: mapping first (so no token is issued for it), then lookups."""
-        mapped = await self._if_still_mapped(
+        await self._if_still_mapped(
             record,
             lambda current: self.table.delete_entity(
                 record.user_key,
@@ -317,17 +334,15 @@ class IdentityStore:
         )
         await self.forget_owner(record.communication_user_id)
         # The Graph row serves the user, whichever identity: it goes only with the user's mapping.
-        if not mapped:
-            mapped = await self._get(record.user_key, keys.IDENTITY_ROW) is None
-        if mapped and record.object_id and record.tenant_id and self.object_id_issuer is None:
-            graph_row = keys.graph_row(record.tenant_id, record.object_id)
-            entity = await self._get(keys.INDEX_PARTITION, graph_row)
-            if entity is not None and entity["userKey"] == record.user_key:
-                try:
-                    await self._delete(keys.INDEX_PARTITION, graph_row, entity.metadata["etag"])
-                except ResourceModifiedError:
-                    pass  # another of this Entra user's keys took it over meanwhile
+        if graph_row := self._graph_row(record):
+            await self.forget_graph_row(record.user_key, graph_row)
         await self._unfile(record)
+
+    @telemetry.table_operation("forget_graph_row")
+    async def forget_graph_row(self, user_key: str, graph_row: str) -> None:
+        """Drop a user's Graph lookup row once they have no mapping (a new one files it again)."""
+        if await self._get(user_key, keys.IDENTITY_ROW) is None:
+            await self._delete(keys.INDEX_PARTITION, graph_row)
 
     # ---- pending work --------------------------------------------------------------------------
 
@@ -480,6 +495,7 @@ class IdentityStore:
                 row_key=entity["RowKey"],
                 user_key=entity["userKey"],
                 communication_user_id=entity["communicationUserId"],
+                graph_row=entity.get("graphRow", ""),
             )
 
     @telemetry.table_operation("refile")

@@ -2,9 +2,9 @@
 
 Cost per request is the floor ACS and Table Storage set: a repeated issue or a refresh is one
 point read and one ACS call (plus, once a day per user, a last-use write); a first issue is one
-read, one create-and-issue, the reverse-lookup (owner) row together with the day's last-use row
-(retention), then the mapping insert together with, only for Entra users keyed by `sub`, the Graph
-lookup row (`make bench` counts them; README, Performance).
+read, one create-and-issue, one entity-group transaction filing the identity's index rows (the
+reverse lookup, the day's last-use row and, only for Entra users keyed by `sub`, the Graph lookup),
+then the mapping insert (`make bench` counts them; README, Performance).
 """
 
 from __future__ import annotations

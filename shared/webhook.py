@@ -26,30 +26,35 @@ if TYPE_CHECKING:  # the store loads with the clients: importing function_app st
 log = logging.getLogger("acs_token_service.events")
 
 
-async def _record_for(clients: Clients, action: Action) -> IdentityRecord | None:
+async def _records_for(clients: Clients, action: Action) -> list[IdentityRecord]:
     target, store = action.target, clients.store
     if target.tenant_id and target.object_id:
-        return await store.graph_user(target.tenant_id, target.object_id)
+        return await store.graph_users(target.tenant_id, target.object_id)
     if target.issuer and target.subject:
-        return await store.get(user_key(target.issuer, target.subject))
+        record = await store.get(user_key(target.issuer, target.subject))
+        return [record] if record is not None else []
     if target.communication_user_id:
         key = await store.owner_of(target.communication_user_id)
         record = await store.get(key) if key else None
         # An event may name an identity the user no longer has (deleted, then recreated).
         if record is not None and record.communication_user_id == target.communication_user_id:
-            return record
-    return None
+            return [record]
+    return []
 
 
-async def _act(clients: Clients, action: Action) -> str:
-    record = await _record_for(clients, action)
-    if record is None:
-        return "unknown_user"  # never used the service (or already deleted): nothing to do
-    if action.kind == "delete":
-        outcome = await clients.revocation.delete(record, source=f"event:{action.event_type}")
-    else:
-        outcome = await clients.revocation.revoke(record, source=f"event:{action.event_type}")
-    return outcome.status
+async def _act(clients: Clients, action: Action) -> list[str]:
+    """What became of each identity the event names; an Entra user may have several."""
+    records = await _records_for(clients, action)
+    if not records:
+        return ["unknown_user"]  # never used the service (or already deleted): nothing to do
+    outcomes = []
+    for record in records:
+        if action.kind == "delete":
+            outcome = await clients.revocation.delete(record, source=f"event:{action.event_type}")
+        else:
+            outcome = await clients.revocation.revoke(record, source=f"event:{action.event_type}")
+        outcomes.append(outcome.status)
+    return outcomes
 
 
 def handshake(req: func.HttpRequest) -> func.HttpResponse:
@@ -86,7 +91,7 @@ async def deliver(req: func.HttpRequest) -> func.HttpResponse:
                 results["duplicate"] += 1
                 continue
             try:
-                results[await _act(clients, action)] += 1
+                results.update(await _act(clients, action))
             except BaseException:
                 await clients.store.release_event(action.event_id)
                 raise

@@ -87,3 +87,13 @@ async def retention_rows(table, user_key: str) -> list:
     query = "PartitionKey eq @p and RowKey ge @lo and RowKey lt @hi and userKey eq @k"
     params = {"p": keys.INDEX_PARTITION, "lo": keys.RETENTION_PREFIX, "hi": "d.", "k": user_key}
     return [e async for e in table.query_entities(query, parameters=params)]
+
+
+async def graph_rows(table, tenant_id: str, object_id: str) -> list:
+    """The index's Graph lookup rows of one Entra user, one per app user key."""
+    from shared import keys
+
+    prefix = keys.graph_prefix(tenant_id, object_id)
+    query = "PartitionKey eq @p and RowKey ge @lo and RowKey lt @hi"
+    params = {"p": keys.INDEX_PARTITION, "lo": prefix, "hi": keys.prefix_end(prefix)}
+    return [e async for e in table.query_entities(query, parameters=params)]

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 
+import jwt
 import pytest
 from azure.core.exceptions import ResourceExistsError, ServiceResponseError
+from azure.data.tables import TableTransactionError
 
 import function_app
 from shared import keys
@@ -17,7 +19,8 @@ from shared.auth import Caller
 from shared.clients import get_clients
 from shared.errors import Unavailable
 from shared.policy import TokenRequest
-from tests.service_helpers import body_of, request, retention_rows
+from shared.store import IdentityRecord
+from tests.service_helpers import body_of, graph_rows, request, retention_rows
 
 
 async def _post_token(users, user: str):
@@ -71,6 +74,8 @@ async def test_a_mapping_insert_that_failed_deletes_the_new_identity(service, em
     assert _live(emulator) == live
     key = keys.user_key(service.stack["issuer"], "insert-failed")
     assert await retention_rows(table, key) == []
+    claims = jwt.decode(service.token("insert-failed"), options={"verify_signature": False})
+    assert await graph_rows(table, claims["tid"], claims["oid"]) == []  # filed with the others, gone too
 
 
 async def test_a_lost_race_whose_discard_failed_stays_on_file_and_is_swept(service, emulator, monkeypatch):
@@ -232,3 +237,74 @@ def test_an_acs_delete_counts_a_404_as_gone_only_in_acs_error_format():
     assert _acs_not_found(from_acs) and not _acs_not_found(from_elsewhere)
     from_acs.status_code = 400
     assert not _acs_not_found(from_acs)
+
+
+async def test_an_identity_filed_by_a_worker_that_died_before_its_mapping_is_swept_with_its_rows(
+    service, emulator
+):
+    # The index transaction landed (owner, retention, Graph rows); the worker died before the insert.
+    clients = get_clients()
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=120)
+    communication_user_id, _token = await clients.tokens.acs.create_with_token(("chat",), 60)
+    key = keys.user_key(service.stack["issuer"], "died-filing")
+    tenant_id, object_id = "0f3c8f5e-5a7b-4b0e-9d0a-2d7d6c1b9a11", "6b1d7c9e-3f24-4e55-8c1a-9e0f2b3d4c5a"
+    record = IdentityRecord(
+        user_key=key,
+        communication_user_id=communication_user_id,
+        issuer=service.stack["issuer"],
+        subject="died-filing",
+        created_at=long_ago,
+        last_used_on=long_ago.date().isoformat(),
+        last_issued_at=long_ago,
+        object_id=object_id,
+        tenant_id=tenant_id,
+    )
+    await clients.store.file_new(record)
+    assert len(await graph_rows(clients.store.table, tenant_id, object_id)) == 1
+    live = _live(emulator)
+
+    report = await clients.cleanup.run(ignore_backoff=True)
+    assert report["retention_unmapped_deleted"] >= 1, report
+    assert _live(emulator) == live - 1
+    assert await clients.store.owner_of(communication_user_id) is None
+    assert await retention_rows(clients.store.table, key) == []
+    assert await graph_rows(clients.store.table, tenant_id, object_id) == []
+
+
+async def test_an_index_transaction_the_table_refuses_files_nothing_and_deletes_the_identity(
+    service, emulator, monkeypatch
+):
+    # A real entity-group transaction that Table Storage refuses whole (a row over the size limit):
+    # TableTransactionError, not a network error. None of its rows lands.
+    store = get_clients().store
+    oversized = store._retention_entity
+
+    def refused(record):
+        return {**oversized(record), "padding": "x" * 70_000}  # over the 64 KiB property limit
+
+    raised = []
+    real_submit = store.table.submit_transaction
+
+    async def submit(operations, **kwargs):
+        try:
+            return await real_submit(operations, **kwargs)
+        except Exception as err:
+            raised.append(err)
+            raise
+
+    monkeypatch.setattr(store, "_retention_entity", refused)
+    monkeypatch.setattr(store.table, "submit_transaction", submit)
+    live = _live(emulator)
+    token = service.token("refused-whole")
+    response = await function_app.issue_token(request("POST", "token", token=token))
+    assert response.status_code in (502, 503) and body_of(response)["code"].startswith("dependency_")
+    assert [type(err) for err in raised] == [TableTransactionError]
+    assert _live(emulator) == live
+    key = keys.user_key(service.stack["issuer"], "refused-whole")
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert await retention_rows(store.table, key) == []
+    assert await graph_rows(store.table, claims["tid"], claims["oid"]) == []
+    query = "PartitionKey eq 'index' and RowKey ge 'c-' and RowKey lt 'c.' and userKey eq @k"
+    owners = store.table.query_entities(query, parameters={"k": key})
+    assert [e async for e in owners] == []
+    assert await store.get(key) is None

@@ -5,15 +5,15 @@ from __future__ import annotations
 import uuid
 
 import jwt
-import pytest
-from azure.core.exceptions import ResourceNotFoundError
 
 import function_app
 from shared import keys
+from shared.auth import Caller
 from shared.clients import get_clients, reset_clients
+from shared.policy import TokenRequest
 from shared.settings import load, reset_settings
 from tests.service_fixtures import configure
-from tests.service_helpers import Users, body_of, request
+from tests.service_helpers import Users, body_of, graph_rows, request
 
 BASE = {
     "AUTH_ISSUER": "https://login.microsoftonline.com/t/v2.0",
@@ -66,9 +66,7 @@ async def test_graph_events_find_oid_keyed_users_without_a_lookup_row(stack, emu
         store = get_clients().store
         key = keys.user_key(stack["issuer"], claims["oid"])
         assert (await store.get(key)).communication_user_id == issued["communicationUserId"]
-        graph_row = keys.graph_row(claims["tid"], claims["oid"])
-        with pytest.raises(ResourceNotFoundError):
-            await store.table.get_entity(keys.INDEX_PARTITION, graph_row)
+        assert await graph_rows(store.table, claims["tid"], claims["oid"]) == []
 
         # The same object id in another tenant is not this user: nothing happens.
         other_tenant = str(uuid.uuid4())
@@ -96,7 +94,7 @@ async def test_a_graph_row_acts_only_on_the_entra_user_the_mapping_records(servi
     await store.table.upsert_entity(
         {
             "PartitionKey": keys.INDEX_PARTITION,
-            "RowKey": keys.graph_row(claims["tid"], stranger),
+            "RowKey": keys.graph_row(claims["tid"], stranger, key),
             "userKey": key,
         }
     )
@@ -105,3 +103,27 @@ async def test_a_graph_row_acts_only_on_the_entra_user_the_mapping_records(servi
 
     assert (await _deliver(_graph_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
     assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
+
+
+async def test_a_graph_event_reaches_every_app_key_of_the_entra_user(service, emulator):
+    # One person, two app keys: e.g. two app registrations (a `sub` differs per app) or issuers.
+    token = service.token("two-apps")
+    claims = jwt.decode(token, options={"verify_signature": False})
+    first = body_of(await function_app.issue_token(request("POST", "token", token=token)))
+    clients = get_clients()
+    other = Caller(
+        issuer="https://login.microsoftonline.com/other-app/v2.0",
+        subject="pairwise-sub-of-the-other-app",
+        object_id=claims["oid"],
+        tenant_id=claims["tid"],
+    )
+    other_key = keys.user_key(other.issuer, other.subject)
+    second = await clients.tokens._create(other, other_key, TokenRequest(scopes=("chat",), minutes=60))
+    assert second.communication_user_id != first["communicationUserId"]
+    assert len(await graph_rows(clients.store.table, claims["tid"], claims["oid"])) == 2
+
+    assert (await _deliver(_graph_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
+    assert emulator.verify(first["token"]) == {"valid": False, "reason": "identity deleted"}
+    assert emulator.verify(second.token.token) == {"valid": False, "reason": "identity deleted"}
+    assert await clients.store.get(other_key) is None
+    assert await graph_rows(clients.store.table, claims["tid"], claims["oid"]) == []

@@ -87,6 +87,30 @@ def test_user_keys_do_not_collide_across_issuers():
     assert keys.owner_row("8:acs:1") != keys.user_key("", "8:acs:1")
 
 
+def test_the_retention_scan_takes_exactly_the_days_before_the_cutoff():
+    user = keys.user_key("https://issuer", "alice")
+    lo, hi = keys.RETENTION_PREFIX, keys.retention_bound("2026-08-27")
+
+    def scanned(row: str) -> bool:
+        return lo <= row < hi
+
+    assert scanned(keys.retention_row("2026-08-26", user, "8:acs:1"))
+    assert scanned(keys.retention_row("1999-12-31", user, "8:acs:1"))
+    assert not scanned(keys.retention_row("2026-08-27", user, "8:acs:1"))  # the cutoff day itself
+    assert not scanned(keys.retention_row("2026-11-25", user, "8:acs:1"))
+    # The index's other rows sort outside the range.
+    assert not scanned(keys.owner_row("8:acs:1"))
+    assert not scanned(keys.graph_row("tid", "oid", user))
+
+
+def test_an_entra_users_graph_rows_share_a_prefix_no_other_user_has():
+    prefix = keys.graph_prefix("TID", "OID")
+    end = keys.prefix_end(prefix)
+    for user in (keys.user_key("https://a", "x"), keys.user_key("https://b", "y")):
+        assert prefix <= keys.graph_row("tid", "oid", user) < end  # tid/oid compare case-blind
+        assert not prefix <= keys.graph_row("tid", "oid2", user) < end
+
+
 SETTINGS = load(BASE)
 
 
