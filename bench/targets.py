@@ -14,6 +14,7 @@ INDEX_ROWS = {
     "upsert retention": "last use",  # the first day's row of the last-use index cleanup scans
     "upsert graph": "Entra lookup",  # (tid, oid) -> user for Graph events; only for sub-keyed Entra users
 }
+REPEATED = ("refresh", "repeated issue")
 # What the transaction must carry in each configuration the bench counts: a row missing is a
 # broken lookup, a row too many a write the configuration does not need.
 FIRST_ISSUE_INDEX = {
@@ -74,15 +75,18 @@ def evaluate(results: dict) -> list[dict]:
         c = calls[op]
         return f"{c['table_reads']:g} read + {c['acs_calls']:g} ACS + {c['table_writes']:g} write"
 
-    for op in ("refresh", "repeated issue"):
-        if op in calls:
-            c = calls[op]
-            add(
-                f"{op} calls",
-                shape(op),
-                "1 read + 1 ACS + 0 write",
-                c["table_reads"] == 1 and c["acs_calls"] == 1 and c["table_writes"] == 0,
-            )
+    counted = [*REPEATED, "refresh, first of a new day", *FIRST_ISSUE_INDEX]
+    for op in (op for op in counted if op not in calls):  # a renamed or dropped count is no pass
+        add(f"{op} calls", "not measured", "measured in every run", False)
+
+    for op in (op for op in REPEATED if op in calls):
+        c = calls[op]
+        add(
+            f"{op} calls",
+            shape(op),
+            "1 read + 1 ACS + 0 write",
+            c["table_reads"] == 1 and c["acs_calls"] == 1 and c["table_writes"] == 0,
+        )
     if "refresh, first of a new day" in calls:
         c = calls["refresh, first of a new day"]
         add(
@@ -98,8 +102,8 @@ def evaluate(results: dict) -> list[dict]:
             batches = {k: _index_batch(k) for k in writes if _index_batch(k) is not None}
             [rows] = batches.values() if len(batches) == 1 else [[]]
             met = (
-                c["table_reads"] <= 1
-                and c["acs_calls"] <= 1
+                c["table_reads"] == 1  # the miss; the issue allows <= 1, and 0 would be a broken count
+                and c["acs_calls"] == 1
                 and set(writes) == {"insert mapping", *batches}
                 and writes["insert mapping"] == 1
                 and all(writes[k] == 1 for k in batches)

@@ -181,22 +181,14 @@ class IdentityStore:
         only the user: a racing request writes what the winner writes.
         """
         await self._ensure_table()
-        rows = [
-            {
-                "PartitionKey": keys.INDEX_PARTITION,
-                "RowKey": keys.owner_row(record.communication_user_id),
-                "communicationUserId": record.communication_user_id,
-                "userKey": record.user_key,
-                "createdAt": record.created_at,
-            },
-            self._retention_entity(record),
-        ]
-        if graph_row := self._graph_row(record):
-            rows.append(
-                {"PartitionKey": keys.INDEX_PARTITION, "RowKey": graph_row, "userKey": record.user_key}
-            )
-        # Upserts: idempotent, so the SDK may retry the batch after a lost answer.
-        await self.table.submit_transaction([("upsert", row, {"mode": UpdateMode.REPLACE}) for row in rows])
+        owner = {
+            "PartitionKey": keys.INDEX_PARTITION,
+            "RowKey": keys.owner_row(record.communication_user_id),
+            "communicationUserId": record.communication_user_id,
+            "userKey": record.user_key,
+            "createdAt": record.created_at,
+        }
+        await self._upsert_together([owner, *self._filed_rows(record)])
 
     @telemetry.table_operation("insert")
     async def insert(self, record: IdentityRecord) -> None:
@@ -223,19 +215,35 @@ class IdentityStore:
             entity["graphRow"] = graph_row
         return entity
 
-    @telemetry.table_operation("forget_lost")
-    async def forget_lost(self, record: IdentityRecord) -> None:
-        """The rows of an identity no mapping names (a lost race, a failed first issue), once it is
-        deleted or queued for deletion. The Graph row goes first, and only if the user has no
-        mapping: the retention row names it, so cleanup's sweep finishes the job if this fails."""
-        try:
-            if graph_row := self._graph_row(record):
-                await self.forget_graph_row(record.user_key, graph_row)
-            outcomes = await asyncio.gather(
-                self.forget_owner(record.communication_user_id), self._unfile(record), return_exceptions=True
+    def _filed_rows(self, record: IdentityRecord) -> list[dict]:
+        """The retention row and, when Graph events need one, the user's Graph row."""
+        rows = [self._retention_entity(record)]
+        if graph_row := self._graph_row(record):
+            rows.append(
+                {"PartitionKey": keys.INDEX_PARTITION, "RowKey": graph_row, "userKey": record.user_key}
             )
-        except Exception as err:  # noqa: BLE001 - the rows are secondary: cleanup sweeps them
-            outcomes = [err]
+        return rows
+
+    async def _upsert_together(self, rows: list[dict]) -> None:
+        """Index rows in one entity-group transaction: all or nothing, one request. Upserts are
+        idempotent, so the SDK may retry the transaction after a lost answer."""
+        await self.table.submit_transaction([("upsert", row, {"mode": UpdateMode.REPLACE}) for row in rows])
+
+    @telemetry.table_operation("forget_lost")
+    async def forget_lost(self, record: IdentityRecord, *, user_mapped: bool) -> None:
+        """The rows of an identity no mapping names (a lost race, a failed first issue), once it is
+        deleted or queued for deletion.
+
+        The Graph row names only the user: with `user_mapped` (a lost race) it is the winner's.
+        Without, it may be, too: a concurrent first request of the same user may have filed it and
+        be about to insert its mapping, so it is not deleted now. The retention row, which names
+        it, stays instead, and cleanup's sweep drops both once the retention period has passed, if
+        the user still has no mapping then (the identity's deletion is repeated; ACS says gone).
+        """
+        rows = [self.forget_owner(record.communication_user_id)]
+        if user_mapped or self._graph_row(record) is None:
+            rows.append(self._unfile(record))
+        outcomes = await asyncio.gather(*rows, return_exceptions=True)
         if any(isinstance(outcome, BaseException) for outcome in outcomes):
             log.warning("a lost race's rows stay for cleanup to sweep")
 
@@ -340,9 +348,19 @@ class IdentityStore:
 
     @telemetry.table_operation("forget_graph_row")
     async def forget_graph_row(self, user_key: str, graph_row: str) -> None:
-        """Drop a user's Graph lookup row once they have no mapping (a new one files it again)."""
-        if await self._get(user_key, keys.IDENTITY_ROW) is None:
-            await self._delete(keys.INDEX_PARTITION, graph_row)
+        """Drop a user's Graph lookup row once they have no mapping.
+
+        Read the row, then the mapping, then delete only the row as read: a first issue that filed
+        it again after the first read keeps it. One that filed it before and inserts its mapping
+        after the second read loses it; `refile` writes it again for users still active.
+        """
+        entity = await self._get(keys.INDEX_PARTITION, graph_row)
+        if entity is None or await self._get(user_key, keys.IDENTITY_ROW) is not None:
+            return
+        try:
+            await self._delete(keys.INDEX_PARTITION, graph_row, entity.metadata["etag"])
+        except ResourceModifiedError:
+            pass
 
     # ---- pending work --------------------------------------------------------------------------
 
@@ -500,8 +518,10 @@ class IdentityStore:
 
     @telemetry.table_operation("refile")
     async def refile(self, filed: Filed, record: IdentityRecord) -> None:
-        """An identity was used after its retention row's day: move the row to that day."""
-        await self.table.upsert_entity(self._retention_entity(record), mode=UpdateMode.REPLACE)
+        """An identity was used after its retention row's day: move the row to that day. The user's
+        Graph row goes in the same transaction, so one lost to a race is back within a retention
+        period."""
+        await self._upsert_together(self._filed_rows(record))
         await self._delete(keys.INDEX_PARTITION, filed.row_key)
 
     @telemetry.table_operation("drop_retention_row")

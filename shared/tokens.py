@@ -106,7 +106,7 @@ class TokenService:
             await self.store.file_new(record)
         except Exception:
             if await self._discard(communication_user_id):  # no mapping was tried: none names it
-                await self.store.forget_lost(record)
+                await self.store.forget_lost(record, user_mapped=False)
             raise
         try:
             await self.store.insert(record)
@@ -131,7 +131,7 @@ class TokenService:
             return TokenResult(ours, token, request.scopes, identity_created=True)
         # Not ours: delete our identity, and only then its rows, which until then let cleanup find it.
         if await self._discard(ours):
-            await self.store.forget_lost(record)
+            await self.store.forget_lost(record, user_mapped=current is not None)
         if current is not None:  # a concurrent first request mapped this user first: use its identity
             return await self._issue_existing(current, request)
         if isinstance(err, ResourceExistsError):  # mapped and deleted in between: safe to ask again

@@ -1,7 +1,8 @@
-"""The Event Grid webhook: handshakes, then each event acted on at most once.
+"""The Event Grid webhook: handshakes, then each event acted on at most once per identity.
 
 An event id is recorded before it is acted on and released if acting fails, so Event Grid's
 at-least-once redelivery never revokes or deletes twice, and a failure is retried by Event Grid.
+An event naming an Entra user known under several app keys records each (event, key) as well.
 A malformed delivery is refused whole (400) before any state is touched.
 """
 
@@ -43,18 +44,35 @@ async def _records_for(clients: Clients, action: Action) -> list[IdentityRecord]
 
 
 async def _act(clients: Clients, action: Action) -> list[str]:
-    """What became of each identity the event names; an Entra user may have several."""
+    """What became of each identity the event names; an Entra user may have several. Then each is
+    claimed on its own, so a redelivery after one failed acts only on those not done yet, and one
+    that keeps failing does not stop the others."""
     records = await _records_for(clients, action)
     if not records:
         return ["unknown_user"]  # never used the service (or already deleted): nothing to do
-    outcomes = []
+    outcomes: list[str] = []
+    failures: list[BaseException] = []
     for record in records:
-        if action.kind == "delete":
-            outcome = await clients.revocation.delete(record, source=f"event:{action.event_type}")
-        else:
-            outcome = await clients.revocation.revoke(record, source=f"event:{action.event_type}")
-        outcomes.append(outcome.status)
+        claim = f"{action.event_id}/{record.user_key}" if len(records) > 1 else None
+        if claim and not await clients.store.claim_event(claim, dt.datetime.now(dt.UTC)):
+            outcomes.append("duplicate")
+            continue
+        try:
+            outcomes.append(await _apply(clients, action, record))
+        except Exception as err:  # noqa: BLE001 - raised once the others have had their turn
+            if claim:
+                await clients.store.release_event(claim)
+            failures.append(err)
+    if failures:
+        raise failures[0]
     return outcomes
+
+
+async def _apply(clients: Clients, action: Action, record: IdentityRecord) -> str:
+    source = f"event:{action.event_type}"
+    if action.kind == "delete":
+        return (await clients.revocation.delete(record, source=source)).status
+    return (await clients.revocation.revoke(record, source=source)).status
 
 
 def handshake(req: func.HttpRequest) -> func.HttpResponse:

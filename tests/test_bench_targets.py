@@ -58,8 +58,18 @@ def test_a_graph_row_the_configuration_does_not_need_fails():
         assert _verdict(op, {"read mapping": 1, "insert mapping": 1, INDEX: 1}) == "FAIL"
 
 
-def test_a_second_acs_call_fails():
+def test_a_second_acs_call_or_none_fails():
     assert _first_issue({"read mapping": 1, "insert mapping": 1, INDEX: 1}, acs=2) == "FAIL"
+    assert _first_issue({"read mapping": 1, "insert mapping": 1, INDEX: 1}, acs=0) == "FAIL"
+
+
+def test_a_count_the_run_did_not_make_fails():
+    calls = summarize(
+        Counter({"read mapping": 1, "insert mapping": 1, INDEX: 1}), Counter({"createIdentity": 1}), 1
+    )
+    verdicts = {t["target"]: t["status"] for t in targets.evaluate({"calls": {"first issue": calls}})}
+    assert verdicts["first issue calls"] == "PASS"
+    assert verdicts["refresh calls"] == verdicts["first issue, no oid/tid calls"] == "FAIL"
 
 
 def test_entities_written_count_each_row_of_a_transaction():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 
 import jwt
@@ -10,6 +11,7 @@ import function_app
 from shared import keys
 from shared.auth import Caller
 from shared.clients import get_clients, reset_clients
+from shared.errors import Unavailable
 from shared.policy import TokenRequest
 from shared.settings import load, reset_settings
 from tests.service_fixtures import configure
@@ -105,25 +107,92 @@ async def test_a_graph_row_acts_only_on_the_entra_user_the_mapping_records(servi
     assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
 
 
-async def test_a_graph_event_reaches_every_app_key_of_the_entra_user(service, emulator):
-    # One person, two app keys: e.g. two app registrations (a `sub` differs per app) or issuers.
-    token = service.token("two-apps")
+async def _two_app_keys(service, user: str) -> tuple[dict, dict[str, tuple[Caller, str]]]:
+    """One person, two app keys: e.g. two app registrations (a `sub` differs per app) or issuers.
+    Returns the token's claims, and for each ACS identity the caller it is for and its token."""
+    token = service.token(user)
     claims = jwt.decode(token, options={"verify_signature": False})
     first = body_of(await function_app.issue_token(request("POST", "token", token=token)))
-    clients = get_clients()
-    other = Caller(
-        issuer="https://login.microsoftonline.com/other-app/v2.0",
-        subject="pairwise-sub-of-the-other-app",
-        object_id=claims["oid"],
-        tenant_id=claims["tid"],
-    )
-    other_key = keys.user_key(other.issuer, other.subject)
-    second = await clients.tokens._create(other, other_key, TokenRequest(scopes=("chat",), minutes=60))
+    callers = [
+        Caller(issuer=claims["iss"], subject=user, object_id=claims["oid"], tenant_id=claims["tid"]),
+        Caller(
+            issuer="https://login.microsoftonline.com/other-app/v2.0",
+            subject=f"pairwise-sub-of-{user}-in-the-other-app",
+            object_id=claims["oid"],
+            tenant_id=claims["tid"],
+        ),
+    ]
+    other_key = keys.user_key(callers[1].issuer, callers[1].subject)
+    chat = TokenRequest(scopes=("chat",), minutes=60)
+    second = await get_clients().tokens._create(callers[1], other_key, chat)
     assert second.communication_user_id != first["communicationUserId"]
-    assert len(await graph_rows(clients.store.table, claims["tid"], claims["oid"])) == 2
+    return claims, {
+        first["communicationUserId"]: (callers[0], first["token"]),
+        second.communication_user_id: (callers[1], second.token.token),
+    }
+
+
+async def test_a_graph_event_reaches_every_app_key_of_the_entra_user(service, emulator):
+    claims, identities = await _two_app_keys(service, "two-apps")
+    store = get_clients().store
+    assert len(await graph_rows(store.table, claims["tid"], claims["oid"])) == 2
 
     assert (await _deliver(_graph_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
-    assert emulator.verify(first["token"]) == {"valid": False, "reason": "identity deleted"}
-    assert emulator.verify(second.token.token) == {"valid": False, "reason": "identity deleted"}
-    assert await clients.store.get(other_key) is None
-    assert await graph_rows(clients.store.table, claims["tid"], claims["oid"]) == []
+    for caller, token in identities.values():
+        assert emulator.verify(token) == {"valid": False, "reason": "identity deleted"}
+        assert await store.get(keys.user_key(caller.issuer, caller.subject)) is None
+    assert await graph_rows(store.table, claims["tid"], claims["oid"]) == []
+
+
+async def test_a_redelivery_after_a_partial_failure_acts_only_on_the_identities_not_done(
+    service, emulator, monkeypatch
+):
+    claims, identities = await _two_app_keys(service, "two-apps-retried")
+    clients = get_clients()
+    # The first one acted on fails: the other still gets its turn.
+    records = await clients.store.graph_users(claims["tid"], claims["oid"])
+    failed, done = [r.communication_user_id for r in records]
+    failing = {failed}
+    real_revoke = clients.revocation.revoke
+
+    async def revoke(record, *, source):
+        if record.communication_user_id in failing:
+            failing.clear()
+            raise Unavailable("Table Storage is not answering.", code="dependency_unavailable")
+        return await real_revoke(record, source=source)
+
+    monkeypatch.setattr(clients.revocation, "revoke", revoke)
+    event = _graph_event("UserUpdated", claims["tid"], claims["oid"])
+    assert (await _deliver(event)).status_code == 503  # Event Grid will redeliver
+    assert emulator.verify(identities[failed][1])["valid"]
+    assert emulator.verify(identities[done][1]) == {"valid": False, "reason": "revoked"}
+
+    # Signed in again since: the redelivery must not revoke the token issued meanwhile.
+    caller = identities[done][0]
+    reissued = await clients.tokens.issue(caller, TokenRequest(scopes=("chat",), minutes=60))
+    assert reissued.communication_user_id == done
+    assert (await _deliver(event)).status_code == 200
+    assert emulator.verify(identities[failed][1]) == {"valid": False, "reason": "revoked"}
+    assert emulator.verify(reissued.token.token)["valid"]
+
+
+async def test_cleanup_files_a_lost_graph_row_again_for_a_user_still_active(service, emulator, monkeypatch):
+    # A race lost the row (see IdentityStore.forget_graph_row); moving the retention row restores it.
+    clients = get_clients()
+    token = service.token("graph-row-lost")
+    claims = jwt.decode(token, options={"verify_signature": False})
+    with monkeypatch.context() as patch:
+        patch.setattr(clients.tokens, "clock", lambda: dt.datetime.now(dt.UTC) - dt.timedelta(days=120))
+        issued = body_of(await function_app.issue_token(request("POST", "token", token=token)))
+    again = body_of(await function_app.issue_token(request("POST", "token", token=token)))  # used today
+    [row] = await graph_rows(clients.store.table, claims["tid"], claims["oid"])
+    await clients.store.table.delete_entity(row["PartitionKey"], row["RowKey"])
+
+    report = await clients.cleanup.run(ignore_backoff=True)
+    assert report["retention_refiled"] >= 1, report
+    assert [r["RowKey"] for r in await graph_rows(clients.store.table, claims["tid"], claims["oid"])] == [
+        row["RowKey"]
+    ]
+    assert (await _deliver(_graph_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
+    assert emulator.verify(again["token"]) == {"valid": False, "reason": "identity deleted"}
+    assert again["communicationUserId"] == issued["communicationUserId"]
