@@ -14,6 +14,9 @@ Rows (one table, every lookup a point read or a key-range scan):
     Graph events, which name users that way; one row per app user key, so a person who signed in
     to two apps (two `sub`s) is found under both, by one key-range query. Not written when users
     are keyed by object id (`Settings.object_id_issuer`): the event then names the mapping itself.
+    It goes once the user has no mapping: with `remove`, or, after a first issue that never got
+    its mapping, with cleanup's sweep (the retention row names it), never in the hot window where
+    a concurrent first request of the same user may need it.
   - retention `RK=retention_row(day last known used, user_key, id)`: scanned by key range for days
     older than the retention period, so cleanup costs grow with stale identities, not all
     identities. It is the first day's last-use record; later days' uses update the mapping, and
