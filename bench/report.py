@@ -68,12 +68,24 @@ def _bottleneck(throughput: dict) -> list[str]:
     return lines
 
 
+def _filing(filing: dict) -> list[str]:
+    lines = [f"Index filing of a first issue, {filing['concurrency']} at once (bench/filing.py)"]
+    for way in ("transaction", "single upserts"):
+        f = filing[way]
+        lines.append(
+            f"  {way:<15} {f['requests']} request(s), {f['cpu_ms_per_filing']:.2f} ms CPU each, "
+            f"{f['throughput']:.0f}/s"
+        )
+    return lines
+
+
 def render(results: dict) -> str:
     tp = results["throughput"]
     sections = [
         _throughput_table("Refresh", tp["refresh"]),
         _throughput_table("First issue", tp["first_issue"]),
         _calls_table(results["calls"]),
+        *([_filing(results["filing"])] if "filing" in results else []),
         _cold_start(results["cold_start"]),
         _bottleneck(tp),
     ]

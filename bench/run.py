@@ -24,6 +24,7 @@ from . import coldstart
 from .backends import EndToEnd, Floor, HandlerLevel, service_environment
 from .counting import AcsCounter, TableCountingProxy, summarize
 from .cpu import CpuMeter, stack_processes
+from .filing import filing_cost
 from .load import Operation, closed_loop, percentile
 from .users import Users
 
@@ -39,6 +40,8 @@ class Config:
     issue_rounds: int = 3  # each first issue creates an identity: fewer rounds keep the run short
     pool: int = 128  # users whose tokens are refreshed, round robin
     count_operations: int = 5  # operations of each kind for the call counts
+    filing_ops: int = 300  # index filings per round, each way (bench/filing.py)
+    filing_concurrency: int = 16
     coldstart_repeats: int = 5
     quick: bool = False
 
@@ -53,6 +56,8 @@ class Config:
             issue_rounds=1,
             pool=8,
             count_operations=2,
+            filing_ops=6,
+            filing_concurrency=4,
             coldstart_repeats=1,
             quick=True,
         )
@@ -243,10 +248,15 @@ async def call_counts(env: dict, users: Users, tls_dir: Path, n: int) -> dict:
 
         async def count(label: str, calls: list[Callable]) -> None:
             proxy.calls.clear()
+            proxy.statuses.clear()
             before = await acs.calls(http)
             for call in calls:
                 await call()
             results[label] = summarize(proxy.calls.copy(), (await acs.calls(http)) - before, len(calls))
+            # Every answer, so that a retried failure would show (a first issue's read is a 404 miss).
+            results[label]["table_statuses"] = {
+                k: round(v / len(calls), 2) for k, v in sorted(proxy.statuses.items())
+            }
 
         with service_environment(env, TABLES_ENDPOINT=proxy.endpoint):
             async with HandlerLevel() as handler:
@@ -302,10 +312,20 @@ async def measure_stack(
     calls = await call_counts(env, users, tls_dir, config.count_operations)
     log("throughput: floor, handler level, end to end ...")
     measured = await throughput(env, users, config, meter, log)
+    log("index filing: one transaction against single upserts ...")
+    with service_environment(env):
+        async with Floor(env) as floor:
+            filing = await filing_cost(
+                floor.table,
+                ops=config.filing_ops,
+                concurrency=config.filing_concurrency,
+                rounds=config.issue_rounds,
+            )
     return {
         "throughput": {"refresh": measured["refresh"], "first_issue": measured["first_issue"]},
         "per_worker": measured["per_worker"],
         "calls": calls,
+        "filing": filing,
         "processes": list(meter.pids),
     }
 

@@ -48,10 +48,18 @@ def test_bench_runs_end_to_end_in_a_quick_configuration(stack, emulator, tmp_pat
     for op in ("first issue, AUTH_USER_CLAIM=oid", "first issue, no oid/tid"):
         assert calls[op]["table"]["batch [upsert owner, upsert retention]"] == 1, calls[op]
         assert (calls[op]["table_writes"], calls[op]["table_entities_written"]) == (2, 3), calls[op]
+    # Every Table answer is recorded: no count hides a retried failure.
+    assert calls["refresh"]["table_statuses"] == {"read mapping 200": 1}, calls["refresh"]
+    assert calls["first issue"]["table_statuses"]["read mapping 404"] == 1  # the miss
+    assert all(int(k.rsplit(" ", 1)[1]) < 500 for c in calls.values() for k in c.get("table_statuses", {}))
     status = {t["target"]: t["status"] for t in results["targets"]}
     for op in ("first issue", "first issue, AUTH_USER_CLAIM=oid", "first issue, no oid/tid"):
         assert status[f"{op} calls"] == "PASS", results["targets"]
     assert results["per_worker"]["jwks_fetches"] == 1
+
+    filing = results["filing"]
+    assert (filing["transaction"]["requests"], filing["single upserts"]["requests"]) == (1, 3)
+    assert filing["transaction"]["cpu_ms_per_filing"] > 0 and filing["single upserts"]["throughput"] > 0
 
     cold = results["cold_start"]
     assert cold["index"]["total_ms"] > 0 and "azure.functions" in cold["index"]["dependencies"]
