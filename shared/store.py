@@ -184,6 +184,11 @@ class IdentityStore:
         only the user: a racing request writes what the winner writes.
         """
         await self._ensure_table()
+        await self._upsert_together(self.index_rows(record))
+
+    def index_rows(self, record: IdentityRecord) -> list[dict]:
+        """What `file_new` writes: owner, retention and, if needed, Graph rows (the bench files
+        these very rows to measure what the transaction costs)."""
         owner = {
             "PartitionKey": keys.INDEX_PARTITION,
             "RowKey": keys.owner_row(record.communication_user_id),
@@ -191,7 +196,7 @@ class IdentityStore:
             "userKey": record.user_key,
             "createdAt": record.created_at,
         }
-        await self._upsert_together([owner, *self._filed_rows(record)])
+        return [owner, *self._filed_rows(record)]
 
     @telemetry.table_operation("insert")
     async def insert(self, record: IdentityRecord) -> None:
@@ -544,6 +549,10 @@ class IdentityStore:
         except ResourceExistsError:
             return False
         return True
+
+    @telemetry.table_operation("event_seen")
+    async def event_seen(self, event_id: str) -> bool:
+        return await self._get(keys.EVENTS_PARTITION, keys.event_row(event_id)) is not None
 
     @telemetry.table_operation("release_event")
     async def release_event(self, event_id: str) -> None:

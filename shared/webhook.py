@@ -2,7 +2,8 @@
 
 An event id is recorded before it is acted on and released if acting fails, so Event Grid's
 at-least-once redelivery never revokes or deletes twice, and a failure is retried by Event Grid.
-An event naming an Entra user known under several app keys records each (event, key) as well.
+A Graph event names an Entra user, who may have several identities: each is marked done on its
+own, so a redelivery after a partial failure acts only on those not done yet.
 A malformed delivery is refused whole (400) before any state is touched.
 """
 
@@ -44,24 +45,28 @@ async def _records_for(clients: Clients, action: Action) -> list[IdentityRecord]
 
 
 async def _act(clients: Clients, action: Action) -> list[str]:
-    """What became of each identity the event names; an Entra user may have several. Then each is
-    claimed on its own, so a redelivery after one failed acts only on those not done yet, and one
-    that keeps failing does not stop the others."""
+    """What became of each identity the event names. A Graph event names an Entra user, who may be
+    known under several app keys: each identity done is marked (event, key) after it is acted on,
+    so a redelivery after a failure acts only on those not done, even if the user's identities
+    changed in between, and one that keeps failing does not stop the others. Marking after acting
+    means a mark that fails to land repeats that identity's action, never skips it."""
     records = await _records_for(clients, action)
     if not records:
         return ["unknown_user"]  # never used the service (or already deleted): nothing to do
+    graph = bool(action.target.tenant_id and action.target.object_id)
+    store = clients.store
     outcomes: list[str] = []
-    failures: list[BaseException] = []
+    failures: list[Exception] = []
     for record in records:
-        claim = f"{action.event_id}/{record.user_key}" if len(records) > 1 else None
-        if claim and not await clients.store.claim_event(claim, dt.datetime.now(dt.UTC)):
-            outcomes.append("duplicate")
-            continue
+        done = f"{action.event_id}/{record.user_key}" if graph else None
         try:
+            if done and await store.event_seen(done):
+                outcomes.append("duplicate")
+                continue
             outcomes.append(await _apply(clients, action, record))
+            if done:
+                await store.claim_event(done, dt.datetime.now(dt.UTC))
         except Exception as err:  # noqa: BLE001 - raised once the others have had their turn
-            if claim:
-                await clients.store.release_event(claim)
             failures.append(err)
     if failures:
         raise failures[0]

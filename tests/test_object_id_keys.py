@@ -196,3 +196,32 @@ async def test_cleanup_files_a_lost_graph_row_again_for_a_user_still_active(serv
     assert (await _deliver(_graph_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
     assert emulator.verify(again["token"]) == {"valid": False, "reason": "identity deleted"}
     assert again["communicationUserId"] == issued["communicationUserId"]
+
+
+async def test_a_redelivery_does_not_act_again_on_an_identity_done_though_the_other_is_gone(
+    service, emulator, monkeypatch
+):
+    # First delivery: one identity revoked, the other fails; that one is deleted before Event Grid
+    # redelivers, so the redelivery finds a single identity, the one already done.
+    claims, identities = await _two_app_keys(service, "two-apps-one-gone")
+    clients = get_clients()
+    records = await clients.store.graph_users(claims["tid"], claims["oid"])
+    failed, done = records
+    real_revoke = clients.revocation.revoke
+
+    async def revoke(record, *, source):
+        if record.communication_user_id == failed.communication_user_id:
+            raise Unavailable("Table Storage is not answering.", code="dependency_unavailable")
+        return await real_revoke(record, source=source)
+
+    monkeypatch.setattr(clients.revocation, "revoke", revoke)
+    event = _graph_event("UserUpdated", claims["tid"], claims["oid"])
+    assert (await _deliver(event)).status_code == 503
+    assert (await clients.revocation.delete(failed, source="test")).status == "deleted"
+    caller = identities[done.communication_user_id][0]
+    reissued = await clients.tokens.issue(caller, TokenRequest(scopes=("chat",), minutes=60))
+
+    redelivered = await _deliver(event)
+    assert redelivered.status_code == 200, redelivered.get_body()
+    assert body_of(redelivered)["results"] == {"duplicate": 1, "ignored": 0}
+    assert emulator.verify(reissued.token.token)["valid"]
