@@ -538,26 +538,22 @@ class IdentityStore:
 
     # ---- events --------------------------------------------------------------------------------
 
-    @telemetry.table_operation("claim_event")
-    async def claim_event(self, event_id: str, now: dt.datetime) -> bool:
-        """Record an event id before acting on it; False when it was acted on already."""
+    @telemetry.table_operation("event_seen")
+    async def event_seen(self, event_id: str) -> bool:
+        """Was this event (or one identity's part of it) marked done?"""
+        return await self._get(keys.EVENTS_PARTITION, keys.event_row(event_id)) is not None
+
+    @telemetry.table_operation("mark_event_done")
+    async def mark_event_done(self, event_id: str, now: dt.datetime) -> None:
+        """Marked after acting, never before: a delivery cut off midway (a timeout, a crash) leaves
+        no mark, so Event Grid's retry acts again instead of skipping what was never done."""
         await self._ensure_table()
         try:
             await self.table.create_entity(
                 {"PartitionKey": keys.EVENTS_PARTITION, "RowKey": keys.event_row(event_id), "receivedAt": now}
             )
         except ResourceExistsError:
-            return False
-        return True
-
-    @telemetry.table_operation("event_seen")
-    async def event_seen(self, event_id: str) -> bool:
-        return await self._get(keys.EVENTS_PARTITION, keys.event_row(event_id)) is not None
-
-    @telemetry.table_operation("release_event")
-    async def release_event(self, event_id: str) -> None:
-        """Acting failed: let Event Grid's retry act on it."""
-        await self._delete(keys.EVENTS_PARTITION, keys.event_row(event_id))
+            pass  # a concurrent delivery of the same event marked it first
 
     @telemetry.table_operation("forget_events")
     async def forget_events_before(self, cutoff: dt.datetime) -> int:

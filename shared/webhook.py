@@ -1,9 +1,12 @@
-"""The Event Grid webhook: handshakes, then each event acted on at most once per identity.
+"""The Event Grid webhook: handshakes, then each event acted on once.
 
-An event id is recorded before it is acted on and released if acting fails, so Event Grid's
-at-least-once redelivery never revokes or deletes twice, and a failure is retried by Event Grid.
-A Graph event names an Entra user, who may have several identities: each is marked done on its
-own, so a redelivery after a partial failure acts only on those not done yet.
+Event Grid delivers at least once. An event is marked done after it is acted on, so a redelivery
+of a done event is acknowledged without acting again; one whose handling failed, or was cut off by
+a timeout or a crash, has no mark, and Event Grid's retry acts on it. A Graph event names an Entra
+user, who may have several identities: each is marked done on its own, so a retry acts only on
+those not done yet. Two deliveries of one event at the same moment (Event Grid retries an answer
+that takes over 30 s) may both act: a second revoke or delete of the same identity seconds later
+changes nothing that matters.
 A malformed delivery is refused whole (400) before any state is touched.
 """
 
@@ -65,7 +68,7 @@ async def _act(clients: Clients, action: Action) -> list[str]:
                 continue
             outcomes.append(await _apply(clients, action, record))
             if done:
-                await store.claim_event(done, dt.datetime.now(dt.UTC))
+                await store.mark_event_done(done, dt.datetime.now(dt.UTC))
         except Exception as err:  # noqa: BLE001 - raised once the others have had their turn
             failures.append(err)
     if failures:
@@ -109,15 +112,18 @@ async def deliver(req: func.HttpRequest) -> func.HttpResponse:
             log.info("event subscription validated")
             return json_response({"validationResponse": delivery.validation_code})
         results: Counter[str] = Counter()
-        for action in delivery.actions:
-            if not await clients.store.claim_event(action.event_id, dt.datetime.now(dt.UTC)):
-                results["duplicate"] += 1
-                continue
+        failures: list[Exception] = []
+        for action in delivery.actions:  # each event gets its turn; a failure answers for the batch
             try:
+                if await clients.store.event_seen(action.event_id):
+                    results["duplicate"] += 1
+                    continue
                 results.update(await _act(clients, action))
-            except BaseException:
-                await clients.store.release_event(action.event_id)
-                raise
+                await clients.store.mark_event_done(action.event_id, dt.datetime.now(dt.UTC))
+            except Exception as err:  # noqa: BLE001 - raised below: Event Grid retries the batch
+                failures.append(err)
+        if failures:
+            raise failures[0]
         results["ignored"] = delivery.ignored
         log.info("events handled: %s", " ".join(f"{k}={v}" for k, v in sorted(results.items())))
         return json_response({"results": dict(results)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 
@@ -225,3 +226,35 @@ async def test_a_redelivery_does_not_act_again_on_an_identity_done_though_the_ot
     assert redelivered.status_code == 200, redelivered.get_body()
     assert body_of(redelivered)["results"] == {"duplicate": 1, "ignored": 0}
     assert emulator.verify(reissued.token.token)["valid"]
+
+
+async def test_an_event_whose_first_delivery_is_still_failing_is_acted_on_by_the_retry(
+    service, emulator, monkeypatch
+):
+    # Event Grid retries a delivery that has not answered in 30 s. The first one is stuck on a slow
+    # ACS and fails after the retry came: the retry must have acted, not answered "duplicate".
+    token = service.token("slow-first-delivery")
+    claims = jwt.decode(token, options={"verify_signature": False})
+    issued = body_of(await function_app.issue_token(request("POST", "token", token=token)))
+    clients = get_clients()
+    real_delete = clients.revocation.delete
+    stuck, calls = asyncio.Event(), []
+
+    async def delete(record, *, source):
+        calls.append(record.communication_user_id)
+        if len(calls) == 1:
+            await stuck.wait()
+            raise Unavailable("ACS did not answer in time.", code="acs_unavailable")
+        return await real_delete(record, source=source)
+
+    monkeypatch.setattr(clients.revocation, "delete", delete)
+    event = _graph_event("UserDeleted", claims["tid"], claims["oid"])
+    first = asyncio.create_task(_deliver(event))
+    await asyncio.sleep(0.05)
+    retry = await _deliver(event)
+    stuck.set()
+    assert (await first).status_code == 503
+    assert retry.status_code == 200 and body_of(retry)["results"]["deleted"] == 1, retry.get_body()
+    assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
+    again = await _deliver(event)  # a later redelivery: done, nothing to do
+    assert body_of(again)["results"] == {"duplicate": 1, "ignored": 0}

@@ -301,12 +301,13 @@ def test_the_dev_host_schedules_the_cleanup_timer_from_settings(stack):
 async def test_event_ids_are_remembered_for_a_week_then_forgotten(service):
     store = get_clients().store
     now = dt.datetime.now(dt.UTC)
-    assert await store.claim_event("evt-old", now - dt.timedelta(days=8))
-    assert await store.claim_event("evt-recent", now - dt.timedelta(days=2))
+    await store.mark_event_done("evt-old", now - dt.timedelta(days=8))
+    await store.mark_event_done("evt-recent", now - dt.timedelta(days=2))
+    assert await store.event_seen("evt-old") and await store.event_seen("evt-recent")
     report = await _cleanup()
     assert report["event_ids_forgotten"] >= 1
-    assert await store.claim_event("evt-old", now)  # forgotten: a new delivery would act
-    assert not await store.claim_event("evt-recent", now)  # still deduplicated
+    assert not await store.event_seen("evt-old")  # forgotten: a new delivery would act
+    assert await store.event_seen("evt-recent")  # still deduplicated
 
 
 async def test_deleting_an_identity_used_since_its_first_day_drops_its_retention_row(service, emulator):
