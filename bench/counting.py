@@ -63,6 +63,13 @@ def classify(method: str, path: str, headers, body: bytes) -> str:
     return f"{'update' if guarded else 'upsert'} {kind}"
 
 
+def batch_operations(call: str) -> list[str] | None:
+    """The operations a counted transaction carried ('batch [upsert owner, ...]'), or None."""
+    if not (call.startswith("batch [") and call.endswith("]")):
+        return None
+    return [part.strip() for part in call[len("batch [") : -1].split(",") if part.strip()]
+
+
 def batch_parts(body: bytes) -> list[str]:
     """The operations inside a $batch body (multipart/mixed, one HTTP request per part)."""
     parts = []
@@ -140,8 +147,8 @@ def summarize(table: Counter[str], acs: Counter[str], operations: int) -> dict:
     per_op = {k: round(v / operations, 2) for k, v in sorted(table.items()) if v}
     written = 0
     for call, count in table.items():
-        if call.startswith("batch ["):
-            written += count * (call.count(",") + 1 if call != "batch []" else 0)
+        if (carried := batch_operations(call)) is not None:
+            written += count * len(carried)
         elif call.startswith(WRITES) and call != "create table":
             written += count
     return {

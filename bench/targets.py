@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .counting import batch_operations
+
 HANDLER_REFRESH_RATIO = 0.8
 WRITE_VERBS = ("insert", "upsert", "update", "delete", "batch", "create")
 E2E_REFRESH_RATIO = 0.5
@@ -22,13 +24,6 @@ FIRST_ISSUE_INDEX = {
     "first issue, AUTH_USER_CLAIM=oid": ("upsert owner", "upsert retention"),
     "first issue, no oid/tid": ("upsert owner", "upsert retention"),
 }
-
-
-def _index_batch(call: str) -> list[str] | None:
-    """The operations of an index transaction ('batch [upsert owner, ...]'), or None."""
-    if not (call.startswith("batch [") and call.endswith("]")):
-        return None
-    return [part.strip() for part in call[len("batch [") : -1].split(",") if part.strip()]
 
 
 def evaluate(results: dict) -> list[dict]:
@@ -99,7 +94,7 @@ def evaluate(results: dict) -> list[dict]:
         if op in calls:
             c = calls[op]
             writes = {k: v for k, v in c["table"].items() if k.split(" ")[0] in WRITE_VERBS}
-            batches = {k: _index_batch(k) for k in writes if _index_batch(k) is not None}
+            batches = {k: ops for k in writes if (ops := batch_operations(k)) is not None}
             [rows] = batches.values() if len(batches) == 1 else [[]]
             met = (
                 c["table_reads"] == 1  # the miss; the issue allows <= 1, and 0 would be a broken count

@@ -12,19 +12,18 @@ class ServiceError(Exception):
     code = "internal_error"
     title = "Internal error"
 
-    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, detail: str, *, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.headers = headers or {}
+        if code:  # a more precise code than the class's own
+            self.code = code
 
 
 class BadRequest(ServiceError):
     status, code, title = 400, "bad_request", "Bad request"
-
-    def __init__(self, detail: str, *, code: str | None = None) -> None:
-        super().__init__(detail)
-        if code:
-            self.code = code
 
 
 class Unauthenticated(ServiceError):
@@ -43,19 +42,9 @@ class Unauthenticated(ServiceError):
 class Forbidden(ServiceError):
     status, code, title = 403, "forbidden", "Forbidden"
 
-    def __init__(self, detail: str, *, code: str | None = None) -> None:
-        super().__init__(detail)
-        if code:
-            self.code = code
-
 
 class NotFound(ServiceError):
     status, code, title = 404, "not_found", "Not found"
-
-    def __init__(self, detail: str, *, code: str | None = None) -> None:
-        super().__init__(detail)
-        if code:
-            self.code = code
 
 
 class Conflict(ServiceError):
@@ -64,8 +53,8 @@ class Conflict(ServiceError):
     status, code, title = 409, "conflict", "Conflict"
 
     def __init__(self, detail: str, *, code: str, retry_after: int | None = None) -> None:
-        super().__init__(detail, headers={"Retry-After": str(retry_after)} if retry_after else None)
-        self.code = code
+        headers = {"Retry-After": str(retry_after)} if retry_after else None
+        super().__init__(detail, code=code, headers=headers)
 
 
 class PayloadTooLarge(ServiceError):
@@ -87,8 +76,7 @@ class Unavailable(ServiceError):
     status, code, title = 503, "unavailable", "Service unavailable"
 
     def __init__(self, detail: str, *, code: str, retry_after: int = 5) -> None:
-        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after))})
-        self.code = code
+        super().__init__(detail, code=code, headers={"Retry-After": str(max(1, retry_after))})
 
 
 class SettingError(Unavailable):
