@@ -322,7 +322,8 @@ def test_role_assignments_for_the_function_identity():
     assert "principalId: api.outputs.identityPrincipalId" in main
 
 
-def test_flex_consumption_python_311_with_system_assigned_identity():
+def test_flex_consumption_python_313_with_system_assigned_identity():
+    """3.13: the first Python whose worker runtime the app pins in requirements.txt (the dev host runs it)."""
     host = strip_comments((INFRA / "core/host/functions-flexconsumption.bicep").read_text())
     assert re.search(r"tier:\s*'FlexConsumption'", host) and re.search(r"name:\s*'FC1'", host)
     assert "kind: 'functionapp,linux'" in host and "reserved: true" in host
@@ -333,7 +334,8 @@ def test_flex_consumption_python_311_with_system_assigned_identity():
         assert re.search(rf"scaleAndConcurrency:\s*\{{[^}}]*{key}:", host)
     assert re.search(r"runtime:\s*\{\s*name:\s*runtimeName\s*version:\s*runtimeVersion\s*\}", host)
     api = strip_comments((INFRA / "app/api.bicep").read_text())
-    assert "runtimeName: 'python'" in api and "runtimeVersion: '3.11'" in api
+    assert "runtimeName: 'python'" in api and "runtimeVersion: '3.13'" in api
+    assert re.search(r"@allowed\(\[\s*'3\.13'\s*\]\)\s*param runtimeVersion string = '3\.13'", host)
     assert "httpsOnly: true" in host
 
 

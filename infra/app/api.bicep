@@ -1,4 +1,4 @@
-// The token service's Function App: Flex Consumption, Python 3.11, system-assigned identity.
+// The token service's Function App: Flex Consumption, Python 3.13, system-assigned identity.
 param name string
 param planName string
 param location string = resourceGroup().location
@@ -29,7 +29,7 @@ module functionApp '../core/host/functions-flexconsumption.bicep' = {
     deploymentStorageContainerName: deploymentStorageContainerName
     applicationInsightsName: applicationInsightsName
     runtimeName: 'python'
-    runtimeVersion: '3.11'
+    runtimeVersion: '3.13'
     appSettings: appSettings
     corsAllowedOrigins: corsAllowedOrigins
     maximumInstanceCount: maximumInstanceCount

@@ -15,9 +15,9 @@ param applicationInsightsName string
 ])
 param runtimeName string = 'python'
 @allowed([
-  '3.11'
+  '3.13'
 ])
-param runtimeVersion string = '3.11'
+param runtimeVersion string = '3.13'
 
 param appSettings object = {}
 param corsAllowedOrigins array = []
