@@ -46,16 +46,17 @@ async def delete_identity(req: func.HttpRequest) -> func.HttpResponse:
     return await endpoints.delete_identity(req)
 
 
-@app.route(route="admin/identities/{communicationUserId}/revoke", methods=["POST"])
-async def admin_revoke_tokens(req: func.HttpRequest) -> func.HttpResponse:
+# Under manage/, not admin/: the Functions host refuses routes that begin with "admin" or "runtime".
+@app.route(route="manage/identities/{communicationUserId}/revoke", methods=["POST"])
+async def manage_revoke_tokens(req: func.HttpRequest) -> func.HttpResponse:
     """Revoke any identity's tokens (app role TokenService.Admin)."""
-    return await endpoints.admin_revoke(req)
+    return await endpoints.manage_revoke(req)
 
 
-@app.route(route="admin/identities/{communicationUserId}", methods=["DELETE"])
-async def admin_delete_identity(req: func.HttpRequest) -> func.HttpResponse:
+@app.route(route="manage/identities/{communicationUserId}", methods=["DELETE"])
+async def manage_delete_identity(req: func.HttpRequest) -> func.HttpResponse:
     """Delete any identity (app role TokenService.Admin)."""
-    return await endpoints.admin_delete(req)
+    return await endpoints.manage_delete(req)
 
 
 @app.route(route="events", methods=["POST", "OPTIONS"], auth_level=func.AuthLevel.FUNCTION)

@@ -6,6 +6,7 @@ objects are safe to share across concurrent requests on the worker's event loop.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,10 @@ TABLE_CLIENT_OPTIONS = {
     "connection_timeout": 5,
     "read_timeout": 10,
 }
+
+# The Azure SDK libraries the service uses. Not the whole `azure` logger: `azure.functions` is the
+# Functions worker's own (its system logs, which stay as the worker sets them).
+SDK_LOGGERS = ("azure.core", "azure.identity", "azure.communication", "azure.data", "azure.monitor")
 
 
 @dataclass
@@ -74,6 +79,17 @@ def transport_options() -> dict:
     return {} if urllib.request.getproxies() else {"use_env_settings": False}
 
 
+def quiet_sdk_loggers() -> None:
+    """Set the Azure SDK loggers to WARNING, whatever the root logger's level.
+
+    In Azure the worker sets the root logger to INFO and sends every record to Application
+    Insights, and azure-core's HTTP logging policy logs each request's URL at INFO: ACS URLs name
+    the identity (`8:acs:...`). Only the SDK's warnings and errors are worth keeping.
+    """
+    for name in SDK_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _credential(settings: Settings):
     from azure.identity.aio import DefaultAzureCredential
 
@@ -99,6 +115,7 @@ def build(settings: Settings) -> Clients:
     from .teams import TeamsExchange
     from .tokens import TokenService
 
+    quiet_sdk_loggers()  # before any SDK call: its INFO records would reach Application Insights
     telemetry.configure()  # Azure Monitor export, if APPLICATIONINSIGHTS_CONNECTION_STRING is set
     acs_options = {**ACS_CLIENT_OPTIONS, **transport_options(), **telemetry.acs_client_options()}
     table_options = {**TABLE_CLIENT_OPTIONS, **transport_options()}

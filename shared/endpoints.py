@@ -127,7 +127,8 @@ async def _delete_own(clients: Clients, caller: Caller, _req: func.HttpRequest) 
     return _outcome_response(await clients.revocation.delete(record, source="user"))
 
 
-async def _admin_record(clients: Clients, caller: Caller, req: func.HttpRequest):
+async def _managed_record(clients: Clients, caller: Caller, req: func.HttpRequest):
+    """The record of the identity a manage/ route names; the caller needs the admin role."""
     if not caller.has_role(ADMIN_ROLE):
         raise Forbidden(f"This route needs the app role {ADMIN_ROLE}.")
     communication_user_id = req.route_params.get("communicationUserId", "")
@@ -140,13 +141,13 @@ async def _admin_record(clients: Clients, caller: Caller, req: func.HttpRequest)
     return record
 
 
-async def _admin_revoke(clients: Clients, caller: Caller, req: func.HttpRequest) -> func.HttpResponse:
-    record = await _admin_record(clients, caller, req)
+async def _manage_revoke(clients: Clients, caller: Caller, req: func.HttpRequest) -> func.HttpResponse:
+    record = await _managed_record(clients, caller, req)
     return _outcome_response(await clients.revocation.revoke(record, source="admin"))
 
 
-async def _admin_delete(clients: Clients, caller: Caller, req: func.HttpRequest) -> func.HttpResponse:
-    record = await _admin_record(clients, caller, req)
+async def _manage_delete(clients: Clients, caller: Caller, req: func.HttpRequest) -> func.HttpResponse:
+    record = await _managed_record(clients, caller, req)
     return _outcome_response(await clients.revocation.delete(record, source="admin"))
 
 
@@ -158,12 +159,14 @@ async def delete_identity(req: func.HttpRequest) -> func.HttpResponse:
     return await _respond(req, _delete_own)
 
 
-async def admin_revoke(req: func.HttpRequest) -> func.HttpResponse:
-    return await _respond(req, _admin_revoke)
+async def manage_revoke(req: func.HttpRequest) -> func.HttpResponse:
+    """POST /api/manage/identities/{communicationUserId}/revoke (app role TokenService.Admin)."""
+    return await _respond(req, _manage_revoke)
 
 
-async def admin_delete(req: func.HttpRequest) -> func.HttpResponse:
-    return await _respond(req, _admin_delete)
+async def manage_delete(req: func.HttpRequest) -> func.HttpResponse:
+    """DELETE /api/manage/identities/{communicationUserId} (app role TokenService.Admin)."""
+    return await _respond(req, _manage_delete)
 
 
 # ---- the cleanup timer --------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import traceback
 
 import azure.functions as func
 
@@ -51,5 +52,7 @@ def from_unexpected(err: BaseException) -> func.HttpResponse:
     if isinstance(err, AzureError):
         log.error("backing service error: %s", type(err).__name__)
         return from_error(Unavailable("A backing service failed.", code="dependency_failed"))
-    log.exception("unexpected error: %s", type(err).__name__)
+    # The type and where it was raised, not the message: a message may quote an ACS id or a token.
+    stack = "".join(traceback.format_list(traceback.extract_tb(err.__traceback__)))
+    log.error("unexpected error: %s\n%s", type(err).__name__, stack.rstrip())
     return problem(500, "internal_error", "Internal error", "Something went wrong on our side.")
