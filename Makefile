@@ -1,14 +1,23 @@
-# The commands README.md gives. A fresh machine needs Python 3.11+ and Node 20+; make does the rest.
+# The commands README.md gives. A fresh machine needs Python 3.13 and Node 20+; make does the rest.
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 
-PYTHON ?= python3
+# Python 3.13, the version Azure runs for this app (and the first whose worker runtime the app pins).
+# PATH first; then pyenv's 3.13, whose `python3.13` shim refuses while another version is global.
+PYTHON ?= $(shell \
+	if python3.13 -c '' >/dev/null 2>&1; then echo python3.13; \
+	elif command -v pyenv >/dev/null && ls -d "$$(pyenv root)"/versions/3.13.*/bin/python3.13 >/dev/null 2>&1; then \
+		ls -d "$$(pyenv root)"/versions/3.13.*/bin/python3.13 | sort -V | tail -n 1; \
+	fi)
 VENV := .venv
 PY := $(VENV)/bin/python
 PY_STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.package-lock.json
+# The dev host and its worker speak FunctionRpc.proto; its Python modules are generated, not committed.
+PROTOS := devstack/rpc/FunctionRpc.proto devstack/rpc/NullableTypes.proto
+PROTO_STAMP := devstack/rpc/FunctionRpc_pb2.py
 
-.PHONY: help setup run test token lint clean demo-bundle bench
+.PHONY: help setup run test token lint clean demo-bundle bench protos
 
 help:
 	@echo "make run                       start the local stack (Ctrl-C stops it)"
@@ -19,7 +28,8 @@ help:
 	@echo "make demo-bundle               rebuild shared/demo/app.bundle.js (the demo page's script) with esbuild"
 
 $(PY):
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (set PYTHON=...)")'
+	@test -n "$(PYTHON)" || { echo "Python 3.13 is needed and none was found: install it (python.org, your package manager, or \`pyenv install 3.13\`), or point PYTHON=/path/to/python3.13 at one."; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 13) else f"{sys.executable} is Python {sys.version.split()[0]}; Azure runs this app on 3.13: set PYTHON=/path/to/python3.13")'
 	$(PYTHON) -m venv $(VENV)
 
 $(PY_STAMP): requirements.txt requirements-dev.txt | $(PY)
@@ -32,7 +42,12 @@ $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund
 	@touch $@
 
-setup: $(PY_STAMP) $(NODE_STAMP)
+$(PROTO_STAMP): $(PROTOS) $(PY_STAMP)
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. $(PROTOS)
+
+protos: $(PROTO_STAMP)
+
+setup: $(PY_STAMP) $(NODE_STAMP) $(PROTO_STAMP)
 
 run: setup
 	$(PY) -m devstack up
@@ -65,4 +80,4 @@ lint: $(PY_STAMP)
 	$(PY) -m ruff format --check .
 
 clean:
-	rm -rf $(VENV) node_modules .devstack .pytest_cache .ruff_cache
+	rm -rf $(VENV) node_modules .devstack .pytest_cache .ruff_cache devstack/rpc/*_pb2.py devstack/rpc/*_pb2.pyi

@@ -3,9 +3,13 @@
 - `Floor`: the backend calls a request cannot avoid, made directly with the aio SDKs: a refresh is
   one Table point read and one ACS issueAccessToken; a first issue is one read (a miss), one ACS
   create-and-issue and one insert.
-- `HandlerLevel`: the function app's registered handlers, called in this process the way the
-  Functions worker calls them (an `HttpRequest` in, awaited on the loop, many at once).
-- `EndToEnd`: HTTP through the dev host, a process of its own, as clients reach the service.
+- `HandlerLevel`: the function app's registered handlers, called in this process directly (an
+  `HttpRequest` in, awaited on the loop, many at once): the service alone.
+- `WorkerLevel`: the same functions through Azure's Python worker runtime (azure-functions-runtime)
+  in this process: an InvocationRequest in, an InvocationResponse out, as the dev host's worker
+  process handles each call, without the stream between host and worker. Against `HandlerLevel`
+  it is the worker layer's own cost.
+- `EndToEnd`: HTTP through the dev host and its worker process, as clients reach the service.
 
 All three use the same stack and the same kind of credential (managed identity through the
 stack's App Service-style endpoint), so the only difference between them is the service.
@@ -129,18 +133,24 @@ class Floor:
         )
 
 
+def _registered() -> dict:
+    """function_app's functions by name (get_functions() refuses names it has seen: reset first)."""
+    import function_app
+
+    function_app.app.functions_bindings = None
+    return {f.get_function_name(): f for f in function_app.app.get_functions()}
+
+
 class HandlerLevel:
     """function_app's registered HTTP functions, in this process (inside `service_environment`)."""
 
     async def __aenter__(self) -> HandlerLevel:
-        import function_app
-        from devstack.devhost import discover
         from shared.clients import reset_clients
         from shared.settings import reset_settings
 
         reset_settings()
         await reset_clients()
-        self.functions = {f.name: f for f in discover(function_app.app).http}
+        self.functions = _registered()
         self.calls = 0
         return self
 
@@ -153,19 +163,84 @@ class HandlerLevel:
 
     async def call(self, name: str, token: str, body: bytes = b"", method: str = "POST") -> func.HttpResponse:
         function = self.functions[name]
+        trigger = function.get_trigger()
         request = func.HttpRequest(
             method=method,
-            url=f"http://localhost/api/{function.route.template}",
+            url=f"http://localhost/api/{trigger.route}",
             headers={"Authorization": f"Bearer {token}"},
             params={},
             route_params={},
             body=body,
         )
         self.calls += 1
-        response = await function.user_function(**{function.arg_name: request})
+        response = await function.get_user_function()(**{trigger.name: request})
         if response.status_code != 200:
             raise RuntimeError(f"{name} answered {response.status_code}: {response.get_body()[:200]!r}")
         return response  # not parsed here: the worker hands the body on as it is
+
+
+class WorkerLevel:
+    """function_app's functions through azure-functions-runtime in this process (see the module doc)."""
+
+    async def __aenter__(self) -> WorkerLevel:
+        import azure_functions_runtime as runtime
+
+        from devstack.rpc import protos
+        from devstack.service_settings import REPO_ROOT
+        from devstack.worker import WorkerRequest
+        from shared.clients import reset_clients
+        from shared.settings import reset_settings
+
+        reset_settings()
+        await reset_clients()
+        import function_app
+
+        function_app.app.functions_bindings = None  # get_functions() refuses names it has seen
+        self.runtime, self.protos, self.request = runtime, protos, WorkerRequest
+        runtime.start_threadpool_executor()
+        init = protos.StreamingMessage(
+            worker_init_request=protos.WorkerInitRequest(function_app_directory=str(REPO_ROOT))
+        )
+        answer = await runtime.worker_init_request(
+            WorkerRequest("WorkerInitRequest", init, {"protos": protos, "host": "127.0.0.1"})
+        )
+        if answer.result.status != protos.StatusResult.Success:
+            raise RuntimeError(
+                f"the worker runtime could not index function_app: {answer.result.exception.message}"
+            )
+        listed = await runtime.functions_metadata_request(WorkerRequest("WorkerMetadataRequest", None))
+        self.function_ids = {m.name: m.function_id for m in listed.function_metadata_results}
+        self.calls = 0
+        return self
+
+    async def __aexit__(self, *_exc) -> None:
+        from shared.clients import reset_clients
+        from shared.settings import reset_settings
+
+        self.runtime.stop_threadpool_executor()
+        await reset_clients()
+        reset_settings()
+
+    async def call(self, name: str, token: str, body: bytes = b"", method: str = "POST") -> bytes:
+        protos = self.protos
+        http = protos.RpcHttp(
+            method=method, url="http://localhost/api/", headers={"authorization": f"Bearer {token}"}
+        )
+        if body:
+            http.body.bytes = body
+        self.calls += 1
+        message = protos.StreamingMessage(
+            invocation_request=protos.InvocationRequest(
+                invocation_id=str(self.calls),
+                function_id=self.function_ids[name],
+                input_data=[protos.ParameterBinding(name="req", data=protos.TypedData(http=http))],
+            )
+        )
+        answer = await self.runtime.invocation_request(self.request("FunctionInvocationRequest", message))
+        status = answer.return_value.http.status_code
+        if answer.result.status != protos.StatusResult.Success or status != "200":
+            raise RuntimeError(f"{name} answered {status or answer.result.exception.message[:200]}")
+        return answer.return_value.http.body.bytes
 
 
 class EndToEnd:

@@ -42,7 +42,7 @@ def _children(pid: int) -> list[int]:
 
 
 def stack_processes(stack_pid: int | None) -> dict[str, int]:
-    """{label: pid}: this process, `devstack up` (emulator, issuer, MSI), Azurite and the dev host."""
+    """{label: pid}: this process, `devstack up` (emulator, issuer, MSI), Azurite, dev host, worker."""
     pids = {"bench (client, floor, in-process service)": os.getpid()}
     if stack_pid is None or cpu_seconds(stack_pid) is None:
         return pids
@@ -55,7 +55,9 @@ def stack_processes(stack_pid: int | None) -> dict[str, int]:
         if "azurite" in cmdline:
             pids["Azurite (node)"] = child
         elif "devstack host" in cmdline:
-            pids["dev host"] = child
+            pids["dev host (HTTP front)"] = child
+            for worker in _children(child):  # the Python worker: azure-functions-runtime and the service
+                pids["worker (runtime + service)"] = worker
     return pids
 
 

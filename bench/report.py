@@ -6,6 +6,7 @@ MODE_TITLES = {
     "floor": "floor (SDKs)",
     "handler": "handler level",
     "handler_new_bearer": "handler, new bearer",
+    "worker": "worker runtime, in-process",
     "e2e": "end to end",
 }
 

@@ -1,6 +1,6 @@
 """One benchmark run against a running local stack: throughput, calls per operation, cold start.
 
-Floor, handler level and end to end run against the same stack, interleaved in rounds (the
+Floor, handler level, worker level and end to end run against the same stack, interleaved in rounds (the
 order rotates each round) so that noise from the machine hits all three alike; throughput is the
 median over rounds and each ratio is the median of the per-round ratios.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 
 from . import coldstart
-from .backends import EndToEnd, Floor, HandlerLevel, service_environment
+from .backends import EndToEnd, Floor, HandlerLevel, WorkerLevel, service_environment
 from .counting import AcsCounter, TableCountingProxy, summarize
 from .cpu import CpuMeter, stack_processes
 from .filing import filing_cost
@@ -135,7 +135,7 @@ async def compare(
 async def throughput(env: dict, users: Users, config: Config, meter: CpuMeter, log: Log) -> dict:
     out: dict = {"refresh": {}, "first_issue": {}}
     with service_environment(env):
-        async with HandlerLevel() as handler, Floor(env) as floor:
+        async with HandlerLevel() as handler, WorkerLevel() as worker, Floor(env) as floor:
             names = [f"pool-{i}" for i in range(config.pool)]
             tokens = [users.token(name) for name in names]
             keys = [users.key_of(name) for name in names]
@@ -149,12 +149,16 @@ async def throughput(env: dict, users: Users, config: Config, meter: CpuMeter, l
             def handler_refresh(i: int):
                 return handler.call("refresh_token", tokens[i % size])
 
+            def worker_refresh(i: int):
+                return worker.call("refresh_token", tokens[i % size])
+
             # Warm every path up before the first timed run (JIT in Azurite, pools, caches).
             warm_c = max(config.concurrency)
             async with EndToEnd(env["api"], warm_c) as e2e:
                 for op in (
                     floor_refresh,
                     handler_refresh,
+                    worker_refresh,
                     lambda i: e2e.call("token/refresh", tokens[i % size]),
                 ):
                     await closed_loop(op, 4 * warm_c, warm_c)
@@ -175,6 +179,7 @@ async def throughput(env: dict, users: Users, config: Config, meter: CpuMeter, l
                         "floor": lambda _r: (floor_refresh, floor_refresh),
                         "handler": lambda _r: (handler_refresh, handler_refresh),
                         "handler_new_bearer": new_bearer,
+                        "worker": lambda _r: (worker_refresh, worker_refresh),
                         "e2e": lambda _r, e2e=e2e: (
                             (lambda i: e2e.call("token/refresh", tokens[i % size]),) * 2
                         ),
@@ -310,7 +315,7 @@ async def measure_stack(
     meter = CpuMeter(stack_processes(stack_pid))
     log("backend calls per operation (counted outside the service) ...")
     calls = await call_counts(env, users, tls_dir, config.count_operations)
-    log("throughput: floor, handler level, end to end ...")
+    log("throughput: floor, handler level, worker level, end to end ...")
     measured = await throughput(env, users, config, meter, log)
     log("index filing: one transaction against single upserts ...")
     with service_environment(env):

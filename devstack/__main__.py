@@ -92,12 +92,16 @@ def cmd_host(args: argparse.Namespace) -> int:
 
     from . import devhost  # imports aiohttp: only now that the settings are in os.environ
 
+    app = Path(args.app) if Path(args.app).is_absolute() else REPO_ROOT / args.app
+    if not app.exists():
+        raise SystemExit(
+            f"devstack: {app} not found (--app names the function app's script, e.g. function_app.py)"
+        )
     return devhost.main(
-        app_spec=args.app,
+        app_script=str(app),
         port=args.port,
         function_key=args.function_key or os.environ.get(layout.FUNCTION_KEY_ENV),
         local_settings=local_settings,
-        repo_root=str(REPO_ROOT),
     )
 
 
@@ -144,8 +148,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--host-app",
         default=layout.DEFAULT_FUNCTION_APP,
-        metavar="MODULE:ATTR",
-        help="the FunctionApp the dev host serves (default function_app:app)",
+        metavar="SCRIPT",
+        help="the function app's script the dev host's worker indexes (default function_app.py)",
     )
     up.add_argument("--quiet", action="store_true", help="print nothing once ready")
     up.set_defaults(func=cmd_up)
@@ -164,15 +168,18 @@ def parser() -> argparse.ArgumentParser:
     timer.add_argument("--state-dir")
     timer.set_defaults(func=cmd_timer)
 
-    host = sub.add_parser("host", help="serve a FunctionApp's functions on 127.0.0.1 like the Functions host")
+    host = sub.add_parser("host", help="serve a function app on 127.0.0.1 like the Functions host")
     host.add_argument("--port", type=int, default=7071, help="default 7071; 0 = any free port")
     host.add_argument(
-        "--app", default=layout.DEFAULT_FUNCTION_APP, help="module:attribute (default function_app:app)"
+        "--app",
+        default=layout.DEFAULT_FUNCTION_APP,
+        help="the app's script, relative to the repository or absolute (default function_app.py); "
+        "its folder is the app folder (host.json, imports)",
     )
     host.add_argument(
         "--function-key",
-        help=f"key for function- and admin-level routes (default ${layout.FUNCTION_KEY_ENV}, "
-        "which, unlike this option, stays out of `ps`)",
+        help=f"the function key (default ${layout.FUNCTION_KEY_ENV}, which, unlike this option, stays "
+        f"out of `ps`); ${layout.HOST_KEY_ENV} and ${layout.MASTER_KEY_ENV} set the host and master keys",
     )
     settings = host.add_mutually_exclusive_group()
     settings.add_argument(

@@ -15,7 +15,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .children import spawn
-from .layout import CORS_CREDENTIALS_ENV, CORS_ENV, DEFAULT_FUNCTION_APP, DEV_SIGNIN_ENV, FUNCTION_KEY_ENV
+from .layout import (
+    CORS_CREDENTIALS_ENV,
+    CORS_ENV,
+    DEFAULT_FUNCTION_APP,
+    DEV_SIGNIN_ENV,
+    FUNCTION_KEY_ENV,
+    HOST_KEY_ENV,
+    MASTER_KEY_ENV,
+)
 from .service_settings import REPO_ROOT, settings_for_host
 
 
@@ -23,6 +31,8 @@ def environment(
     env: dict,
     *,
     function_key: str,
+    host_key: str,
+    master_key: str,
     local_settings: dict,
     base: Mapping[str, str] | None = None,
     dev_signin: str | None = None,
@@ -36,6 +46,8 @@ def environment(
         **(os.environ if base is None else base),
         **settings_for_host(env, local_settings=local_settings),
         FUNCTION_KEY_ENV: function_key,
+        HOST_KEY_ENV: host_key,
+        MASTER_KEY_ENV: master_key,
         CORS_ENV: str(host_section.get("CORS") or ""),
         CORS_CREDENTIALS_ENV: str(host_section.get("CORSCredentials", False)).lower(),
         "PYTHONUNBUFFERED": "1",
@@ -50,5 +62,5 @@ def command(port: int, app_spec: str = DEFAULT_FUNCTION_APP) -> list[str]:
 
 
 def start(port: int, app_spec: str, environment: dict[str, str], log_path: Path) -> subprocess.Popen:
-    # cwd: function_app.py is imported from the repo root, as the worker does.
+    # cwd: the repository, for `python -m devstack`; the host gives its worker the app's folder.
     return spawn(command(port, app_spec), cwd=REPO_ROOT, log_path=log_path, env=environment)

@@ -16,7 +16,7 @@ ISSUER_KEY_FILE = "issuer-key.pem"
 ENV_FILE = "env.json"
 HOST_LOG_FILE = "host.log"
 DEFAULT_AUDIENCE = "api://acs-token-service"
-DEFAULT_FUNCTION_APP = "function_app:app"
+DEFAULT_FUNCTION_APP = "function_app.py"  # the script the worker indexes, in its app folder
 
 
 @dataclass
@@ -48,7 +48,9 @@ class Ports:
 
 # How `devstack up` hands the dev host what is not an app setting: environment variables, because
 # a command line is visible to every user of the machine and the function key is a secret.
-FUNCTION_KEY_ENV = "DEVHOST_FUNCTION_KEY"
+FUNCTION_KEY_ENV = "DEVHOST_FUNCTION_KEY"  # the function key of every function
+HOST_KEY_ENV = "DEVHOST_HOST_KEY"  # the host's default key: any function
+MASTER_KEY_ENV = "DEVHOST_MASTER_KEY"  # the master key: any function and the host's /admin API
 CORS_ENV = "DEVHOST_CORS"
 CORS_CREDENTIALS_ENV = "DEVHOST_CORS_CREDENTIALS"
 DEV_SIGNIN_ENV = "DEVHOST_DEV_SIGNIN"  # JSON: the issuer key's path etc. (dev_signin.py); never the key

@@ -1,17 +1,20 @@
 """HTTP trigger route templates, matched the way the Functions host (ASP.NET routing) does.
 
 Supported: literal segments, `{name}`, `{name?}` (optional), `{name:int}`-style constraints,
-`{name=default}` and `{*rest}` catch-alls. Literals match case-insensitively and a literal segment
-beats a parameter, so `token/refresh` wins over `token/{action}` whatever the registration order.
+`{name=default}` and `{*rest}` catch-alls. Literals match case-insensitively. Routes are tried in
+the order the host sorts them (`compare`), so `token/refresh` wins over `token/{action}` whatever
+the registration order. Paths arrive decoded as Kestrel decodes them (`kestrel_decoded_path`):
+route values are not decoded again, so an encoded slash stays `%2F` inside its segment.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import unquote_to_bytes
 
 _PARAM = re.compile(r"\{([^{}]+)\}")
+_ESCAPES = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
 _CONSTRAINTS = {
     "int": r"-?\d+",
     "long": r"-?\d+",
@@ -58,10 +61,13 @@ class RouteTemplate:
     precedence: tuple[int, ...]
     names: tuple[str, ...]
     defaults: dict[str, str]
+    # Each segment's first part as WebJobsRouteBuilder compares them: (is a parameter, its
+    # constraint count or, for a literal, its text).
+    heads: tuple[tuple[bool, int | str], ...] = ()
 
     @classmethod
     def parse(cls, template: str) -> RouteTemplate:
-        pattern, precedence, names, defaults = "", [], [], {}
+        pattern, precedence, names, defaults, heads = "", [], [], {}, []
 
         def group(param: _Param) -> str:  # positional: a route param name need not be an identifier
             names.append(param.name)
@@ -80,16 +86,66 @@ class RouteTemplate:
                 )
             precedence.append(max((p.kind for p in params), default=_LITERAL))
             defaults |= {p.name: p.default for p in params if p.default is not None}
-        return cls(template, re.compile(pattern, re.IGNORECASE), tuple(precedence), tuple(names), defaults)
+            first = _PARAM.match(segment)
+            heads.append((True, first.group(1).count(":")) if first else (False, _PARAM.split(segment)[0]))
+        return cls(
+            template,
+            re.compile(pattern, re.IGNORECASE),
+            tuple(precedence),
+            tuple(names),
+            defaults,
+            tuple(heads),
+        )
 
     def match(self, path: str) -> dict[str, str] | None:
-        """Match a raw (still percent-encoded) path relative to the route prefix."""
+        """Match a path relative to the route prefix, decoded as `kestrel_decoded_path` does."""
         found = self.regex.fullmatch(path.strip("/"))
         if found is None:
             return None
         values = {
-            name: unquote(value)
-            for name, value in zip(self.names, found.groups(), strict=True)
-            if value is not None
+            name: value for name, value in zip(self.names, found.groups(), strict=True) if value is not None
         }
         return self.defaults | values
+
+
+def compare(x: RouteTemplate, y: RouteTemplate) -> int:
+    """The order in which the host tries routes (WebJobsRouteBuilder.RouteComparison, in
+    Azure/azure-webjobs-sdk-extensions): segment by segment, a literal before a parameter, the
+    parameter with more constraints first, literals by their text; then the longer route first.
+    """
+    for i, (x_param, x_key) in enumerate(x.heads):
+        if i >= len(y.heads):
+            return -1
+        y_param, y_key = y.heads[i]
+        if x_param != y_param:
+            return 1 if x_param else -1
+        if x_param and x_key != y_key:
+            return -1 if x_key > y_key else 1  # type: ignore[operator]
+        if not x_param:
+            a, b = str(x_key).lower(), str(y_key).lower()
+            if a != b:
+                return -1 if a < b else 1
+    return 1 if len(y.heads) > len(x.heads) else 0
+
+
+def kestrel_decoded_path(raw_path: str) -> str:
+    """A request path percent-decoded as ASP.NET Core's server (Kestrel) decodes HttpRequest.Path.
+
+    Every escape is decoded except `%2F`, which would otherwise change where segments end; an
+    escape that does not decode to UTF-8 is left as it came.
+    """
+
+    def decode(run: re.Match[str]) -> str:
+        text = run.group(0)
+        if re.fullmatch(r"(?:%2[fF])+", text):
+            return text
+        parts = re.split(r"(%2[fF])", text)  # a slash inside a run stays encoded
+        out = []
+        for part in parts:
+            try:
+                out.append(part if part.lower() == "%2f" else unquote_to_bytes(part).decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(part)
+        return "".join(out)
+
+    return _ESCAPES.sub(decode, raw_path)

@@ -105,6 +105,7 @@ class Stack:
     env: dict
     host: HostPlan | None = None
     host_problem: str | None = None  # set when the host answers, but without the function app
+    host_status: dict | None = None  # the host's /admin/host/status once it is up
 
     @property
     def azurite_log(self) -> Path:
@@ -137,6 +138,8 @@ class HostPlan:
     """How the dev host will run: decided up front, so a bad Host.CORS fails before anything starts."""
 
     function_key: str
+    host_key: str
+    master_key: str
     local_settings: dict
     app_spec: str = DEFAULT_FUNCTION_APP
 
@@ -182,6 +185,14 @@ async def _host_problem(api: str) -> str | None:
     return problem.get("detail") if problem.get("code") == "host_import_failed" else None
 
 
+async def _host_status(api: str, master_key: str) -> dict | None:
+    """The host's own status (worker version, functions in error), through its admin API."""
+    url = api.rsplit("/", 1)[0] + "/admin/host/status"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async with session.get(url, headers={"x-functions-key": master_key}) as response:
+            return await response.json() if response.status == 200 else None
+
+
 def build_env(
     ports: Ports,
     tls: TlsFiles,
@@ -192,7 +203,7 @@ def build_env(
     msi_secret: str,
     system_mi: ManagedIdentity,
     user_mi: ManagedIdentity,
-    function_key: str | None = None,
+    host: HostPlan | None = None,
 ) -> dict:
     acs_endpoint = f"https://127.0.0.1:{ports.acs}/"
     az_ports = azurite.AzuritePorts(ports.blob, ports.queue, ports.table)
@@ -218,11 +229,13 @@ def build_env(
         "ports": asdict(ports),
         "pid": os.getpid(),
     }
-    if function_key is None:  # --no-host: the port is not ours (`func start` may want it)
+    if host is None:  # --no-host: the port is not ours (`func start` may want it)
         env["ports"].pop("host")
     else:
         env["api"] = f"http://127.0.0.1:{ports.host}/api"
-        env["function_key"] = function_key
+        env["function_key"] = host.function_key
+        env["host_key"] = host.host_key
+        env["master_key"] = host.master_key
     return env
 
 
@@ -242,7 +255,13 @@ def _plan_host(app_spec: str) -> HostPlan:
         CorsPolicy.parse(host_section.get("CORS"), host_section.get("CORSCredentials", False))
     except ValueError as err:
         raise StackError(f"local.settings.json: {err}") from None
-    return HostPlan(secrets.token_urlsafe(32), local_settings, app_spec)
+    return HostPlan(
+        secrets.token_urlsafe(32),
+        secrets.token_urlsafe(32),
+        secrets.token_urlsafe(40),
+        local_settings,
+        app_spec,
+    )
 
 
 def prepare(
@@ -285,7 +304,7 @@ def prepare(
         msi_secret=msi_secret,
         system_mi=system_mi,
         user_mi=user_mi,
-        function_key=host.function_key if host else None,
+        host=host,
     )
     resource = AcsResource(
         resource_id=resource_id,
@@ -373,6 +392,8 @@ async def _start_host(
     environment = host_launcher.environment(
         stack.env,
         function_key=stack.host.function_key,
+        host_key=stack.host.host_key,
+        master_key=stack.host.master_key,
         local_settings=stack.host.local_settings,
         dev_signin=DevSignin.config(key_file=stack.state_dir / ISSUER_KEY_FILE, env=stack.env),
     )
@@ -381,6 +402,7 @@ async def _start_host(
     children["dev host"] = (process, stack.host_log)
     await _wait_until_ready({"dev host": f"{stack.env['api']}/"}, stack, children)
     stack.host_problem = await _host_problem(stack.env["api"])
+    stack.host_status = await _host_status(stack.env["api"], stack.host.master_key)
 
 
 def summary(stack: Stack, env_path: Path) -> str:
@@ -394,8 +416,16 @@ def summary(stack: Stack, env_path: Path) -> str:
     ]
     if "api" in env:
         lines.append(f"  dev host (functions)    {env['api']}  (log: {stack.host_log})")
+        worker = (stack.host_status or {}).get("worker") or {}
+        if worker.get("version"):
+            lines.append(
+                f"    Python worker: {worker['package']} {worker['version']} on Python {worker['python']}, "
+                "the runtime Azure runs for this app"
+            )
         if stack.host_problem:
             lines.append(f"    !! every /api route answers 503: {stack.host_problem}")
+        for name, errors in ((stack.host_status or {}).get("functionErrors") or {}).items():
+            lines.append(f"    !! FUNCTION IN ERROR, NOT LOADED (as in Azure): {name}: {' '.join(errors)}")
         lines.append("    function-level routes need the `function_key` from the settings file below")
         lines.append(f"  demo page               {env['api']}/demo  (signs in dev users; DEMO_PAGE_ENABLED)")
     lines += [

@@ -153,11 +153,17 @@ def test_devstack_up_hands_the_host_a_key_path_not_the_key(tmp_path):
         "identity_header": "h",
     }
     environment = host_launcher.environment(
-        stack_env, function_key="k", local_settings={}, base={}, dev_signin=config
+        stack_env,
+        function_key="k",
+        host_key="h",
+        master_key="m",
+        local_settings={},
+        base={},
+        dev_signin=config,
     )
     assert environment[DEV_SIGNIN_ENV] == config
     assert environment["DEMO_PAGE_ENABLED"] == "true"
     assert environment["TEAMS_CLIENT_APP_ID"] == stack_env["teams_app_id"]
     assert DEV_SIGNIN_ENV not in host_launcher.environment(
-        stack_env, function_key="k", local_settings={}, base={}
+        stack_env, function_key="k", host_key="h", master_key="m", local_settings={}, base={}
     )

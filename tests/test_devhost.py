@@ -1,14 +1,17 @@
-"""The dev host: the Functions host's routing, keys, CORS and timers, over real HTTP.
+"""The dev host: the Functions host's rules, over real HTTP, with Azure's Python worker runtime behind it.
 
-Most tests serve tests/devhost_sample_app.py in-process; a few run `python -m devstack host` and
-`python -m devstack up` as the developer does, for what only a process shows (the ready line,
-the 503 fallback, children that die with the stack).
+Every test drives `python -m devstack host` as a developer does, serving tests/devhost_app through
+a worker process that runs azure-functions-runtime: what a test sees is what the real host's
+conversions and the real runtime produce. Each rule cites where the Functions host states it
+(Azure/azure-functions-host unless named otherwise).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
+import concurrent.futures
+import functools
+import http.client
+import importlib.metadata
 import os
 import select
 import signal
@@ -16,182 +19,457 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import requests
-from aiohttp.test_utils import TestClient, TestServer
 
-from devstack import devhost
 from devstack.cors import CorsPolicy
+from devstack.host_config import parse_timespan
 from devstack.ncrontab import CronSchedule, resolve_settings
-from devstack.routes import RouteTemplate
-from tests import devhost_sample_app as sample
+from devstack.routes import RouteTemplate, compare, kestrel_decoded_path
 from tests.conftest import REPO_ROOT, start_stack, wait_for_env
 
-KEY = "sample-function-key-0123456789"
+FUNCTION_KEY = "sample-function-key-0123456789"
+HOST_KEY = "sample-host-key-0123456789"
+MASTER_KEY = "sample-master-key-0123456789"
 ALLOWED = "http://localhost:3000"
+SAMPLE_APP = "tests/devhost_app/function_app.py"
+SECRET_IN_ERROR = "eyJ-secret-token-in-an-exception-message"  # as in tests/devhost_app
 UP = [sys.executable, "-m", "devstack", "up", "--free-ports"]
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[TestClient]:
-    app = devhost.create_app(
-        sample.app,
-        function_key=KEY,
-        cors=CorsPolicy.parse(f"{ALLOWED}, https://app.example"),
-        run_timers=False,
+@dataclass
+class Host:
+    process: subprocess.Popen
+    api: str
+    log: Path
+
+    @property
+    def base(self) -> str:
+        return self.api.removesuffix("/api")
+
+    def logged(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_logged(self, text: str, seconds: float = 10) -> str:
+        deadline = time.monotonic() + seconds
+        while text not in (logged := self.logged()):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{text!r} never logged:\n{logged[-3000:]}")
+            time.sleep(0.05)
+        return logged
+
+
+def start_host(tmp_path: Path, app: str = SAMPLE_APP, **env: str) -> Host:
+    log = tmp_path / f"host-{time.monotonic_ns()}.log"
+    environment = {
+        **os.environ,
+        "DEVHOST_FUNCTION_KEY": FUNCTION_KEY,
+        "DEVHOST_HOST_KEY": HOST_KEY,
+        "DEVHOST_MASTER_KEY": MASTER_KEY,
+        "DEVHOST_CORS": f"{ALLOWED}, https://app.example",
+        **env,
+    }
+    with log.open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "devstack", "host", "--app", app, "--port", "0", "--no-settings"],
+            cwd=REPO_ROOT,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    ready, _, _ = select.select([process.stdout], [], [], 60)
+    line = process.stdout.readline() if ready else ""
+    if not line.startswith("devhost: listening on http://127.0.0.1:"):
+        process.kill()
+        pytest.fail(f"no ready line: {line!r}\n{log.read_text()}")
+    return Host(process, line.split()[3], log)
+
+
+def stop_host(host: Host) -> str:
+    host.process.send_signal(signal.SIGTERM)
+    out, _ = host.process.communicate(timeout=20)
+    assert host.process.returncode == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+    """One host for the module's read-only checks; its timers fire every second meanwhile."""
+    running = start_host(tmp_path_factory.mktemp("devhost"), DEVHOST_SAMPLE_SCHEDULE="*/2 * * * * *")
+    try:
+        yield running
+    finally:
+        stop_host(running)
+
+
+def get(host: Host, path: str, **kwargs) -> requests.Response:
+    return requests.get(f"{host.api}{path}", timeout=30, **kwargs)
+
+
+# --- the worker ------------------------------------------------------------------------------------
+
+
+def test_functions_run_in_a_worker_process_on_the_pinned_runtime(host):
+    """The host's first lines name the worker package and version; the function runs in the worker."""
+    pinned = next(
+        line.split("==")[1].strip()
+        for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()
+        if line.startswith("azure-functions-runtime==")
     )
-    server = TestServer(app)
-    await server.start_server(access_log=None)  # as `devhost.serve` runs it: access logs hold `code=`
-    async with TestClient(server) as test_client:
-        yield test_client
-
-
-# --- HTTP triggers ---------------------------------------------------------------------------------
-
-
-async def test_route_params_query_headers_and_body_reach_the_function(client):
-    response = await client.put(
-        "/api/items/8%3Aacs%3Aabc%2Fdef?x=1&x=2&y=3",
-        data=b"payload",
-        headers={"x-functions-key": KEY, "X-Sample": "hello"},
+    assert importlib.metadata.version("azure-functions-runtime") == pinned
+    logged = host.wait_logged("Functions:")
+    first_lines = logged[: logged.index("Functions:")]
+    assert f"azure-functions-runtime {pinned} on Python 3.13" in first_lines
+    assert f"Using library: azure_functions_runtime, library version: {pinned}" in first_lines
+    worker_pid = int(get(host, "/pid").text)
+    assert worker_pid != host.process.pid
+    status = requests.get(
+        f"{host.base}/admin/host/status", headers={"x-functions-key": MASTER_KEY}, timeout=10
     )
-    assert response.status == 200
-    assert response.headers["Content-Type"] == "application/json"
-    seen = await response.json()
+    assert status.json()["worker"] == {
+        "package": "azure-functions-runtime",
+        "version": pinned,
+        "python": "3.13",
+        "pid": worker_pid,
+    }
+
+
+def test_the_request_reaches_the_function_as_the_host_converts_it(host):
+    """GrpcMessageConversionExtensions.ToRpcHttp: url from the decoded path, header names lower-cased,
+    repeated values joined with ",", query values joined with "," and empty ones left out."""
+    connection = http.client.HTTPConnection(host.api.split("/")[2], timeout=30)
+    connection.putrequest("PUT", "/api/items/8%3Aacs%3Aabc%2Fdef?x=1&x=2&empty=&y=3")
+    for name, value in (("x-functions-key", FUNCTION_KEY), ("X-Sample", "a"), ("X-Sample", "b")):
+        connection.putheader(name, value)
+    connection.putheader("Content-Length", "7")
+    connection.endheaders(b"payload")
+    raw = connection.getresponse()
+    response = requests.models.Response()
+    response.status_code, response._content = raw.status, raw.read()
+    response.headers = requests.structures.CaseInsensitiveDict(raw.getheaders())
+    assert response.status_code == 200 and response.headers["Content-Type"] == "application/json"
+    seen = response.json()
     assert seen["method"] == "PUT"
-    assert seen["route"] == {"itemId": "8:acs:abc/def"}
+    # Kestrel decodes the path but %2F: the route value keeps its encoded slash.
+    assert seen["route"] == {"itemId": "8:acs:abc%2Fdef"}
+    assert seen["url"] == f"{host.api}/items/8:acs:abc%2Fdef?x=1&x=2&empty=&y=3"
     assert seen["params"] == {"x": "1,2", "y": "3"}
-    assert seen["body"] == "payload" and seen["header"] == "hello"
-    assert seen["url"].startswith(str(client.make_url("/api/items/")))
-    assert seen["url"].endswith("abc%2Fdef?x=1&x=2&y=3")
+    assert seen["body"] == "payload"
+    assert seen["headers"]["x-sample"] == "a,b"
 
 
-async def test_template_with_a_parameter_in_the_middle(client):
-    response = await client.post("/api/admin/identities/8:acs:r_1/revoke", params={"code": KEY})
-    assert response.status == 200
-    assert (await response.json())["route"] == {"communicationUserId": "8:acs:r_1"}
+def test_a_body_without_content_length_reaches_the_function_empty(host):
+    """ToRpcHttp sends the body only when ContentLength > 0: a chunked upload has none."""
+    chunked = requests.post(f"{host.api}/describe", data=iter([b"chunked ", b"body"]), timeout=30)
+    assert chunked.request.headers.get("Transfer-Encoding") == "chunked"
+    assert chunked.json()["body"] == ""
+    assert requests.post(f"{host.api}/describe", data=b"sized", timeout=30).json()["body"] == "sized"
 
 
-async def test_literal_route_beats_a_parameter_and_sync_functions_work(client):
-    response = await client.get("/api/ITEMS/special")  # routes match case-insensitively
-    assert response.status == 200
-    assert await response.text() == "special"
+def test_the_answer_is_written_back_as_the_host_writes_it(host):
+    """RawScriptResult: status and body as given, one value per header name (the message's headers
+    are a map), cookies as the Set-Cookie lines ASP.NET Core writes."""
+    response = requests.post(f"{host.api}/echo", data=b"\x00\x01binary", timeout=30)
+    assert response.status_code == 201
+    assert response.content == b"\x00\x01binary"
+    assert response.headers["Content-Type"] == "application/octet-stream"
+    assert response.headers["X-Echo"] == "yes" and response.headers["X-Twice"] == "second"
+    assert response.headers["Set-Cookie"] == "session=abc; path=/app; samesite=strict; httponly"
+
+
+def test_the_literal_route_wins_and_sync_functions_run(host):
+    """WebJobsRouteBuilder sorts routes: a literal segment before a parameter, whatever the order
+    of registration (items/special comes after items/{itemId})."""
+    response = get(host, "/ITEMS/special")  # literals match case-insensitively
+    assert response.status_code == 200 and response.text == "special"
     assert response.headers["X-Kind"] == "literal"
     assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
 
 
-async def test_response_status_headers_and_bytes_are_kept(client):
-    response = await client.post("/api/echo", data=b"\x00\x01binary")
-    assert response.status == 201
-    assert response.headers["Content-Type"] == "application/octet-stream"
-    assert response.headers["X-Echo"] == "yes"
-    assert await response.read() == b"\x00\x01binary"
-
-
-async def test_str_return_and_no_methods_means_every_method(client):
+def test_a_str_return_and_no_methods_means_every_method(host):
     for method in ("GET", "DELETE", "PATCH"):
-        response = await client.request(method, "/api/text/")
-        assert response.status == 200 and await response.text() == f"plain {method}"
+        response = requests.request(method, f"{host.api}/text/", timeout=30)
+        assert response.status_code == 200 and response.text == f"plain {method}"
 
 
-async def test_context_parameter_is_passed(client):
-    response = await client.get("/api/context")
-    assert await response.text() == "with_context"
+def test_the_context_parameter_carries_the_invocation(host):
+    name, invocation_id = get(host, "/context").text.split()
+    assert name == "with_context"
+    assert f"Executed 'Functions.with_context' (Succeeded, Id={invocation_id}" in host.wait_logged(
+        invocation_id
+    )
 
 
-async def test_wrong_method_is_405_and_unknown_route_404(client):
-    response = await client.delete("/api/items/1", headers={"x-functions-key": KEY})
-    assert response.status == 405
-    assert set(response.headers["Allow"].split(", ")) == {"GET", "PUT"}
-    for path in ("/api/nothing/here", "/api", "/items/1", "/"):
-        response = await client.get(path, headers={"x-functions-key": KEY})
-        assert response.status == 404, path
-        assert await response.read() == b""
+# --- routing rules ---------------------------------------------------------------------------------
+
+
+def test_a_method_the_route_does_not_take_is_404_not_405(host):
+    """WebScriptHostHttpRoutesManager makes the methods an HttpMethodRouteConstraint: a request the
+    constraint rejects matches no route, and an unmatched request is 404."""
+    response = requests.patch(f"{host.api}/items/1", headers={"x-functions-key": FUNCTION_KEY}, timeout=30)
+    assert response.status_code == 404 and response.content == b""
+    assert "Allow" not in response.headers
+    assert requests.delete(f"{host.api}/items/1", timeout=30).status_code == 204  # another function's method
+    for path in ("/nothing/here", "", "/../items/1"):
+        assert get(host, path).status_code == 404, path
+    assert requests.get(f"{host.base}/items/1", timeout=30).status_code == 404  # outside routePrefix
+
+
+def test_routes_under_admin_or_runtime_are_refused_and_only_they(host):
+    """ScriptHost.ValidateHttpFunction: a route that begins with "admin" or "runtime" throws "The
+    specified route conflicts with one or more built in routes."; the function alone is in error."""
+    logged = host.wait_logged("function is in error")
+    message = "The specified route conflicts with one or more built in routes."
+    assert f"The 'admin_revoke' function is in error: {message}" in logged
+    assert f"The 'runtime_info' function is in error: {message}" in logged
+    for key in (FUNCTION_KEY, MASTER_KEY):
+        response = requests.post(
+            f"{host.api}/admin/identities/x/revoke", headers={"x-functions-key": key}, timeout=30
+        )
+        assert response.status_code == 404
+    assert get(host, "/runtimeinfo").status_code == 404
+    status = requests.get(
+        f"{host.base}/admin/host/status", headers={"x-functions-key": MASTER_KEY}, timeout=10
+    )
+    assert status.json()["functionErrors"]["admin_revoke"] == [message]
+    assert get(host, "/items/special").status_code == 200  # the rest of the app runs
+
+
+def test_a_route_that_conflicts_with_an_earlier_one_is_refused(host):
+    """ScriptHost.HttpRoutesConflict: the same template (case and slashes aside) and a method in common."""
+    logged = host.wait_logged("put_item_again")
+    assert (
+        "The 'put_item_again' function is in error: The route specified conflicts with the route "
+        "defined by function 'get_item'." in logged
+    )
+    response = requests.put(f"{host.api}/items/1", timeout=30)  # get_item's, so it needs a key
+    assert response.status_code == 401
+    assert (
+        "delete_item"
+        not in requests.get(
+            f"{host.base}/admin/host/status", headers={"x-functions-key": MASTER_KEY}, timeout=10
+        ).json()["functionErrors"]
+    )
+
+
+# --- keys ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", [FUNCTION_KEY, HOST_KEY, MASTER_KEY])
+def test_a_function_level_route_takes_a_function_host_or_master_key(host, key):
+    """SecretManager: function keys, host keys and the master key all grant the function level."""
+    assert get(host, "/items/1", headers={"x-functions-key": key}).status_code == 200
+    assert get(host, "/items/1", params={"code": key}).status_code == 200
 
 
 @pytest.mark.parametrize(
     ("headers", "params"),
-    [({}, {}), ({"x-functions-key": "wrong"}, {}), ({}, {"code": "wrong"}), ({"x-functions-key": ""}, {})],
+    [
+        ({}, {}),
+        ({"x-functions-key": "wrong"}, {}),
+        ({}, {"code": "wrong"}),
+        # AuthenticationLevelHandler: a header that is present is the key, even empty; the query
+        # is read only when there is no header.
+        ({"x-functions-key": ""}, {"code": FUNCTION_KEY}),
+    ],
 )
-async def test_function_and_admin_levels_need_the_key(client, headers, params):
-    for method, path in (("GET", "/api/items/1"), ("POST", "/api/admin/identities/x/revoke")):
-        response = await client.request(method, path, headers=headers, params=params)
-        assert response.status == 401
-        assert await response.read() == b""
+def test_a_function_level_route_refuses_a_missing_or_wrong_key(host, headers, params):
+    response = get(host, "/items/1", headers=headers, params=params)
+    assert response.status_code == 401 and response.content == b""
 
 
-async def test_anonymous_routes_need_no_key(client):
-    assert (await client.get("/api/items/special")).status == 200
-    assert (await client.get("/api/items/special", params={"code": "whatever"})).status == 200
+def test_an_admin_level_route_takes_only_the_master_key(host):
+    url = f"{host.api}/manage/identities/8:acs:x/revoke"
+    for key in (FUNCTION_KEY, HOST_KEY, "wrong"):
+        assert requests.post(url, headers={"x-functions-key": key}, timeout=30).status_code == 401
+    response = requests.post(url, headers={"x-functions-key": MASTER_KEY}, timeout=30)
+    assert response.status_code == 200 and response.json()["route"] == {"communicationUserId": "8:acs:x"}
 
 
-async def test_a_raising_function_is_500_with_nothing_leaked(client, caplog):
-    caplog.set_level(logging.INFO, logger="devstack.devhost")
-    response = await client.get("/api/boom", headers={"Authorization": "Bearer eyJ-user-jwt"})
-    assert response.status == 500
-    assert await response.read() == b""
-    assert "RuntimeError" in caplog.text
-    assert sample.SECRET_IN_ERROR not in caplog.text and "eyJ-user-jwt" not in caplog.text
-    assert (await client.get("/api/items/special")).status == 200  # still serving
+def test_the_host_admin_api_takes_only_the_master_key(host):
+    for key in ("", FUNCTION_KEY, HOST_KEY):
+        response = requests.get(
+            f"{host.base}/admin/host/status", headers={"x-functions-key": key}, timeout=10
+        )
+        assert response.status_code == 401
+    assert get(host, "/items/special", params={"code": "whatever"}).status_code == 200  # anonymous
 
 
-async def test_nothing_secret_reaches_the_log(client, caplog):
-    caplog.set_level(logging.DEBUG)
-    await client.post("/api/admin/identities/x/revoke", params={"code": KEY}, data=b"body-secret")
-    await client.get("/api/items/1", headers={"x-functions-key": KEY, "Authorization": "Bearer eyJ-t"})
-    assert "Executed 'Functions.admin_revoke' (Succeeded, 200" in caplog.text
-    for secret in (KEY, "body-secret", "eyJ-t"):
-        assert secret not in caplog.text
+# --- failures and logs -----------------------------------------------------------------------------
+
+
+def test_a_raising_function_is_500_and_logged_as_the_host_logs_it(host):
+    """The host answers 500 with no body (ExceptionMiddleware) and logs the function's failure with
+    its exception, message included: Application Insights gets the same, so an exception message
+    must never carry a secret."""
+    response = get(host, "/boom", headers={"Authorization": "Bearer eyJ-user-jwt"})
+    assert response.status_code == 500 and response.content == b""
+    logged = host.wait_logged("Executed 'Functions.boom' (Failed")
+    assert f"RuntimeError: {SECRET_IN_ERROR}" in logged
+    assert "eyJ-user-jwt" not in logged
+    assert get(host, "/items/special").status_code == 200  # still serving
+
+
+def test_the_worker_logs_like_azure(host):
+    """The worker sets the root logger to INFO and sends each record to the host, which logs a
+    User record under Function.<name>.User while its invocation runs and drops it after
+    (GrpcWorkerChannel.Log); azure-core's INFO records go too, unless the app quiets them."""
+    marker = f"m{time.monotonic_ns()}"
+    assert get(host, "/logs", params={"marker": marker}).text == "logged"
+    time.sleep(0.5)  # the background record comes 0.2 s after the invocation ends
+    logged = host.wait_logged(f"sdk record {marker}")
+    assert f"Function.logs.User: app record {marker}" in logged
+    assert f"Function.logs.User: sdk record {marker}" in logged
+    assert f"debug record {marker}" not in logged
+    assert f"late record {marker}" not in logged
+
+
+def test_nothing_the_host_itself_logs_holds_a_key_or_a_header(host):
+    get(host, "/items/1", headers={"x-functions-key": FUNCTION_KEY, "Authorization": "Bearer eyJ-t"})
+    requests.post(f"{host.api}/echo", data=b"body-secret", params={"code": HOST_KEY}, timeout=30)
+    logged = host.wait_logged("Executed 'Functions.echo' (Succeeded")
+    for secret in (FUNCTION_KEY, HOST_KEY, MASTER_KEY, "body-secret", "eyJ-t"):
+        assert secret not in logged
+
+
+# --- functionTimeout and a worker that dies ---------------------------------------------------------
+
+
+def test_past_function_timeout_the_worker_restarts_and_every_call_in_flight_ends(tmp_path):
+    """FunctionExecutor logs "Timeout value of ... exceeded"; WebScriptHostExceptionHandler then
+    restarts the worker process: the late call and every other call in flight on it get 500."""
+    running = start_host(tmp_path, AzureFunctionsJobHost__functionTimeout="00:00:02")
+    try:
+        before = int(get(running, "/pid").text)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(get, running, "/sleep", params={"seconds": "30"})
+            time.sleep(0.5)
+            bystander = pool.submit(get, running, "/sync-sleep", params={"seconds": "1.8"})
+            started = time.monotonic()
+            assert slow.result().status_code == 500
+            assert time.monotonic() - started < 10
+            assert bystander.result().status_code == 500  # in flight on the worker that was restarted
+        logged = running.wait_logged("Restart of language worker process(es) completed.")
+        assert "Timeout value of 00:00:02 exceeded by function 'Functions.sleep'" in logged
+        assert "A function timeout has occurred. Restarting worker process executing invocationId" in logged
+        after = get(running, "/pid")
+        assert after.status_code == 200 and int(after.text) != before
+    finally:
+        stop_host(running)
+
+
+def test_a_worker_killed_mid_request_is_restarted(tmp_path):
+    running = start_host(tmp_path)
+    try:
+        worker = int(get(running, "/pid").text)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(get, running, "/sleep", params={"seconds": "2"})
+            time.sleep(0.5)
+            os.kill(worker, signal.SIGKILL)
+            assert in_flight.result().status_code == 500
+        running.wait_logged("Restart of language worker process(es) completed.")
+        assert int(get(running, "/pid").text) != worker
+    finally:
+        stop_host(running)
+
+
+def test_stopping_the_host_stops_its_worker(tmp_path):
+    running = start_host(tmp_path)
+    worker = int(get(running, "/pid").text)
+    stop_host(running)
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
+def test_an_app_the_worker_cannot_import_answers_503_problem_json(tmp_path):
+    running = start_host(tmp_path, "tests/broken_app/function_app.py")
+    try:
+        for method in ("GET", "POST", "OPTIONS"):
+            response = requests.request(method, f"{running.api}/token", timeout=10)
+            assert response.status_code == 503
+            assert response.headers["Content-Type"].startswith("application/problem+json")
+            problem = response.json()
+            assert set(problem) == {"type", "title", "status", "detail", "code"}
+            assert problem["status"] == 503 and problem["code"] == "host_import_failed"
+        assert requests.get(f"{running.base}/elsewhere", timeout=10).status_code == 404
+        logged = running.logged()
+        assert "The function app could not be loaded" in logged
+        assert "ModuleNotFoundError" in logged and "devhost_tests_no_such_module" in logged
+        assert "Traceback" in logged or 'File "' in logged  # the worker's own stack
+    finally:
+        stop_host(running)
 
 
 # --- CORS ------------------------------------------------------------------------------------------
 
 
-async def test_preflight_from_an_allowed_origin(client):
-    response = await client.options(
-        "/api/items/1",
+def test_preflight_from_an_allowed_origin(host):
+    response = requests.options(
+        f"{host.api}/items/1",
         headers={
             "Origin": ALLOWED,
             "Access-Control-Request-Method": "PUT",
             "Access-Control-Request-Headers": "authorization, content-type",
         },
+        timeout=10,
     )
-    assert response.status == 204  # answered by the host itself: no key needed, no function called
+    assert response.status_code == 204  # answered by the host itself: no key needed, no function called
     assert response.headers["Access-Control-Allow-Origin"] == ALLOWED
     assert response.headers["Access-Control-Allow-Methods"] == "PUT"
     assert response.headers["Access-Control-Allow-Headers"] == "authorization, content-type"
     assert "Access-Control-Allow-Credentials" not in response.headers
 
 
-async def test_preflight_from_another_origin_gets_no_cors_headers(client):
-    response = await client.options(
-        "/api/items/1", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"}
+def test_preflight_from_another_origin_gets_no_cors_headers(host):
+    response = requests.options(
+        f"{host.api}/items/1",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+        timeout=10,
     )
-    assert response.status == 204
+    assert response.status_code == 204
     assert not any(h.lower().startswith("access-control-") for h in response.headers)
 
 
-async def test_actual_requests_carry_cors_headers_for_allowed_origins_only(client):
-    allowed = await client.get("/api/items/special", headers={"Origin": "https://APP.example/"})
+def test_actual_requests_carry_cors_headers_for_allowed_origins_only(host):
+    allowed = get(host, "/items/special", headers={"Origin": "https://APP.example/"})
     assert allowed.headers["Access-Control-Allow-Origin"] == "https://APP.example/"
     assert "Origin" in allowed.headers["Vary"]
-    denied = await client.get("/api/items/special", headers={"Origin": "https://evil.example"})
+    denied = get(host, "/items/special", headers={"Origin": "https://evil.example"})
     assert "Access-Control-Allow-Origin" not in denied.headers
-    unauthorized = await client.get("/api/items/1", headers={"Origin": ALLOWED})
-    assert unauthorized.status == 401 and unauthorized.headers["Access-Control-Allow-Origin"] == ALLOWED
+    unauthorized = get(host, "/items/1", headers={"Origin": ALLOWED})
+    assert unauthorized.status_code == 401 and unauthorized.headers["Access-Control-Allow-Origin"] == ALLOWED
 
 
-async def test_non_preflight_options_reaches_the_function(client):
-    handshake = {"WebHook-Request-Origin": "eventgrid.azure.net", "x-functions-key": KEY}
-    response = await client.options("/api/events", headers=handshake)
-    assert response.status == 200
+def test_non_preflight_options_reaches_the_function(host):
+    handshake = {"WebHook-Request-Origin": "eventgrid.azure.net", "x-functions-key": FUNCTION_KEY}
+    response = requests.options(f"{host.api}/events", headers=handshake, timeout=10)
+    assert response.status_code == 200
     assert response.headers["WebHook-Allowed-Origin"] == "eventgrid.azure.net"
-    assert (await client.options("/api/events", headers={"WebHook-Request-Origin": "x"})).status == 401
-    assert (await client.options("/api/items/special")).status == 405  # route without OPTIONS
+    assert (
+        requests.options(
+            f"{host.api}/events", headers={"WebHook-Request-Origin": "x"}, timeout=10
+        ).status_code
+        == 401
+    )
+    assert (
+        requests.options(f"{host.api}/items/special", timeout=10).status_code == 404
+    )  # route without OPTIONS
 
 
 def test_cors_policy_parsing():
@@ -211,36 +489,56 @@ def test_cors_policy_parsing():
 # --- timers ----------------------------------------------------------------------------------------
 
 
-async def test_timers_fire_on_schedule_and_survive_exceptions(caplog):
-    caplog.set_level(logging.INFO, logger="devstack.devhost")
-    sample.timer_calls.clear()
-    sample.timer_requests.clear()
-    app = devhost.create_app(
-        sample.app, function_key=KEY, environ={"DEVHOST_SAMPLE_SCHEDULE": "*/1 * * * * *"}
+def _timer_calls(host: Host) -> dict:
+    return get(host, "/timer-calls").json()
+
+
+def test_timers_fire_through_the_worker_and_survive_exceptions(host):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        calls = _timer_calls(host)["calls"]
+        if calls.get("every_second", 0) >= 2 and calls.get("failing_every_second", 0) >= 2:
+            break
+        time.sleep(0.2)
+    seen = _timer_calls(host)
+    assert seen["calls"]["every_second"] >= 2 and seen["calls"]["failing_every_second"] >= 2
+    assert seen["calls"].get("from_setting", 0) >= 1  # its schedule comes from DEVHOST_SAMPLE_SCHEDULE
+    request = seen["requests"][0]  # the TimerInfo the host sent, as the runtime decoded it
+    assert (
+        request["past_due"] is False
+        and request["status"]["Next"]
+        and request["schedule"] == {"AdjustForDST": True}
     )
-    assert {t.name for t in app[devhost.FUNCTIONS].timers} == {
-        "every_second",
-        "failing_every_second",
-        "from_setting",
-    }
-    async with TestClient(TestServer(app)):
-        for _ in range(45):  # each fires every second: twice takes at most 2 s, give it 4.5
-            if len(sample.timer_calls) == 3 and min(sample.timer_calls.values()) >= 2:
-                break
-            await asyncio.sleep(0.1)
-        fired = dict(sample.timer_calls)
-    assert len(fired) == 3 and min(fired.values()) >= 2, fired
-    request = sample.timer_requests[0]
-    assert request.past_due is False and request.schedule_status["Next"]
-    assert "ValueError" in caplog.text and sample.SECRET_IN_ERROR not in caplog.text
-    await asyncio.sleep(1.2)
-    assert sample.timer_calls == fired, "timers must stop with the app"
+    logged = host.wait_logged("Executed 'Functions.failing_every_second' (Failed")
+    assert f"ValueError: {SECRET_IN_ERROR}" in logged
 
 
-def test_a_schedule_naming_a_missing_setting_is_left_out_and_logged(caplog):
-    functions = devhost.discover(sample.app, environ={})
-    assert "from_setting" not in {t.name for t in functions.timers}
-    assert "DEVHOST_SAMPLE_SCHEDULE" in caplog.text
+def test_the_admin_api_runs_a_timer_now(host):
+    url = f"{host.base}/admin/functions/every_second"
+    assert (
+        requests.post(
+            url, json={"input": ""}, headers={"x-functions-key": FUNCTION_KEY}, timeout=10
+        ).status_code
+        == 401
+    )
+    before = _timer_calls(host)["calls"]["every_second"]
+    response = requests.post(url, json={"input": ""}, headers={"x-functions-key": MASTER_KEY}, timeout=10)
+    assert response.status_code == 202
+    assert _timer_calls(host)["calls"]["every_second"] > before
+    missing = requests.post(
+        f"{host.base}/admin/functions/nope", json={}, headers={"x-functions-key": MASTER_KEY}, timeout=10
+    )
+    assert missing.status_code == 404
+
+
+def test_a_schedule_naming_a_missing_setting_puts_that_function_in_error(tmp_path):
+    running = start_host(tmp_path)  # no DEVHOST_SAMPLE_SCHEDULE
+    try:
+        logged = running.wait_logged("from_setting")
+        assert "The 'from_setting' function is in error" in logged and "DEVHOST_SAMPLE_SCHEDULE" in logged
+        assert get(running, "/items/special").status_code == 200
+    finally:
+        stop_host(running)
 
 
 def test_resolve_settings():
@@ -249,6 +547,14 @@ def test_resolve_settings():
     assert resolve_settings("0 0 * * * *", env) == "0 0 * * * *"
     with pytest.raises(LookupError, match="MISSING"):
         resolve_settings("%MISSING%", env)
+
+
+def test_function_timeout_is_read_as_a_timespan():
+    assert parse_timespan("00:01:00") == 60 and parse_timespan("01:30:00") == 5400
+    assert parse_timespan("1.00:00:01.5") == 86401.5 and parse_timespan("-1") is None
+    for bad in ("60", "1:00", "00:60"):
+        with pytest.raises(ValueError):
+            parse_timespan(bad)
 
 
 def _at(text: str) -> datetime:
@@ -302,95 +608,82 @@ def test_route_templates():
     assert RouteTemplate.parse("items/{id:int}").match("/items/x") is None
     optional = RouteTemplate.parse("files/{name?}")
     assert optional.match("/files") == {} and optional.match("/files/a") == {"name": "a"}
-    assert RouteTemplate.parse("blob/{*path}").match("/blob/a/b%20c") == {"path": "a/b c"}
+    assert RouteTemplate.parse("blob/{*path}").match("/blob/a/b c") == {"path": "a/b c"}
     assert RouteTemplate.parse("f/{name}.{ext}").match("/f/report.pdf") == {"name": "report", "ext": "pdf"}
     assert RouteTemplate.parse("page/{n=1}").match("/page") == {"n": "1"}
     assert RouteTemplate.parse("a/{x}").match("/a/b/c") is None
+    assert RouteTemplate.parse("a/{x}").match("/a/b%2Fc") == {"x": "b%2Fc"}
     assert RouteTemplate.parse("u/{user-id}").match("/u/7") == {"user-id": "7"}
-    ranked = sorted(
-        ["token/{action}", "token/refresh", "{*all}"], key=lambda t: RouteTemplate.parse(t).precedence
+
+
+def test_routes_are_tried_in_the_hosts_order():
+    """WebJobsRouteBuilder.RouteComparison: literal before parameter, more constraints first,
+    literals by text, then the longer route first."""
+    templates = [
+        "{*all}",
+        "token/{action}",
+        "token",
+        "token/refresh",
+        "items/{id}",
+        "items/{id:int}",
+        "b",
+        "a/x",
+    ]
+    ordered = sorted(
+        templates,
+        key=functools.cmp_to_key(lambda a, b: compare(RouteTemplate.parse(a), RouteTemplate.parse(b))),
     )
-    assert ranked == ["token/refresh", "token/{action}", "{*all}"]
+    assert ordered == [
+        "a/x",
+        "b",
+        "items/{id:int}",
+        "items/{id}",
+        "token/refresh",
+        "token/{action}",
+        "token",
+        "{*all}",
+    ]
 
 
-# --- the `python -m devstack host` process ---------------------------------------------------------
-
-
-def _start_host(tmp_path: Path, app: str, **env: str) -> tuple[subprocess.Popen, str, Path]:
-    log = tmp_path / "host.log"
-    with log.open("wb") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "devstack", "host", "--app", app, "--port", "0", "--no-settings"],
-            cwd=REPO_ROOT,
-            env={**os.environ, **env},
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
-    ready, _, _ = select.select([process.stdout], [], [], 20)
-    line = process.stdout.readline() if ready else ""
-    if not line.startswith("devhost: listening on http://127.0.0.1:"):
-        process.kill()
-        pytest.fail(f"no ready line: {line!r}\n{log.read_text()}")
-    return process, line.split()[3], log
-
-
-def _stop(process: subprocess.Popen) -> str:
-    process.send_signal(signal.SIGTERM)
-    out, _ = process.communicate(timeout=10)
-    assert process.returncode == 0
-    return out
-
-
-def test_host_command_serves_an_app_with_key_and_cors_from_the_environment(tmp_path):
-    process, api, log = _start_host(
-        tmp_path, "tests.devhost_sample_app:app", DEVHOST_FUNCTION_KEY=KEY, DEVHOST_CORS=ALLOWED
-    )
-    try:
-        assert requests.get(f"{api}/items/7", timeout=10).status_code == 401
-        response = requests.get(
-            f"{api}/items/7", headers={"x-functions-key": KEY, "Origin": ALLOWED}, timeout=10
-        )
-        assert response.status_code == 200 and response.json()["route"] == {"itemId": "7"}
-        assert response.headers["Access-Control-Allow-Origin"] == ALLOWED
-        requests.get(f"{api}/items/7", params={"code": KEY}, timeout=10)
-    finally:
-        out = _stop(process)
-    logged = out + log.read_text()
-    assert "Executed 'Functions.get_item' (Succeeded, 200" in logged
-    assert KEY not in logged
-
-
-def test_host_command_without_an_importable_app_answers_503_problem_json(tmp_path):
-    process, api, log = _start_host(tmp_path, "tests.no_such_function_app:app")
-    try:
-        for method in ("GET", "POST", "OPTIONS"):
-            response = requests.request(method, f"{api}/token", timeout=10)
-            assert response.status_code == 503
-            assert response.headers["Content-Type"].startswith("application/problem+json")
-            problem = response.json()
-            assert set(problem) == {"type", "title", "status", "detail", "code"}
-            assert problem["status"] == 503 and problem["code"] == "host_import_failed"
-            assert "ModuleNotFoundError" in problem["detail"]
-        assert requests.get(api.removesuffix("/api") + "/elsewhere", timeout=10).status_code == 404
-    finally:
-        _stop(process)
-    assert "Traceback" in log.read_text() and "tests.no_such_function_app" in log.read_text()
+def test_the_path_is_decoded_as_kestrel_decodes_it():
+    assert kestrel_decoded_path("/api/items/8%3Aacs%3Aabc%2Fdef") == "/api/items/8:acs:abc%2Fdef"
+    assert kestrel_decoded_path("/a%20b/%E2%82%AC/%ff/x%41%2f%42") == "/a b/€/%ff/xA%2fB"
 
 
 # --- as part of `python -m devstack up` ------------------------------------------------------------
 
 
-def test_up_runs_the_host_and_writes_api_and_key(stack):
+def test_up_runs_the_host_and_writes_api_and_keys(stack):
     assert stack["api"] == f"http://127.0.0.1:{stack['ports']['host']}/api"
-    assert len(stack["function_key"]) >= 32
+    keys = {stack["function_key"], stack["host_key"], stack["master_key"]}
+    assert len(keys) == 3 and min(len(k) for k in keys) >= 32
     response = requests.get(f"{stack['api']}/no-such-route-{time.time_ns()}", timeout=10)
     if response.status_code == 503:  # function_app.py is missing or broken: the fallback answers
         assert response.json()["code"] == "host_import_failed"
     else:
         assert response.status_code == 404
     host_log = (stack.state_dir / "host.log").read_text()
-    assert "devhost: listening on" in host_log and stack["function_key"] not in host_log
+    assert "devhost: listening on" in host_log
+    assert "azure-functions-runtime" in host_log and "function is in error" not in host_log
+    for key in keys:
+        assert key not in host_log
+
+
+def test_the_service_answers_through_the_worker(stack):
+    """The manage routes exist and /api/admin does not (it could not load in Azure)."""
+    for method, path in (
+        ("POST", "manage/identities/8:acs:x/revoke"),
+        ("DELETE", "manage/identities/8:acs:x"),
+    ):
+        response = requests.request(method, f"{stack['api']}/{path}", timeout=30)
+        assert response.status_code == 401 and response.json()["code"]  # the service's own problem
+        assert (
+            requests.request(method, f"{stack['api']}/admin/identities/8:acs:x", timeout=30).status_code
+            == 404
+        )
+    assert (
+        "Executed 'Functions.manage_delete_identity' (Succeeded" in (stack.state_dir / "host.log").read_text()
+    )
 
 
 def _port_closes(port: int, seconds: float = 10) -> bool:
@@ -407,7 +700,7 @@ def _port_closes(port: int, seconds: float = 10) -> bool:
 def test_up_with_a_broken_app_still_comes_up_and_its_host_dies_with_it(tmp_path):
     state = tmp_path / "s"
     process = subprocess.Popen(
-        [*UP, "--state-dir", str(state), "--host-app", "tests.no_such_function_app:app"],
+        [*UP, "--state-dir", str(state), "--host-app", "tests/broken_app/function_app.py"],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -425,7 +718,29 @@ def test_up_with_a_broken_app_still_comes_up_and_its_host_dies_with_it(tmp_path)
         f'curl -s -X POST {env["api"]}/token -H "Authorization: Bearer $(make -s token USER=alice)"'
         in printed
     )
-    assert env["function_key"] not in printed
+    for secret in (env["function_key"], env["host_key"], env["master_key"]):
+        assert secret not in printed
+
+
+def test_up_says_loudly_which_functions_are_in_error(tmp_path):
+    state = tmp_path / "s"
+    process = subprocess.Popen(
+        [*UP, "--state-dir", str(state), "--host-app", SAMPLE_APP],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        env = wait_for_env(process, state)
+        assert requests.get(f"{env['api']}/items/special", timeout=10).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=20)
+    printed = out.decode()
+    assert (
+        "FUNCTION IN ERROR, NOT LOADED (as in Azure): admin_revoke: The specified route conflicts" in printed
+    )
+    assert "Python worker: azure-functions-runtime" in printed
 
 
 def test_up_no_host_leaves_the_host_port_alone(tmp_path):
@@ -438,3 +753,9 @@ def test_up_no_host_leaves_the_host_port_alone(tmp_path):
         process.send_signal(signal.SIGTERM)
         process.wait(15)
     assert process.returncode == 0
+
+
+def test_every_host_rule_is_written_down():
+    """README's table of what runs locally and in Azure names the worker package it runs."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert "What runs locally, and what runs in Azure" in readme and "azure-functions-runtime" in readme

@@ -85,39 +85,40 @@ async def test_a_user_acts_only_on_their_own_identity(service, emulator):
     await _call(function_app.revoke_tokens, service, "own-mallory", "POST", "token/revoke")
     await _call(function_app.delete_identity, service, "own-mallory", "DELETE", "identity")
     assert emulator.verify(alice["token"])["valid"]
-    # The admin routes name any identity, but need the role.
+    # The manage/ routes name any identity, but need the admin role.
     params = {"communicationUserId": alice["communicationUserId"]}
-    for handler, method in (
-        (function_app.admin_revoke_tokens, "POST"),
-        (function_app.admin_delete_identity, "DELETE"),
+    for handler, method, route in (
+        (function_app.manage_revoke_tokens, "POST", "manage/identities/x/revoke"),
+        (function_app.manage_delete_identity, "DELETE", "manage/identities/x"),
     ):
-        response = await _call(
-            handler, service, "own-mallory", method, "admin/identities/x", route_params=params
-        )
+        response = await _call(handler, service, "own-mallory", method, route, route_params=params)
         assert response.status_code == 403 and body_of(response)["code"] == "forbidden"
     assert emulator.verify(alice["token"])["valid"]
 
 
-async def _admin(users, handler, method: str, communication_user_id: str):
+async def _manage(users, handler, method: str, communication_user_id: str):
     params = {"communicationUserId": communication_user_id}
-    return await _call(handler, users, "adm-root", method, "admin", roles=ADMIN, route_params=params)
+    route = "manage/identities/x" + ("/revoke" if method == "POST" else "")
+    return await _call(handler, users, "adm-root", method, route, roles=ADMIN, route_params=params)
 
 
 async def test_admin_revokes_and_deletes_any_identity(service, emulator):
     carol = await _token(service, "adm-carol")
-    revoked = await _admin(service, function_app.admin_revoke_tokens, "POST", carol["communicationUserId"])
+    revoked = await _manage(service, function_app.manage_revoke_tokens, "POST", carol["communicationUserId"])
     assert revoked.status_code == 200 and body_of(revoked)["status"] == "revoked"
     assert not emulator.verify(carol["token"])["valid"]
-    deleted = await _admin(
-        service, function_app.admin_delete_identity, "DELETE", carol["communicationUserId"]
+    deleted = await _manage(
+        service, function_app.manage_delete_identity, "DELETE", carol["communicationUserId"]
     )
     assert deleted.status_code == 200 and body_of(deleted)["status"] == "deleted"
-    again = await _admin(service, function_app.admin_delete_identity, "DELETE", carol["communicationUserId"])
+    again = await _manage(
+        service, function_app.manage_delete_identity, "DELETE", carol["communicationUserId"]
+    )
     assert again.status_code == 404
 
 
 async def test_admin_unknown_identity_is_404(service):
-    response = await _admin(service, function_app.admin_revoke_tokens, "POST", "8:acs:unknown_1")
+    response = await _manage(service, function_app.manage_revoke_tokens, "POST", "8:acs:unknown_1")
     assert response.status_code == 404
 
 
@@ -287,15 +288,38 @@ async def test_an_identity_lost_in_a_race_is_deleted_later_when_acs_is_down_now(
     assert emulator.verify(token.token)["reason"] == "identity deleted"
 
 
-def test_the_dev_host_schedules_the_cleanup_timer_from_settings(stack):
-    import function_app as app_module
-    from devstack.devhost import discover
-    from devstack.service_settings import settings_for_host
+def test_the_dev_host_schedules_the_cleanup_timer_from_settings_and_runs_it_in_its_worker(stack):
+    import time
 
-    timers = {t.name: t for t in discover(app_module.app, settings_for_host(stack.env)).timers}
+    import requests
+
+    import function_app as app_module
+    from devstack.host_functions import index
+    from devstack.service_settings import REPO_ROOT, settings_for_host
+    from devstack.worker import metadata_of
+
+    metadata = metadata_of(app_module.app, str(REPO_ROOT))  # what the worker tells the host
+    timers = {t.name: t for t in index(metadata, settings_for_host(stack.env)).timers}
     assert timers["cleanup"].schedule.expression == "0 */5 * * * *"
-    custom = discover(app_module.app, {"CLEANUP_SCHEDULE": "30 * * * * *"}).timers
+    custom = index(metadata, {"CLEANUP_SCHEDULE": "30 * * * * *"}).timers
     assert [t.schedule.expression for t in custom] == ["30 * * * * *"]
+    # The host's admin API runs a timer now (master key only), through the worker like a scheduled run.
+    run_now = f"{stack['api'].removesuffix('/api')}/admin/functions/cleanup"
+    assert (
+        requests.post(
+            run_now, json={}, headers={"x-functions-key": stack["function_key"]}, timeout=10
+        ).status_code
+        == 401
+    )
+    response = requests.post(run_now, json={}, headers={"x-functions-key": stack["master_key"]}, timeout=10)
+    assert response.status_code == 202
+    log = stack.state_dir / "host.log"
+    deadline = time.monotonic() + 30
+    while "Executed 'Functions.cleanup' (Succeeded" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    logged = log.read_text()
+    assert "Executed 'Functions.cleanup' (Succeeded" in logged
+    assert "Function.cleanup.User: cleanup run done" in logged  # the service's own record, via the worker
 
 
 async def test_event_ids_are_remembered_for_a_week_then_forgotten(service):
