@@ -48,6 +48,24 @@ from .routes import compare, kestrel_decoded_path
 from .rpc import protos
 
 log = logging.getLogger("devstack.devhost")
+# Kestrel's limits (KestrelServerLimits): an 8 KB request line, 32 KB of headers, 100 of them. aiohttp's
+# default is 8 KB a header, which would refuse large Entra tokens that Azure takes.
+HTTP_LIMITS = {"max_line_size": 8 * 1024, "max_field_size": 32 * 1024, "max_headers": 100}
+
+
+class _RequestErrorFilter(logging.Filter):
+    """aiohttp logs a malformed request with its raw bytes (a request line with `code=`, a bearer):
+    keep the fact and the error's type, drop the bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Error handling request"):  # web_protocol.handle_error
+            error = record.exc_info[1] if record.exc_info else None
+            record.msg, record.args = "Refused a malformed request (%s)", (type(error).__name__,)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_RequestErrorFilter())
 
 IMPORT_FAILED_CODE = "host_import_failed"
 # The service's problem type base (shared/problems.py), repeated: this answer exists for when
@@ -104,10 +122,15 @@ class HttpFront:
         return self.keys.level(presented_key(request.headers, request.query))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if not _utf8_headers(request):
+            return web.Response(status=400)  # Kestrel reads request headers as UTF-8 and refuses the rest
         path = kestrel_decoded_path(request.rel_url.raw_path)
-        if path == "/admin" or path.startswith("/admin/"):
-            return await self.admin(request, path)
-        if self.prefix and path != self.prefix and not path.startswith(self.prefix + "/"):
+        folded = (
+            path.lower()
+        )  # ASP.NET matches literal segments, the prefix and /admin among them, in any case
+        if folded == "/admin" or folded.startswith("/admin/"):
+            return await self.admin(request, folded)
+        if self.prefix and folded != self.prefix and not folded.startswith(self.prefix + "/"):
             return web.Response(status=404)
         if self.host.load_error is not None:
             return unavailable(self.host.load_error)
@@ -133,7 +156,13 @@ class HttpFront:
             return web.Response(status=500)
         except HostUnavailable:
             return web.Response(status=503)
-        return rpc_http.to_web_response(response.return_value if response.HasField("return_value") else None)
+        answer = rpc_http.to_web_response(
+            response.return_value if response.HasField("return_value") else None
+        )
+        if not 100 <= answer.status <= 999:  # ASP.NET refuses to set such a status: the request fails
+            log.error("Function '%s' answered status %s, which HTTP has not", function.name, answer.status)
+            return web.Response(status=500)
+        return answer
 
     # ---- the host's admin API -------------------------------------------------------------------
 
@@ -144,6 +173,19 @@ class HttpFront:
             return web.json_response(self.status())
         name = path.removeprefix("/admin/functions/")
         if name != path and "/" not in name and request.method == "POST":
+            # FunctionsController.Invoke: [FromBody] FunctionInvocation, 400 without one; MVC refuses
+            # a body that is not JSON with 415.
+            if request.content_type not in (
+                "application/json",
+                "text/json",
+            ) and not request.content_type.endswith("+json"):
+                return web.Response(status=415)
+            try:
+                invocation = json.loads(await request.read() or b"null")
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                invocation = None
+            if not isinstance(invocation, dict):
+                return web.Response(status=400)
             function = self.host.functions.by_name(name)
             if not isinstance(function, TimerFunction):
                 return web.Response(status=404)
@@ -199,8 +241,10 @@ async def fire(
     )
     try:
         await host.invoke(timer, data, reason=reason)
-    except (InvocationFailed, HostUnavailable):
+    except InvocationFailed:
         pass  # logged by the host; the schedule goes on
+    except HostUnavailable as err:
+        log.error("Timer '%s' did not fire: no worker can run it (%s)", timer.name, err)
 
 
 async def run_timer(
@@ -250,9 +294,17 @@ def create_app(
     """The host for one function app; its worker starts with the app, timers after it, all stop at cleanup."""
     app_dir, script_settings = resolve_app(script)
     environment = {**(os.environ if environ is None else environ), **script_settings}
-    host = FunctionHost(app_dir, config=HostConfig.load(app_dir, environment), environ=environment)
+    try:
+        config, config_error = HostConfig.load(app_dir, environment), None
+    except ValueError as err:  # the host refuses to start; every route says why
+        config, config_error = HostConfig(), str(err)
+    host = FunctionHost(app_dir, config=config, environ=environment, config_error=config_error)
     front = HttpFront(host, keys)
-    app = web.Application(middlewares=[cors.middleware()] if cors else [], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=[cors.middleware()] if cors else [],
+        client_max_size=MAX_BODY_BYTES,
+        handler_args=HTTP_LIMITS,
+    )
     app.router.add_route("*", "/{tail:.*}", front.handle)
     app[HOST] = host
     app[BACKGROUND] = set()
@@ -308,7 +360,10 @@ async def serve(app: web.Application, port: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+        except OSError as err:
+            raise CannotListen(f"cannot listen on 127.0.0.1:{port}: {err.strerror}") from None
         actual = runner.addresses[0][1]
         host = app[HOST]
         prefix = f"/{host.config.route_prefix}" if host.config.route_prefix else ""
@@ -335,7 +390,20 @@ def main(*, app_script: str, port: int, function_key: str | None, local_settings
         app.middlewares.append(signin.middleware())
     try:
         asyncio.run(serve(app, port))
-    except OSError as err:
-        print(f"devhost: cannot listen on 127.0.0.1:{port}: {err.strerror}", file=sys.stderr)
+    except CannotListen as err:
+        print(f"devhost: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+class CannotListen(RuntimeError):
+    """The port is taken (or not ours to take)."""
+
+
+def _utf8_headers(request: web.Request) -> bool:
+    try:
+        for name, value in request.raw_headers:
+            name.decode("utf-8"), value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

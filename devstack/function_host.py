@@ -28,13 +28,20 @@ from typing import Any
 from .host_config import HostConfig
 from .host_functions import Functions, HttpFunction, TimerFunction, index
 from .rpc import protos
-from .worker_channel import START_TIMEOUT_SECONDS, WorkerChannel, WorkerError, WorkerGone
+from .worker_channel import (
+    LOAD_TIMEOUT_SECONDS,
+    START_TIMEOUT_SECONDS,
+    WorkerChannel,
+    WorkerError,
+    WorkerGone,
+)
 
 startup_log = logging.getLogger("Host.Startup")
 host_log = logging.getLogger("Host.General")
 worker_log = logging.getLogger("Worker.python")
 WORKER_PACKAGE = "azure-functions-runtime"
-RESTART_ATTEMPTS = 3
+RESTART_ATTEMPTS = 3  # tries a restart gets before the host gives up on the worker
+RESTART_BUDGET = (10, 600.0)  # at most 10 restarts in 10 minutes, then the app is in error
 _LEVELS = {
     protos.RpcLog.Trace: logging.DEBUG,
     protos.RpcLog.Debug: logging.DEBUG,
@@ -72,10 +79,16 @@ def trace_parent(incoming: str | None) -> str:
 
 class FunctionHost:
     def __init__(
-        self, app_dir: Path, *, config: HostConfig, environ: Mapping[str, str] | None = None
+        self,
+        app_dir: Path,
+        *,
+        config: HostConfig,
+        environ: Mapping[str, str] | None = None,
+        config_error: str | None = None,
     ) -> None:
         self.app_dir = app_dir
         self.config = config
+        self.config_error = config_error  # host.json the host refuses: nothing starts
         self.environ = dict(os.environ if environ is None else environ)
         self.functions = Functions()
         self.worker: WorkerChannel | None = None
@@ -85,12 +98,17 @@ class FunctionHost:
         self._executing: dict[str, str] = {}  # invocation id -> function name
         self._restarting: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
+        self._restarts: list[float] = []
         self._stopping = False
 
     # ---- the worker's life ----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start the worker and load the app; a failure is kept in `load_error`, not raised."""
+        if self.config_error is not None:
+            self.load_error = WorkerError(f"host.json: {self.config_error}")
+            startup_log.error("The host cannot start: %s", self.load_error)
+            return
         try:
             await self._start_worker(first=True)
         except WorkerError as err:
@@ -98,7 +116,13 @@ class FunctionHost:
             startup_log.error("The function app could not be loaded: %s\n%s", err, err.details)
 
     async def _start_worker(self, *, first: bool) -> None:
-        channel = WorkerChannel(self.app_dir, on_log=self._worker_log, environ=self.environ)
+        timeout = self.config.function_timeout or 0.0
+        channel = WorkerChannel(
+            self.app_dir,
+            on_log=self._worker_log,
+            environ=self.environ,
+            load_timeout=max(LOAD_TIMEOUT_SECONDS, timeout),
+        )
         try:
             metadata = await channel.start()
             info = channel.metadata
@@ -122,7 +146,7 @@ class FunctionHost:
         except BaseException:
             await channel.stop()
             raise
-        if first:
+        if first or functions.errors != self.functions.errors:
             self._log_functions(functions)
         self.functions, self.worker = functions, channel
         self._watcher = asyncio.create_task(self._watch(channel))
@@ -155,8 +179,16 @@ class FunctionHost:
         self._restarting = asyncio.create_task(self._do_restart(channel))
 
     async def _do_restart(self, channel: WorkerChannel) -> None:
+        """Every way out either has a worker ready or sets `load_error`: no request waits forever."""
         try:
             await channel.stop()
+            now = time.monotonic()
+            count, window = RESTART_BUDGET
+            self._restarts = [t for t in self._restarts if now - t < window] + [now]
+            if len(self._restarts) > count:
+                raise WorkerError(
+                    f"The Python worker was restarted {count} times in {window / 60:.0f} minutes"
+                )
             for attempt in range(1, RESTART_ATTEMPTS + 1):
                 try:
                     await self._start_worker(first=False)
@@ -167,15 +199,24 @@ class FunctionHost:
                         "Worker restart %d of %d failed: %s", attempt, RESTART_ATTEMPTS, err.details
                     )
                     await asyncio.sleep(attempt)
-            self.load_error = WorkerError("The Python worker could not be restarted")
+            raise WorkerError("The Python worker could not be restarted")
+        except WorkerError as err:
+            self.load_error = err
+            host_log.error("The host stops running functions: %s. Restart it after fixing the app.", err)
+        except Exception as err:  # noqa: BLE001  (a bug here must not leave requests waiting)
+            self.load_error = WorkerError(f"The worker restart failed: {type(err).__name__}: {err}")
+            host_log.exception("The worker restart failed")
         finally:
             self._restarting = None
+            if self.load_error is not None:
+                self._ready.set()  # wakes the requests waiting for the worker: they get the error
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in (self._restarting, self._watcher):
-            if task is not None:
-                task.cancel()
+        tasks = [task for task in (self._restarting, self._watcher) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.worker is not None:
             await self.worker.stop()
 
@@ -209,6 +250,8 @@ class FunctionHost:
             await asyncio.wait_for(self._ready.wait(), START_TIMEOUT_SECONDS)
         except TimeoutError:
             raise HostUnavailable("the Python worker is restarting") from None
+        if self.load_error is not None:
+            raise HostUnavailable(str(self.load_error))
         worker = self.worker
         assert worker is not None
         invocation_id = str(uuid.uuid4())
@@ -224,10 +267,10 @@ class FunctionHost:
         self._executing[invocation_id] = function.name
         started = time.monotonic()
         call = asyncio.ensure_future(worker.invoke(request))
+        call.add_done_callback(lambda done: done.cancelled() or done.exception())  # seen, even if we left
         try:
             response = await asyncio.wait_for(asyncio.shield(call), self.config.function_timeout)
         except TimeoutError:
-            call.add_done_callback(lambda done: done.cancelled() or done.exception())  # ends in the restart
             limit = timespan(self.config.function_timeout)
             name = f"Functions.{function.name}"
             log.error("Timeout value of %s exceeded by function '%s' (Id: '%s'). Initiating cancellation.",

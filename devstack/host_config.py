@@ -16,7 +16,18 @@ OVERRIDE_PREFIX = "AzureFunctionsJobHost__"
 DEFAULT_ROUTE_PREFIX = "api"
 # Flex Consumption's default when host.json sets none (ScriptJobHostOptionsSetup.DefaultFunctionTimeout).
 DEFAULT_FUNCTION_TIMEOUT = 30 * 60.0
+MIN_FUNCTION_TIMEOUT = 1.0  # ScriptJobHostOptionsSetup.MinFunctionTimeout; Flex has no maximum
 _TIMESPAN = re.compile(r"^(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2})(?:\.(\d+))?$")
+
+
+def parse_function_timeout(text: str) -> float | None:
+    """functionTimeout as the host validates it: at least a second, or -1 for none (Flex allows it)."""
+    seconds = parse_timespan(text)
+    if seconds is not None and seconds < MIN_FUNCTION_TIMEOUT:
+        raise ValueError(
+            f"functionTimeout must be greater than 00:00:01 and less than unbounded (got {text!r})"
+        )
+    return seconds
 
 
 def parse_timespan(text: str) -> float | None:
@@ -47,6 +58,8 @@ class HostConfig:
             ((data.get("extensions") or {}).get("http") or {}).get("routePrefix", DEFAULT_ROUTE_PREFIX),
         )
         return cls(
-            function_timeout=DEFAULT_FUNCTION_TIMEOUT if timeout is None else parse_timespan(str(timeout)),
+            function_timeout=DEFAULT_FUNCTION_TIMEOUT
+            if timeout is None
+            else parse_function_timeout(str(timeout)),
             route_prefix=str(prefix).strip("/"),
         )

@@ -11,6 +11,7 @@ ValidateHttpFunction): a function it refuses is "in error", is not loaded, and i
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,10 @@ from .routes import RouteTemplate
 RESERVED_ROUTE_PREFIXES = ("admin", "runtime")  # the host's own API lives under /admin
 RESERVED_ROUTE_ERROR = "The specified route conflicts with one or more built in routes."
 AUTH_LEVELS = ("anonymous", "user", "function", "system", "admin")  # AuthorizationLevel, weakest first
+# Utility.FunctionNameValidationRegex and BindingNameValidationRegex (WebJobs.Script/Utility.cs):
+# no underscore in a binding name, so `arg_name="my_timer"` fails to load in Azure.
+FUNCTION_NAME = re.compile(r"^[a-z][a-z0-9_\-]{0,127}$(?<!^host$)", re.IGNORECASE)
+BINDING_NAME = re.compile(r"^([a-zA-Z][a-zA-Z0-9]{0,127}|\$return)$")
 
 
 class FunctionInError(ValueError):
@@ -61,6 +66,26 @@ class Functions:
 
     def by_name(self, name: str) -> HttpFunction | TimerFunction | None:
         return next((f for f in self.loaded if f.name.lower() == name.lower()), None)
+
+
+def validate_names(name: str, bindings: list[dict[str, Any]]) -> None:
+    """WorkerFunctionMetadataProvider.ValidateMetadata: the function's and every binding's name."""
+    if not FUNCTION_NAME.match(name):
+        raise FunctionInError(f"'{name}' is not a valid function name.")
+    if not bindings:
+        raise FunctionInError("At least one binding must be declared.")
+    seen: set[str] = set()
+    for binding in bindings:
+        binding_name = binding.get("name")
+        if not isinstance(binding_name, str) or not BINDING_NAME.match(binding_name):
+            raise FunctionInError(
+                f"The binding name {binding_name} is invalid. Please assign a valid name to the binding."
+            )
+        if binding_name.lower() in seen:
+            raise FunctionInError(
+                f"Multiple bindings with name '{binding_name}' discovered. Binding names must be unique."
+            )
+        seen.add(binding_name.lower())
 
 
 def _trigger(bindings: list[dict[str, Any]]) -> dict[str, Any]:
@@ -134,6 +159,7 @@ def index(metadata: list[Any], environ: Mapping[str, str] | None = None) -> Func
                 )
             names.add(name.lower())
             bindings = [json.loads(raw) for raw in function.raw_bindings]
+            validate_names(name, bindings)
             trigger = _trigger(bindings)
             kind = str(trigger.get("type", "")).lower()
             if kind == "httptrigger":

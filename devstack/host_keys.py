@@ -44,9 +44,11 @@ class HostKeys:
 
 
 def presented_key(headers: Mapping[str, str], query: Mapping[str, str]) -> str:
+    """The header (case-insensitive, the first if repeated), else the first `code` in the query,
+    whose keys ASP.NET also compares case-insensitively."""
     if KEY_HEADER in headers:
         return headers[KEY_HEADER]
-    return query.get(KEY_QUERY, "")
+    return next((value for key, value in query.items() if key.lower() == KEY_QUERY), "")
 
 
 def allows(granted: str, required: str) -> bool:

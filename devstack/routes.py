@@ -98,8 +98,13 @@ class RouteTemplate:
         )
 
     def match(self, path: str) -> dict[str, str] | None:
-        """Match a path relative to the route prefix, decoded as `kestrel_decoded_path` does."""
-        found = self.regex.fullmatch(path.strip("/"))
+        """Match a path relative to the route prefix, decoded as `kestrel_decoded_path` does.
+
+        One leading and one trailing slash are ignored, as ASP.NET's template matcher ignores them;
+        an empty segment anywhere else matches nothing (`/api//token` is not `/api/token`).
+        """
+        path = path.removeprefix("/")
+        found = self.regex.fullmatch(path.removesuffix("/") if path.endswith("/") else path)
         if found is None:
             return None
         values = {
@@ -128,12 +133,37 @@ def compare(x: RouteTemplate, y: RouteTemplate) -> int:
     return 1 if len(y.heads) > len(x.heads) else 0
 
 
-def kestrel_decoded_path(raw_path: str) -> str:
-    """A request path percent-decoded as ASP.NET Core's server (Kestrel) decodes HttpRequest.Path.
+def remove_dot_segments(path: str) -> str:
+    """RFC 3986 5.2.4, as Kestrel's PathNormalizer applies it after decoding: `..` never climbs
+    above the root."""
+    out: list[str] = []
+    segments = path.split("/")
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        if segment == ".":
+            if last:
+                out.append("")
+        elif segment == "..":
+            if len(out) > 1:
+                out.pop()
+            if last:
+                out.append("")
+        else:
+            out.append(segment)
+    return "/".join(out) or "/"
 
-    Every escape is decoded except `%2F`, which would otherwise change where segments end; an
-    escape that does not decode to UTF-8 is left as it came.
+
+def kestrel_decoded_path(raw_path: str) -> str:
+    """A request path as ASP.NET Core's server (Kestrel) makes HttpRequest.Path of it.
+
+    Every escape is decoded except `%2F`, which would otherwise change where segments end (an
+    escape that does not decode to UTF-8 is left as it came); then dot segments are removed, so
+    `%2e%2e` climbs too.
     """
+    return remove_dot_segments(_percent_decoded(raw_path))
+
+
+def _percent_decoded(raw_path: str) -> str:
 
     def decode(run: re.Match[str]) -> str:
         text = run.group(0)

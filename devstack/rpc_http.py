@@ -5,7 +5,8 @@ GrpcMessageConversionExtensions.cs (ToRpcHttp), for the capabilities the Python 
 (RawHttpBodyBytes, RpcHttpBodyOnly, RpcHttpTriggerMetadataRemoved; no nullable maps):
 - `url` is scheme://Host + Path + QueryString, Path decoded as Kestrel decodes it;
 - header names lower-cased, repeated values joined with "," (StringValues.ToString());
-- query values joined with ","; a key whose value is empty is left out;
+- query keys compared case-insensitively, values joined with ","; a key whose value is empty is
+  left out;
 - `params` are the route values;
 - the body is sent, as bytes, only when Content-Length is above 0 (a chunked body without a
   length reaches the function empty, in Azure too).
@@ -36,7 +37,13 @@ _SAME_SITE = {
 
 
 def _joined(values: Any) -> dict[str, str]:
-    return {key: ",".join(values.getall(key)) for key in values.keys()}
+    """Repeated names as one, case-insensitively, under the first spelling (StringValues.ToString())."""
+    joined: dict[str, str] = {}
+    spelling: dict[str, str] = {}
+    for key, value in values.items():
+        first = spelling.setdefault(key.lower(), key)
+        joined[first] = f"{joined[first]},{value}" if first in joined else value
+    return joined
 
 
 async def to_rpc_http(request: web.Request, route_params: dict[str, str]) -> Any:

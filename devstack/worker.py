@@ -13,8 +13,9 @@ conversion, invocation and the answer's conversion are Azure's own code, not our
   `azure.functions`, `azure_functions_runtime` and the worker itself are the System category,
   everything else (the app, the Azure SDKs) User.
 
-Run by the dev host as `python -m devstack.worker --host H --port P --workerId W --requestId R
---grpcMaxMessageLength N`, the arguments the Functions host passes a Python worker.
+Run by the dev host as `python -m devstack.worker --fd N --workerId W --requestId R
+--grpcMaxMessageLength L`: the Functions host's arguments, but for `--host H --port P` (the
+address to call back on) an inherited socket, so that no other process can take its place.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import asyncio
 import contextvars
 import logging
 import os
+import socket
 import sys
 import threading
 from dataclasses import dataclass
@@ -203,8 +205,8 @@ def metadata_of(app: Any, directory: str) -> list[Any]:
     return list(results)
 
 
-async def serve(host: str, port: int, worker_id: str, request_id: str) -> int:
-    reader, writer = await asyncio.open_connection(host, port)
+async def serve(fd: int, worker_id: str, request_id: str) -> int:
+    reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
     connection = Connection(writer, request_id)
     connection.send(start_stream=protos.StartStream(worker_id=worker_id))
 
@@ -218,7 +220,7 @@ async def serve(host: str, port: int, worker_id: str, request_id: str) -> int:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     log.info("Switched to gRPC logging.")
 
-    dispatcher = Dispatcher(connection, runtime, host)
+    dispatcher = Dispatcher(connection, runtime, "127.0.0.1")
     try:
         while True:
             dispatcher.dispatch(await stream.read(reader))
@@ -230,8 +232,7 @@ async def serve(host: str, port: int, worker_id: str, request_id: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devstack.worker", description=__doc__)
-    parser.add_argument("--host", required=True)
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--fd", type=int, required=True, help="the inherited socket to the host")
     parser.add_argument("--workerId", required=True)
     parser.add_argument("--requestId", required=True)
     parser.add_argument("--grpcMaxMessageLength", type=int, default=stream.MAX_MESSAGE_BYTES)
@@ -240,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stderr, format=f"{CONSOLE_PREFIX} %(levelname)s: %(message)s"
     )
     try:
-        return asyncio.run(serve(args.host, args.port, args.workerId, args.requestId))
+        return asyncio.run(serve(args.fd, args.workerId, args.requestId))
     except OSError as err:
-        log.error("Cannot reach the host at %s:%s: %s", args.host, args.port, err)
+        log.error("Cannot use the host's socket (fd %s): %s", args.fd, err)
         return 1
 
 

@@ -1,15 +1,19 @@
 """The host's side of one Python worker: its process and the FunctionRpc stream to it.
 
-As the Functions host does (GrpcWorkerChannel in Azure/azure-functions-host): start the worker
-with the address to call back, wait for its StartStream, send WorkerInitRequest (the worker
-indexes the app then), FunctionsMetadataRequest and a FunctionLoadRequest a function, then an
-InvocationRequest a call. A worker that exits fails every invocation in flight on it.
+As the Functions host does (GrpcWorkerChannel in Azure/azure-functions-host): start the worker,
+wait for its StartStream, send WorkerInitRequest (the worker indexes the app then),
+FunctionsMetadataRequest and a FunctionLoadRequest a function, then an InvocationRequest a call.
+Each start-up answer has the host's deadline (WorkerProcessCountOptions, GrpcWorkerChannel):
+StartStream 60 s, WorkerInitResponse 10 s (so an app whose import takes longer fails there too),
+the metadata and each load the larger of 1 minute and functionTimeout. A worker that exits fails
+every invocation in flight on it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -22,7 +26,10 @@ from .rpc import protos, stream
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST_VERSION = "4.1000.0-devstack"  # what the dev host calls itself in WorkerInitRequest
-START_TIMEOUT_SECONDS = 60.0
+START_TIMEOUT_SECONDS = 60.0  # ProcessStartupTimeout: until StartStream
+INIT_TIMEOUT_SECONDS = 10.0  # InitializationTimeout: until WorkerInitResponse
+LOAD_TIMEOUT_SECONDS = 60.0  # _functionLoadTimeout, or functionTimeout if that is longer
+HOST_ONLY_SETTINGS = "DEVHOST_"  # the dev host's own settings (keys among them): never the worker's
 
 
 class WorkerError(RuntimeError):
@@ -55,9 +62,11 @@ class WorkerChannel:
         *,
         on_log: Callable[[Any], None],
         environ: Mapping[str, str] | None = None,
+        load_timeout: float = LOAD_TIMEOUT_SECONDS,
     ) -> None:
         self.app_dir = app_dir
         self.on_log = on_log
+        self.load_timeout = load_timeout
         self.environ = dict(os.environ if environ is None else environ)
         self.worker_id = str(uuid.uuid4())
         self.request_id = str(uuid.uuid4())
@@ -65,7 +74,6 @@ class WorkerChannel:
         self.metadata: Any = None  # the worker's WorkerMetadata (runtime and package versions)
         self.closed = asyncio.Event()
         self._writer: asyncio.StreamWriter | None = None
-        self._started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending: dict[tuple[str, str], asyncio.Future[Any]] = {}
         self._reader_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
@@ -77,60 +85,45 @@ class WorkerChannel:
     # ---- start-up -------------------------------------------------------------------------------
 
     async def start(self) -> list[Any]:
-        """Start the worker and let it index the app; the functions' metadata, in the worker's order."""
-        server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        """Start the worker and let it index the app; the functions' metadata, in the worker's order.
+
+        Every way a start can fail (the worker exits, hangs, or answers with a failure) is a
+        WorkerError, for the host to report.
+        """
         try:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "devstack.worker",
-                "--host", "127.0.0.1", "--port", str(port),
-                "--workerId", self.worker_id, "--requestId", self.request_id,
-                "--grpcMaxMessageLength", str(stream.MAX_MESSAGE_BYTES),
-                cwd=self.app_dir,
-                env=self._worker_environment(),
-                stdin=subprocess.DEVNULL,
-                preexec_fn=die_with_parent,
-            )  # fmt: skip
-            exited = asyncio.create_task(self.process.wait())
-            done, _ = await asyncio.wait(
-                {self._started, exited}, timeout=START_TIMEOUT_SECONDS, return_when=asyncio.FIRST_COMPLETED
+            await self._spawn()
+            init = await self._startup_request(
+                INIT_TIMEOUT_SECONDS,
+                "worker_init_response",
+                "",
+                worker_init_request=protos.WorkerInitRequest(
+                    host_version=HOST_VERSION,
+                    worker_directory=str(REPO_ROOT / "devstack"),
+                    function_app_directory=str(self.app_dir),
+                ),
             )
-            if self._started not in done:
-                exited.cancel()
-                code = self.process.returncode
-                raise WorkerError(
-                    f"The Python worker exited with code {code} before connecting"
-                    if code is not None
-                    else f"The Python worker did not connect within {START_TIMEOUT_SECONDS:.0f} s"
-                )
-            self._watch_task = asyncio.create_task(self._watch(exited))
-        finally:
-            server.close()  # one worker, one stream: nobody else may connect
-        init = await self._request(
-            "worker_init_response",
-            "",
-            worker_init_request=protos.WorkerInitRequest(
-                host_version=HOST_VERSION,
-                worker_directory=str(REPO_ROOT / "devstack"),
-                function_app_directory=str(self.app_dir),
-            ),
-        )
-        self.metadata = init.worker_metadata
-        if _failure(init.result):
-            raise WorkerError("The worker failed to index the function app", init.result.exception)
-        listed = await self._request(
-            "function_metadata_response",
-            "",
-            functions_metadata_request=protos.FunctionsMetadataRequest(
-                function_app_directory=str(self.app_dir)
-            ),
-        )
-        if _failure(listed.result):
-            raise WorkerError("The worker failed to list the functions", listed.result.exception)
-        return list(listed.function_metadata_results)
+            self.metadata = init.worker_metadata
+            if _failure(init.result):
+                raise WorkerError("The worker failed to index the function app", init.result.exception)
+            listed = await self._startup_request(
+                self.load_timeout,
+                "function_metadata_response",
+                "",
+                functions_metadata_request=protos.FunctionsMetadataRequest(
+                    function_app_directory=str(self.app_dir)
+                ),
+            )
+            if _failure(listed.result):
+                raise WorkerError("The worker failed to list the functions", listed.result.exception)
+            return list(listed.function_metadata_results)
+        except OSError as err:  # WorkerGone among them
+            code = await self._exit_code()
+            ended = f"exited with code {code}" if code is not None else f"went away ({err})"
+            raise WorkerError(f"The Python worker {ended} while starting") from None
 
     async def load(self, metadata: Any) -> None:
-        loaded = await self._request(
+        loaded = await self._startup_request(
+            self.load_timeout,
             "function_load_response",
             metadata.function_id,
             function_load_request=protos.FunctionLoadRequest(
@@ -140,23 +133,69 @@ class WorkerChannel:
         if _failure(loaded.result):
             raise WorkerError(f"The worker failed to load '{metadata.name}'", loaded.result.exception)
 
+    async def _spawn(self) -> None:
+        """The worker process, on one end of a socket pair; until its StartStream names it."""
+        ours, theirs = socket.socketpair()
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "devstack.worker",
+                "--fd", str(theirs.fileno()),
+                "--workerId", self.worker_id, "--requestId", self.request_id,
+                "--grpcMaxMessageLength", str(stream.MAX_MESSAGE_BYTES),
+                cwd=self.app_dir,
+                env=self._worker_environment(),
+                stdin=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                preexec_fn=die_with_parent,
+            )  # fmt: skip
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        reader, self._writer = await asyncio.open_connection(sock=ours)
+        exited = asyncio.create_task(self.process.wait())
+        first = asyncio.create_task(stream.read(reader))
+        done, _ = await asyncio.wait(
+            {first, exited}, timeout=START_TIMEOUT_SECONDS, return_when=asyncio.FIRST_COMPLETED
+        )
+        if first not in done or first.exception() is not None:
+            first.cancel()
+            exited.cancel()
+            await self.stop()
+            code = self.process.returncode
+            raise WorkerError(
+                f"The Python worker exited with code {code} before its StartStream"
+                if code is not None
+                else f"The Python worker sent no StartStream within {START_TIMEOUT_SECONDS:.0f} s"
+            )
+        if first.result().start_stream.worker_id != self.worker_id:
+            exited.cancel()
+            await self.stop()
+            raise WorkerError("The worker's StartStream named another worker")
+        self._watch_task = asyncio.create_task(self._watch(exited))
+        self._reader_task = asyncio.create_task(self._read(reader))
+
+    async def _exit_code(self) -> int | None:
+        """The worker's exit code, if it exits within a moment (its stream ends first)."""
+        if self.process is None:
+            return None
+        try:
+            return await asyncio.wait_for(self.process.wait(), 2)
+        except TimeoutError:
+            return None
+
+    async def _startup_request(self, seconds: float, answer: str, key: str, **content: Any) -> Any:
+        try:
+            return await asyncio.wait_for(self._request(answer, key, **content), seconds)
+        except TimeoutError:
+            raise WorkerError(f"The worker did not answer within {seconds:.0f} s ({answer})") from None
+
     def _worker_environment(self) -> dict[str, str]:
         """The app settings, plus where `devstack.worker` is; the app folder goes first on sys.path."""
         paths = [str(REPO_ROOT), *filter(None, self.environ.get("PYTHONPATH", "").split(os.pathsep))]
-        return {**self.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1"}
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            first = await asyncio.wait_for(stream.read(reader), 10)
-        except (stream.StreamClosed, TimeoutError):
-            writer.close()
-            return
-        if self._started.done() or first.start_stream.worker_id != self.worker_id:
-            writer.close()  # not the worker we started
-            return
-        self._writer = writer
-        self._reader_task = asyncio.create_task(self._read(reader))
-        self._started.set_result(None)
+        settings = {k: v for k, v in self.environ.items() if not k.startswith(HOST_ONLY_SETTINGS)}
+        return {**settings, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1"}
 
     # ---- messages -------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import concurrent.futures
 import functools
 import http.client
 import importlib.metadata
+import json
 import os
 import select
 import signal
@@ -258,6 +259,90 @@ def test_a_route_that_conflicts_with_an_earlier_one_is_refused(host):
     )
 
 
+def test_names_are_held_to_the_hosts_rules(host):
+    """Utility.FunctionNameValidationRegex and BindingNameValidationRegex, applied by
+    WorkerFunctionMetadataProvider.ValidateMetadata: no underscore in a binding name, no function
+    called `host`."""
+    logged = host.wait_logged("The 'underscore' function is in error")
+    assert "The 'underscore' function is in error: The binding name my_req is invalid." in logged
+    assert "The 'host' function is in error: 'host' is not a valid function name." in logged
+    assert get(host, "/underscore").status_code == 404 and get(host, "/named-host").status_code == 404
+
+
+def _raw(
+    host: Host, method: str, target: str, headers: tuple[tuple[str, str], ...] = ()
+) -> tuple[int, bytes]:
+    """A request sent as written: clients (urllib3 among them) remove dot segments themselves."""
+    connection = http.client.HTTPConnection(host.api.split("/")[2], timeout=30)
+    connection.putrequest(method, target, skip_accept_encoding=True)
+    for name, value in headers:
+        connection.putheader(name, value)
+    connection.endheaders()
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def test_the_path_is_normalised_and_matched_as_aspnet_does(host):
+    """Kestrel removes dot segments after decoding (so %2e%2e climbs too); routing ignores one
+    trailing slash and matches literals, the route prefix included, in any case."""
+    assert _raw(host, "GET", "/api/x/../describe")[0] == 200
+    assert _raw(host, "GET", "/api/x/%2e%2e/describe")[0] == 200
+    assert _raw(host, "GET", "/API/Describe/")[0] == 200
+    for target in ("/api//describe", "/api/describe//", "/api/items/..", "/api/items/%2e%2e"):
+        assert _raw(host, "GET", target)[0] == 404, target
+    master = (("x-functions-key", MASTER_KEY),)
+    assert _raw(host, "GET", "/api/../admin/host/status", master)[0] == 200  # the host's own API, as in Azure
+    assert _raw(host, "GET", "/ADMIN/host/status", master)[0] == 200
+
+
+def test_query_keys_are_case_insensitive(host):
+    assert get(host, "/items/1", params={"CODE": FUNCTION_KEY}).status_code == 200
+    assert json.loads(_raw(host, "GET", "/api/describe?A=1&a=2")[1])["params"] == {"A": "1,2"}
+
+
+def test_header_bytes_that_are_not_utf8_are_400_not_500(host):
+    for name, value in ((b"X-A", b"\xff"), (b"x-functions-key", b"\xff"), (b"Host", b"\xff")):
+        with socket.create_connection(
+            ("127.0.0.1", int(host.api.split(":")[2].split("/")[0])), timeout=10
+        ) as s:
+            s.sendall(
+                b"GET /api/items/1 HTTP/1.1\r\nHost: 127.0.0.1\r\n" * (name != b"Host")
+                + name
+                + b": "
+                + value
+                + b"\r\n\r\n"
+            )
+            assert s.recv(100).split(b" ")[1] == b"400", name
+
+
+def test_a_status_http_has_not_is_500(host):
+    assert get(host, "/status/201").status_code == 201
+    assert get(host, "/status/99").status_code == 500
+
+
+def test_the_worker_gets_the_app_settings_but_not_the_hosts_keys(host):
+    assert get(host, "/env/PATH").json() is True
+    for name in ("DEVHOST_FUNCTION_KEY", "DEVHOST_HOST_KEY", "DEVHOST_MASTER_KEY", "DEVHOST_CORS"):
+        assert get(host, f"/env/{name}").json() is False, name
+
+
+def test_a_malformed_request_leaves_no_key_or_bearer_in_the_log(host):
+    """aiohttp logs a request it cannot parse with its raw bytes; the host keeps only the error's type."""
+    port = int(host.api.split(":")[2].split("/")[0])
+    bad = [
+        b"GET /api/items/\xc3\xa9?code=" + MASTER_KEY.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /api/items/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer eyJLEAK2.payload\x01x\r\n\r\n",
+        b"GET /api/items/1 HTTP/1.1\r\nHost: x\r\nx-functions-key: " + HOST_KEY.encode() + b"\x7f\r\n\r\n",
+    ]
+    for request in bad:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(request)
+            assert s.recv(100).split(b" ")[1] == b"400"
+    logged = host.wait_logged("Refused a malformed request")
+    for secret in (MASTER_KEY, HOST_KEY, "eyJLEAK2"):
+        assert secret not in logged
+
+
 # --- keys ------------------------------------------------------------------------------------------
 
 
@@ -397,6 +482,72 @@ def _alive(pid: int) -> bool:
     return not Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
 
 
+def _flaky(tmp_path: Path, mode: str, *, broken: bool) -> Host:
+    marker = tmp_path / "marker"
+    if broken:
+        marker.touch()
+    return start_host(
+        tmp_path, "tests/flaky_app/function_app.py", SAMPLE_MARKER=str(marker), SAMPLE_MODE=mode
+    )
+
+
+def _problem_503(host: Host) -> dict:
+    response = requests.get(f"{host.api}/ok", timeout=30)
+    assert response.status_code == 503 and response.json()["code"] == "host_import_failed"
+    return response.json()
+
+
+def test_a_worker_that_exits_while_starting_gives_503_not_a_dead_host(tmp_path):
+    running = _flaky(tmp_path, "exit", broken=True)
+    try:
+        assert "code 3" in _problem_503(running)["detail"]
+    finally:
+        stop_host(running)
+
+
+def test_a_worker_whose_import_hangs_fails_after_the_hosts_10_seconds(tmp_path):
+    """WorkerProcessCountOptions.InitializationTimeout: the WorkerInitResponse (the app's indexing,
+    with its import) has 10 s; an app that takes longer fails to start in Azure too."""
+    started = time.monotonic()
+    running = _flaky(tmp_path, "hang", broken=True)
+    try:
+        assert 10 <= time.monotonic() - started < 30
+        assert "within 10 s" in _problem_503(running)["detail"]
+    finally:
+        stop_host(running)
+
+
+def test_a_restart_that_cannot_start_the_worker_ends_in_503_not_a_wait(tmp_path):
+    running = _flaky(tmp_path, "exit", broken=False)
+    try:
+        assert get(running, "/ok").text == "ok"
+        assert get(running, "/crash").status_code == 500
+        logged = running.wait_logged("The host stops running functions", seconds=30)
+        assert "Worker restart 3 of 3 failed" in logged
+        started = time.monotonic()
+        _problem_503(running)
+        assert time.monotonic() - started < 5
+        status = requests.get(
+            f"{running.base}/admin/host/status", headers={"x-functions-key": MASTER_KEY}, timeout=10
+        )
+        assert status.json()["state"] == "Error"
+    finally:
+        stop_host(running)
+
+
+def test_a_function_timeout_under_a_second_is_refused_at_start(tmp_path):
+    """ScriptJobHostOptionsSetup.ValidateTimeoutValue: at least MinFunctionTimeout, 1 s."""
+    running = start_host(tmp_path, AzureFunctionsJobHost__functionTimeout="00:00:00")
+    try:
+        problem = requests.get(f"{running.api}/items/special", timeout=10).json()
+        assert (
+            problem["code"] == "host_import_failed"
+            and "functionTimeout must be greater than" in problem["detail"]
+        )
+    finally:
+        stop_host(running)
+
+
 def test_an_app_the_worker_cannot_import_answers_503_problem_json(tmp_path):
     running = start_host(tmp_path, "tests/broken_app/function_app.py")
     try:
@@ -511,6 +662,20 @@ def test_timers_fire_through_the_worker_and_survive_exceptions(host):
     )
     logged = host.wait_logged("Executed 'Functions.failing_every_second' (Failed")
     assert f"ValueError: {SECRET_IN_ERROR}" in logged
+
+
+def test_the_admin_api_takes_a_json_invocation_body(host):
+    """FunctionsController.Invoke binds [FromBody] FunctionInvocation: none is 400, not JSON 415."""
+    url, master = f"{host.base}/admin/functions/every_second", {"x-functions-key": MASTER_KEY}
+    assert requests.post(url, headers=master, timeout=10).status_code == 415
+    assert requests.post(url, data="{}", headers=master, timeout=10).status_code == 415  # form-encoded
+    assert (
+        requests.post(
+            url, data="null", headers={**master, "Content-Type": "application/json"}, timeout=10
+        ).status_code
+        == 400
+    )
+    assert requests.post(url, json={"input": ""}, headers=master, timeout=10).status_code == 202
 
 
 def test_the_admin_api_runs_a_timer_now(host):

@@ -168,3 +168,47 @@ def test_two_stacks_coexist(stack, tmp_path):
 def test_env_json_is_private(stack):
     assert (stack.state_dir / "env.json").stat().st_mode & 0o077 == 0
     assert json.loads((stack.state_dir / "env.json").read_text())["pid"] == stack.process.pid
+
+
+def _make_venv(tmp_path, *args: str, path: str) -> subprocess.CompletedProcess:
+    """The repository's Makefile, in an empty folder, making .venv with only `path` to find Python on."""
+    import shutil
+
+    (tmp_path / "Makefile").write_text((REPO_ROOT / "Makefile").read_text())
+    make = shutil.which("make") or "/usr/bin/make"
+    return subprocess.run(
+        [make, "-s", ".venv/bin/python", *args],
+        cwd=tmp_path,
+        env={"PATH": path, "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_make_says_what_to_install_when_python_3_13_is_missing(tmp_path):
+    import shutil
+
+    bare = "/usr/bin:/bin"
+    if shutil.which("python3.13", path=bare) or shutil.which("pyenv", path=bare):
+        pytest.skip("this machine has Python 3.13 where make looks first")
+    result = _make_venv(tmp_path, path=bare)
+    assert result.returncode != 0
+    assert "Python 3.13 is needed and none was found" in result.stdout + result.stderr
+    assert "pyenv install 3.13" in result.stdout + result.stderr
+    assert not (tmp_path / ".venv").exists()
+
+
+def test_make_refuses_a_python_that_is_not_3_13(tmp_path):
+    other = "/usr/bin/python3"
+    if not os.path.exists(other):
+        pytest.skip("no /usr/bin/python3 to try")
+    version = subprocess.run(
+        [other, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True
+    )
+    if version.stdout.strip() == "(3, 13)":
+        pytest.skip("/usr/bin/python3 is 3.13 here")
+    result = _make_venv(tmp_path, f"PYTHON={other}", path=os.environ["PATH"])
+    assert result.returncode != 0
+    assert "Azure runs this app on 3.13: set PYTHON=/path/to/python3.13" in result.stdout + result.stderr
+    assert not (tmp_path / ".venv").exists()

@@ -2,15 +2,18 @@
 
 FunctionRpc's one call is a bidirectional stream (`EventStream`). The dev host keeps its messages
 and framing (a 1-byte compressed flag, 0 here, and a 4-byte big-endian length, then the protobuf
-bytes: gRPC's length-prefixed message) but carries them over a plain loopback TCP connection
-rather than HTTP/2: what the worker reads is byte for byte the message the Functions host sends,
-at a fraction of grpcio's cost per message.
+bytes: gRPC's length-prefixed message) but carries them over a socket pair the worker inherits
+rather than HTTP/2 on a loopback port: what the worker reads is byte for byte the message the
+Functions host sends, at a fraction of grpcio's cost per message, and no other process can
+connect in the worker's place.
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
+
+from google.protobuf.message import DecodeError
 
 from .protos import StreamingMessage
 
@@ -36,5 +39,8 @@ async def read(reader: asyncio.StreamReader) -> StreamingMessage:
     except (asyncio.IncompleteReadError, ConnectionError) as err:
         raise StreamClosed(str(err) or type(err).__name__) from None
     message = StreamingMessage()
-    message.ParseFromString(body)
+    try:
+        message.ParseFromString(body)
+    except DecodeError as err:
+        raise StreamClosed(f"not a StreamingMessage: {err}") from None
     return message

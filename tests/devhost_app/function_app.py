@@ -70,6 +70,30 @@ async def manage_revoke(req: func.HttpRequest) -> func.HttpResponse:
     return _describe(req)
 
 
+@app.route(route="underscore", trigger_arg_name="my_req", auth_level=func.AuthLevel.ANONYMOUS)
+async def underscore(my_req: func.HttpRequest) -> func.HttpResponse:
+    """A binding name with an underscore: Azure's binding-name rule refuses it."""
+    return func.HttpResponse("must never load")
+
+
+@app.function_name("host")
+@app.route(route="named-host", auth_level=func.AuthLevel.ANONYMOUS)
+async def named_host(req: func.HttpRequest) -> func.HttpResponse:
+    """`host` is the one function name Azure's name rule refuses outright."""
+    return func.HttpResponse("must never load")
+
+
+@app.route(route="env/{name}", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+async def env(req: func.HttpRequest) -> func.HttpResponse:
+    """Whether a setting reaches the worker (the host's own keys must not)."""
+    return func.HttpResponse(json.dumps(req.route_params["name"] in os.environ))
+
+
+@app.route(route="status/{code}", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+async def status(req: func.HttpRequest) -> func.HttpResponse:
+    return func.HttpResponse("as asked", status_code=int(req.route_params["code"]))
+
+
 @app.route(route="items/special", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def special_item(req: func.HttpRequest) -> func.HttpResponse:
     """Sync, and registered after items/{itemId}: the literal route must still win."""
