@@ -11,7 +11,8 @@ SERIES = {
     "floor": ("floor: the SDK calls alone", (90, 90, 90)),
     "handler": ("service, handler level", (31, 119, 180)),
     "handler_new_bearer": ("handler level, a new bearer each request", (140, 190, 230)),
-    "e2e": ("service, end to end (dev host)", (255, 127, 14)),
+    "worker": ("through azure-functions-runtime, in-process", (44, 160, 44)),
+    "e2e": ("service, end to end (dev host + worker)", (255, 127, 14)),
 }
 PANELS = (("refresh", "Refresh: 1 read + 1 ACS call"), ("first_issue", "First issue"))
 WIDTH, HEIGHT = 1200, 560
