@@ -17,12 +17,15 @@ NODE_STAMP := node_modules/.package-lock.json
 PROTOS := devstack/rpc/FunctionRpc.proto devstack/rpc/NullableTypes.proto
 PROTO_STAMP := devstack/rpc/FunctionRpc_pb2.py
 
-.PHONY: help setup run test token lint clean demo-bundle bench protos
+.PHONY: help setup run test test-fast token env timer lint clean demo-bundle bench protos
 
 help:
 	@echo "make run                       start the local stack (Ctrl-C stops it)"
 	@echo "make test                      install what is missing, then run the whole test suite"
+	@echo "make test-fast                 the same without the tests marked slow (seconds each)"
 	@echo "make token USER=alice [ROLES=TokenService.Admin,Other]   print a user JWT from the running stack"
+	@echo "make env [KEY=api]             print a value of the running stack's env.json (all of it without KEY)"
+	@echo "make timer                     run the cleanup timer's work once, now, against the running stack"
 	@echo "make lint                      ruff"
 	@echo "make bench                     benchmarks: the service against the floor ACS and Table Storage set (a few minutes)"
 	@echo "make demo-bundle               rebuild shared/demo/app.bundle.js (the demo page's script) with esbuild"
@@ -37,8 +40,12 @@ $(PY_STAMP): requirements.txt requirements-dev.txt | $(PY)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	@touch $@
 
+# The oldest Node.js every pinned package's `engines` accepts (a test keeps it equal to package-lock.json).
+NODE_MAJOR := 20
+
 $(NODE_STAMP): package.json package-lock.json
-	@command -v npm >/dev/null || { echo "npm is missing: install Node.js 20 or newer"; exit 1; }
+	@command -v npm >/dev/null || { echo "npm is missing: install Node.js $(NODE_MAJOR) or newer (with npm)"; exit 1; }
+	@node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= $(NODE_MAJOR) ? 0 : 1)' || { echo "Node.js $$(node --version) is too old: the pinned Node tools need Node.js $(NODE_MAJOR) or newer"; exit 1; }
 	npm ci --no-audit --no-fund
 	@touch $@
 
@@ -59,6 +66,10 @@ test: setup
 	@test -x "$(CHROMIUM_PATH)" || echo "make test: $(CHROMIUM_PATH) not found, so the browser test of the demo page is SKIPPED (apt-get install chromium)"
 	$(PY) -m pytest
 
+# Everything but the tests marked slow: for the edit-test loop. CI and `make test` run them all.
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
 # Starts its own stack on free ports; prints a table, writes bench/results.json and bench/throughput.png,
 # and exits 1 if a target fails.
 bench: setup
@@ -71,6 +82,13 @@ token:
 
 comma := ,
 
+# KEY must come from the command line, like USER above.
+env:
+	@$(PY) -m devstack env $(if $(filter command line,$(origin KEY)),'$(KEY)',)
+
+timer:
+	@$(PY) -m devstack timer cleanup
+
 # The bundle is committed (Azure runs no Node build); a test checks that it matches app.js.
 demo-bundle: $(NODE_STAMP)
 	npm run --silent build:demo
@@ -80,4 +98,4 @@ lint: $(PY_STAMP)
 	$(PY) -m ruff format --check .
 
 clean:
-	rm -rf $(VENV) node_modules .devstack .pytest_cache .ruff_cache devstack/rpc/*_pb2.py devstack/rpc/*_pb2.pyi
+	rm -rf $(VENV) node_modules .devstack .pytest_cache .ruff_cache .hypothesis devstack/rpc/*_pb2.py devstack/rpc/*_pb2.pyi

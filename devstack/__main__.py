@@ -18,7 +18,8 @@ from .layout import Ports
 
 
 def _state_dir(value: str | None) -> Path:
-    return Path(value) if value else layout.DEFAULT_STATE_DIR
+    """--state-dir, else $DEVSTACK_STATE, else .devstack: every command finds the stack `up` started."""
+    return Path(value or os.environ.get(layout.STATE_ENV) or layout.DEFAULT_STATE_DIR)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -45,9 +46,27 @@ def load_env(state_dir: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
+        hint = (
+            ""
+            if os.environ.get(layout.STATE_ENV)
+            else (f" A stack started with --state-dir elsewhere: set {layout.STATE_ENV} to that folder.")
+        )
         raise SystemExit(
-            f"devstack: no running stack ({path} not found): start one with `make run`."
+            f"devstack: no running stack ({path} not found): start one with `make run`.{hint}"
         ) from None
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    """One value of the running stack's env.json (or all of it), for shell commands: no jq needed."""
+    env = load_env(_state_dir(args.state_dir))
+    if args.key is None:
+        print(json.dumps(env, indent=2))
+        return 0
+    if args.key not in env:
+        raise SystemExit(f"devstack: env.json has no {args.key!r}; it has: {', '.join(sorted(env))}")
+    value = env[args.key]
+    print(value if isinstance(value, str) else json.dumps(value))
+    return 0
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -122,8 +141,29 @@ def cmd_timer(args: argparse.Namespace) -> int:
         finally:
             await reset_clients()
 
-    print(json.dumps(asyncio.run(run()), indent=2))
+    report = asyncio.run(run())
+    print(json.dumps(report, indent=2) if args.json else describe_cleanup(report))
     return 0
+
+
+CLEANUP_LINES = (
+    ("pending_due", "pending revocations and deletions due"),
+    ("revoked", "revocations completed"),
+    ("deleted", "deletions completed"),
+    ("discarded", "identities left over from lost creation races deleted"),
+    ("retention_deleted", "identities unused for IDENTITY_RETENTION_DAYS retired"),
+    ("retention_unmapped_deleted", "identities a crash left unmapped deleted"),
+    ("event_ids_forgotten", "event ids older than a week forgotten"),
+)
+
+
+def describe_cleanup(report: dict) -> str:
+    """What a cleanup run did, a line a kind; the rest of its counters (retries, deferrals) after."""
+    lines = [f"cleanup: {report.get(key, 0)} {text}" for key, text in CLEANUP_LINES]
+    other = {k: v for k, v in report.items() if k not in dict(CLEANUP_LINES)}
+    if other:
+        lines.append("  also: " + ", ".join(f"{k}={v}" for k, v in sorted(other.items())))
+    return "\n".join(lines)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -131,7 +171,10 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start the whole local stack until Ctrl-C")
-    up.add_argument("--state-dir", help="where keys, certificates and env.json go (default .devstack)")
+    up.add_argument(
+        "--state-dir",
+        help=f"where keys, certificates and env.json go (default ${layout.STATE_ENV}, else .devstack)",
+    )
     up.add_argument("--tls-dir", help="reuse (or create) the CA and server certificate in this folder")
     up.add_argument("--free-ports", action="store_true", help="pick free ports for everything")
     for f in fields(Ports):
@@ -163,10 +206,16 @@ def parser() -> argparse.ArgumentParser:
     token.add_argument("--state-dir")
     token.set_defaults(func=cmd_token)
 
-    timer = sub.add_parser("timer", help="run a timer function once now against the running stack")
+    timer = sub.add_parser("timer", help="run a timer function's work once now against the running stack")
     timer.add_argument("name", choices=["cleanup"], help="the timer function")
+    timer.add_argument("--json", action="store_true", help="print the run's counters as JSON")
     timer.add_argument("--state-dir")
     timer.set_defaults(func=cmd_timer)
+
+    env = sub.add_parser("env", help="print a value of the running stack's env.json (api, master_key, ...)")
+    env.add_argument("key", nargs="?", help="e.g. api, function_key, master_key; none: the whole file")
+    env.add_argument("--state-dir")
+    env.set_defaults(func=cmd_env)
 
     host = sub.add_parser("host", help="serve a function app on 127.0.0.1 like the Functions host")
     host.add_argument("--port", type=int, default=7071, help="default 7071; 0 = any free port")

@@ -34,6 +34,9 @@ LIMITS = {
     "exchangeTeamsToken": 500,
 }
 OPERATIONS = tuple(LIMITS)
+# ACS: revocation "can take up to 15 minutes to propagate"; the delay fault may simulate no more.
+MAX_REVOCATION_DELAY_SECONDS = 15 * 60
+Seconds = float  # a fault field kind: a non-negative number of seconds
 
 
 class AcsError(Exception):
@@ -70,6 +73,16 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _guid(value: object) -> uuid.UUID | None:
+    """The GUID a string spells (any case, as Entra ids are compared), or None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
 def check_expires_in(value: object) -> int:
     if value is None:
         return DEFAULT_MINUTES
@@ -101,10 +114,14 @@ class Faults:
 
     latencyMs: int = 0
     throttleRate: float = 0.0
-    retryAfterSeconds: int = 1
+    # None: every 429 (throttled or over a limit) comes without Retry-After, which ACS's docs do
+    # not promise on Identity 429s, and without which azure-core does not retry a POST.
+    retryAfterSeconds: int | None = 1
     errorRate: float = 0.0
     down: bool = False
     limits: bool = False
+    # How long a revocation takes to reach token verification (ACS: up to 15 minutes).
+    revocationDelaySeconds: Seconds = 0.0
 
     def update(self, patch: object) -> None:
         """Apply a partial update; raise ValueError naming the first bad field, changing nothing."""
@@ -120,6 +137,14 @@ class Faults:
                 raise ValueError(f"{name} must be true or false")
             if kind == "int" and (not _is_int(value) or value < 0):
                 raise ValueError(f"{name} must be a non-negative integer")
+            if kind == "int | None" and value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"{name} must be a non-negative integer or null")
+            if kind == "Seconds":
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ValueError(f"{name} must be a number of seconds")
+                if not 0 <= value <= MAX_REVOCATION_DELAY_SECONDS:
+                    raise ValueError(f"{name} must be from 0 to {MAX_REVOCATION_DELAY_SECONDS}")
+                value = float(value)
             if kind == "float":
                 if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
                     raise ValueError(f"{name} must be a number from 0 to 1")
@@ -133,8 +158,14 @@ class Faults:
 class Identity:
     id: str
     created_at: float
-    revoked_after_seq: int = 0  # tokens issued at or before this sequence number are revoked
+    # (sequence number, when it takes effect) per revocation: tokens issued at or before the number
+    # are revoked from that time on. The time is the revoke's plus the propagation-delay fault.
+    revocations: list[tuple[int, float]] = field(default_factory=list)
     deleted: bool = False
+
+    def revoked_through(self, now: float, *, propagated: bool = True) -> int:
+        """The highest revoked sequence number: counting only revocations in effect, or all."""
+        return max((seq for seq, at in self.revocations if at <= now or not propagated), default=0)
 
 
 @dataclass
@@ -221,7 +252,7 @@ class AcsResource:
                 429,
                 "TooManyRequests",
                 f"Rate limit for {operation} exceeded. Try again in {wait} seconds.",
-                retry_after=wait,
+                retry_after=None if self.faults.retryAfterSeconds is None else wait,
             )
 
     # ---- identities ----------------------------------------------------------------------------
@@ -253,7 +284,8 @@ class AcsResource:
     def revoke(self, identity_id: str) -> None:
         with self._lock:
             identity = self._owned(identity_id)
-            identity.revoked_after_seq = next(self.seq)
+            effective = self.clock() + self.faults.revocationDelaySeconds
+            identity.revocations.append((next(self.seq), effective))
 
     def delete(self, identity_id: str) -> None:
         with self._lock:
@@ -284,14 +316,34 @@ class AcsResource:
     # ---- Teams users -------------------------------------------------------------------------
 
     def exchange_teams_token(self, token: object, app_id: object, user_id: object) -> IssuedToken:
-        for name, value in (("Token", token), ("AppId", app_id), ("UserId", user_id)):
+        """ACS's checks in ACS's order, with its recorded answers (azure-sdk-for-python's
+        `test_get_token_for_teams_user_*` recordings): the token first (an empty token with an
+        empty userId is still 401 InvalidAccessToken), then the fields, then the match."""
+        claims = self._teams_claims(token)
+        for name, value in (("AppId", app_id), ("UserId", user_id)):
             if not isinstance(value, str) or not value:
                 raise validation_error(f"{name}: The {name} field is required.", name)
-        if app_id != self.teams_app_id:
-            raise AcsError(400, "BadRequest", "AAD application is not the expected one.")
+        if _guid(app_id) is None:
+            raise validation_error("Provided AppId has invalid format.", "appId")
+        if _guid(user_id) is None:
+            raise validation_error("Provided UserId has invalid format.", "userId")
+        token_app = _guid(claims.get("appid", claims.get("azp")))  # v1 tokens: appid; v2: azp
+        if _guid(app_id) != _guid(self.teams_app_id) or token_app != _guid(app_id):
+            raise validation_error("AAD application is not the expected one.", "appId")
+        if _guid(claims.get("oid")) != _guid(user_id):
+            raise validation_error("Provided AAD token issued for unexpected user.", "userId")
+        with self._lock:
+            teams_identity = Identity(f"8:orgid:{user_id}", self.clock())
+            minutes = min(60, max(1, int((claims["exp"] - self.clock()) // 60)))
+            return self._sign(teams_identity, ["voip"], minutes, skype_id=f"orgid:{user_id}")
+
+    def _teams_claims(self, token: object) -> dict:
+        """The Teams user's Entra token, verified: from the dev issuer, for ACS's Teams audience."""
         invalid = AcsError(401, "InvalidAccessToken", "Provided access token is not valid.")
+        if not isinstance(token, str) or not token:
+            raise invalid
         try:
-            claims = jwt.decode(
+            return jwt.decode(
                 token,
                 self.teams_issuer_key.public_key,
                 algorithms=["RS256"],
@@ -301,14 +353,6 @@ class AcsResource:
             )
         except jwt.PyJWTError:
             raise invalid from None
-        if claims.get("oid") != user_id:
-            raise invalid
-        if claims.get("appid", claims.get("azp")) != app_id:
-            raise AcsError(400, "BadRequest", "AAD application is not the expected one.")
-        with self._lock:
-            teams_identity = Identity(f"8:orgid:{user_id}", self.clock())
-            minutes = min(60, max(1, int((claims["exp"] - self.clock()) // 60)))
-            return self._sign(teams_identity, ["voip"], minutes, skype_id=f"orgid:{user_id}")
 
     # ---- verification hook ---------------------------------------------------------------------
 
@@ -338,8 +382,10 @@ class AcsResource:
                 return False, "unknown identity"
             if identity.deleted:
                 return False, "identity deleted"
-            if seq <= identity.revoked_after_seq:
+            if seq <= identity.revoked_through(self.clock()):
                 return False, "revoked"
+            if seq <= identity.revoked_through(self.clock(), propagated=False):
+                return True, "valid: revocation not yet propagated"
         return True, "valid"
 
 

@@ -154,7 +154,8 @@ class HttpFront:
             )
         except InvocationFailed:
             return web.Response(status=500)
-        except HostUnavailable:
+        except HostUnavailable as err:
+            log.error("Answered 503 for 'Functions.%s': %s", function.name, err)
             return web.Response(status=503)
         answer = rpc_http.to_web_response(
             response.return_value if response.HasField("return_value") else None

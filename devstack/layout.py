@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 DEFAULT_STATE_DIR = Path(".devstack")
+STATE_ENV = "DEVSTACK_STATE"  # points every `python -m devstack` command (and make) at another state dir
 STATE_MARKER = ".devstack-state"
 ISSUER_KEY_FILE = "issuer-key.pem"
 ENV_FILE = "env.json"
@@ -26,6 +27,7 @@ class Ports:
     acs: int = 8443
     issuer: int = 8444
     msi: int = 8445
+    graph: int = 8446
     blob: int = 10000
     queue: int = 10001
     table: int = 10002
@@ -35,6 +37,7 @@ class Ports:
         "acs": "ACS Identity emulator",
         "issuer": "dev OpenID issuer",
         "msi": "managed-identity endpoint",
+        "graph": "Microsoft Graph stand-in",
         "blob": "Azurite Blob",
         "queue": "Azurite Queue",
         "table": "Azurite Table",

@@ -2,9 +2,11 @@
 
 With IDENTITY_ENDPOINT and IDENTITY_HEADER set, `azure.identity.ManagedIdentityCredential` (sync,
 through MSAL, and aio) asks this endpoint for tokens exactly as it would on a Function App, so the
-keyless path runs locally. Tokens carry what the two consumers check: the ACS emulator verifies
+keyless path runs locally. Tokens carry what the consumers check: the ACS emulator verifies
 the signature, audience and issuer; Azurite's `--oauth basic` checks issuer prefix, audience and
-lifetime.
+lifetime; the Microsoft Graph stand-in (devstack/graph.py) verifies like the emulator and wants the
+app role an administrator grants the Function App's identity for Graph subscriptions on users,
+which Entra puts in the token's `roles` claim.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from .keys import SigningKey
 
 API_VERSION = "2019-08-01"
 TOKEN_LIFETIME_SECONDS = 24 * 3600
-RESOURCES = ("https://communication.azure.com", "https://storage.azure.com")
+GRAPH = "https://graph.microsoft.com"
+RESOURCES = ("https://communication.azure.com", "https://storage.azure.com", GRAPH)
+# The Graph application permissions the dev identity holds, as if granted (README, Deploy to Azure).
+GRAPH_ROLES = ("User.Read.All",)
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,8 @@ class ManagedIdentityEndpoint:
             "idtyp": "app",
             "ver": "1.0",
         }
+        if resource.rstrip("/") == GRAPH:
+            claims["roles"] = list(GRAPH_ROLES)
         token = jwt.encode(claims, self.key.private_key, algorithm="RS256", headers={"kid": self.key.kid})
         return web.json_response(
             {

@@ -116,6 +116,6 @@ class RunningStack:
         """`python -m devstack token ARGS...` against this stack: the printed JWT."""
         return self._devstack("token", *args, timeout=30)
 
-    def timer(self, name: str) -> str:
-        """`python -m devstack timer NAME` against this stack: what it printed."""
-        return self._devstack("timer", name, timeout=120)
+    def timer(self, name: str, *args: str) -> str:
+        """`python -m devstack timer NAME ARGS...` against this stack: what it printed."""
+        return self._devstack("timer", name, *args, timeout=120)

@@ -42,6 +42,8 @@ def settings_for_host(
         # The emulator accepts Teams tokens for this app only, as ACS does for the app you registered.
         "TEAMS_CLIENT_APP_ID": env["teams_app_id"],
     }
+    if "graph_endpoint" in env:  # the Graph stand-in: the service renews its subscription there
+        stack_values["GRAPH_ENDPOINT"] = env["graph_endpoint"]
     if managed_identity:
         stack_values |= {
             "ACS_ENDPOINT": env["acs_endpoint"],

@@ -33,6 +33,7 @@ from .ca import TlsFiles, create_tls_files, load_or_create_tls_files
 from .children import stop as stop_child
 from .cors import CorsPolicy
 from .dev_signin import DevSignin
+from .graph import GraphStandIn
 from .issuer import DEV_TENANT_ID, DevIssuer
 from .keys import SigningKey
 from .layout import (  # noqa: F401  (re-exported: stack.Ports and friends are the stack's API)
@@ -42,6 +43,7 @@ from .layout import (  # noqa: F401  (re-exported: stack.Ports and friends are t
     ENV_FILE,
     HOST_LOG_FILE,
     ISSUER_KEY_FILE,
+    STATE_ENV,
     STATE_MARKER,
     Ports,
 )
@@ -222,6 +224,8 @@ def build_env(
         "audience": audience,
         "tenant_id": DEV_TENANT_ID,
         "identity_endpoint": f"http://127.0.0.1:{ports.msi}/msi/token",
+        "graph_endpoint": f"https://127.0.0.1:{ports.graph}",
+        "graph_hooks": f"https://127.0.0.1:{ports.graph}/_graph/",
         "identity_header": msi_secret,
         "managed_identity_client_id": system_mi.client_id,
         "user_assigned_client_id": user_mi.client_id,
@@ -325,6 +329,7 @@ def prepare(
         "acs": (emulator.app(), _ssl_server_context(tls)),
         "issuer": (DevIssuer(issuer=env["issuer"], key=issuer_key).app(), None),
         "msi": (msi.app(), None),
+        "graph": (GraphStandIn(managed_identity_key=msi_key).app(), _ssl_server_context(tls)),
     }
     return Prepared(Stack(state_dir, ports, tls, env, host), sockets, apps)
 
@@ -360,6 +365,7 @@ async def serve(prepared: Prepared, *, quiet: bool = False) -> int:
                 "ACS emulator": f"{env['acs_emulator_hooks']}stats",
                 "issuer": f"{env['issuer']}/.well-known/openid-configuration",
                 "managed identity": env["identity_endpoint"],
+                "Graph stand-in": f"{env['graph_hooks']}stats",
                 "Azurite Table": f"https://127.0.0.1:{ports.table}/",
                 "Azurite Blob": f"https://127.0.0.1:{ports.blob}/",
                 "Azurite Queue": f"https://127.0.0.1:{ports.queue}/",
@@ -413,6 +419,7 @@ def summary(stack: Stack, env_path: Path) -> str:
         f"  Azurite Table           {env['tables_endpoint']}",
         f"  dev OpenID issuer       {env['issuer']}/.well-known/openid-configuration",
         f"  managed identity        {env['identity_endpoint']}",
+        f"  Graph stand-in          {env['graph_endpoint']}/v1.0/subscriptions (hooks: {env['graph_hooks']})",
     ]
     if "api" in env:
         lines.append(f"  dev host (functions)    {env['api']}  (log: {stack.host_log})")
@@ -433,6 +440,12 @@ def summary(stack: Stack, env_path: Path) -> str:
         f"  settings for clients    {env_path}  (holds keys: keep it local)",
         "",
         "Try it:",
+    ]
+    if stack.state_dir != DEFAULT_STATE_DIR.resolve():  # make and devstack look in .devstack otherwise
+        lines.append(
+            f"  export {STATE_ENV}={stack.state_dir}   # so that make token/env/timer find this stack"
+        )
+    lines += [
         "  make -s token USER=alice                      # a user JWT from the dev issuer",
     ]
     if "api" in env:
@@ -440,6 +453,7 @@ def summary(stack: Stack, env_path: Path) -> str:
             f'  curl -s -X POST {env["api"]}/token -H "Authorization: Bearer $(make -s token USER=alice)"'
         )
     lines += [
+        "  make -s timer                                 # run the cleanup timer's work once, now",
         f"  curl -s {env['acs_emulator_hooks']}stats --cacert {env['ca_bundle']}",
         "",
         "Ctrl-C stops everything.",

@@ -25,19 +25,20 @@ param resourceGroupName string = ''
 
 // ---- Caller authentication (AUTH_*) ----
 
-@minLength(1)
-@description('AUTH_ISSUER: the OpenID Connect issuer of your app users, exactly as in their tokens\' iss (https).')
-param authIssuer string
+// AUTH_ISSUER and AUTH_AUDIENCE are for authMode 'jwt' only: Easy Auth validates sign-ins itself,
+// so they may stay empty with 'easyauth'. Empty with 'jwt', the service answers 503
+// configuration_error naming the missing one and /api/health reports it (shared/settings.py).
+@description('AUTH_ISSUER (authMode jwt): the OpenID Connect issuer of your app users, exactly as in their tokens\' iss (https). Not used with easyauth.')
+param authIssuer string = ''
 
-@minLength(1)
-@description('AUTH_AUDIENCE: accepted aud values of your API, comma-separated.')
-param authAudience string
+@description('AUTH_AUDIENCE (authMode jwt): accepted aud values of your API, comma-separated. Not used with easyauth.')
+param authAudience string = ''
 
 @allowed([
   'jwt'
   'easyauth'
 ])
-@description('AUTH_MODE: jwt validates bearer tokens; easyauth trusts App Service Authentication (configure it separately).')
+@description('AUTH_MODE: jwt validates bearer tokens; easyauth trusts App Service Authentication, which you configure separately (the service refuses easyauth unless the platform sets WEBSITE_AUTH_ENABLED=True; exclude /api/events and /api/health).')
 param authMode string = 'jwt'
 
 @description('AUTH_USER_CLAIM: the claim that names the user (oid for Entra-only apps).')
@@ -94,6 +95,14 @@ param eventsCredentialsChangedTypes string = ''
 
 @description('Create an Event Grid custom topic (Entra-only publishing) for your app\'s own events; the postdeploy hook subscribes the webhook to it.')
 param createEventsTopic bool = true
+
+// ---- Microsoft Graph change notifications (GRAPH_*) ----
+
+@description('GRAPH_ENDPOINT: Microsoft Graph, where the app creates and renews its subscription on users.')
+param graphEndpoint string = 'https://graph.microsoft.com'
+
+@description('Name of the Event Grid partner topic Microsoft Graph delivers user events to (created with the Graph subscription). Set, the app creates and renews that subscription itself (GRAPH_NOTIFICATION_URL); empty = off.')
+param graphPartnerTopic string = ''
 
 // ---- Teams users, demo page ----
 
@@ -159,6 +168,11 @@ var corsOrigins = empty(corsAllowedOrigins) ? [] : split(replace(corsAllowedOrig
 var userDeletedTypes = empty(eventsUserDeletedTypes) ? [] : split(replace(eventsUserDeletedTypes, ' ', ''), ',')
 var credentialsChangedTypes = empty(eventsCredentialsChangedTypes) ? [] : split(replace(eventsCredentialsChangedTypes, ' ', ''), ',')
 var appEventTypes = join(concat(userDeletedTypes, credentialsChangedTypes), ',')
+// Where Event Grid puts events it cannot deliver (postdeploy gives each topic's identity access).
+var deadLetterContainerName = 'eventgrid-deadletter'
+// The partner-topic address of "Receive Microsoft Graph API change events through Azure Event
+// Grid" (Microsoft Learn): Graph creates the partner topic when the app creates the subscription.
+var graphNotificationUrl = empty(graphPartnerTopic) ? '' : 'EventGrid:?azuresubscriptionid=${subscription().subscriptionId}&resourcegroup=${rg.name}&partnertopic=${graphPartnerTopic}&location=${location}'
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
   name: !empty(resourceGroupName) ? resourceGroupName : 'rg-${environmentName}'
@@ -186,6 +200,7 @@ module storage 'core/storage/storage-account.bicep' = {
     tags: tags
     containers: [
       deploymentStorageContainerName
+      deadLetterContainerName
     ]
   }
 }
@@ -235,6 +250,8 @@ var serviceSettings = {
   TEAMS_CLIENT_APP_ID: teamsClientAppId
   DEMO_PAGE_ENABLED: demoPageEnabled ? 'true' : 'false'
   RATE_LIMIT_PER_MINUTE: string(rateLimitPerMinute)
+  GRAPH_ENDPOINT: graphEndpoint
+  GRAPH_NOTIFICATION_URL: graphNotificationUrl
 }
 
 module api 'app/api.bicep' = {
@@ -279,3 +296,4 @@ output TABLES_ENDPOINT string = storage.outputs.tableEndpoint
 output EVENTS_TOPIC_ID string = createEventsTopic ? eventsTopic.outputs.id : ''
 output EVENTS_TOPIC_ENDPOINT string = createEventsTopic ? eventsTopic.outputs.endpoint : ''
 output APP_EVENT_TYPES string = appEventTypes
+output EVENTS_DEADLETTER_CONTAINER_ID string = '${storage.outputs.id}/blobServices/default/containers/${deadLetterContainerName}'

@@ -1,14 +1,19 @@
 """The ACS Identity gateway: the aio SDK client, its retry discipline, and its errors translated.
 
-azure-core already retries any answer that carries Retry-After (ACS's 429s), and connection
-failures; what is left when retries run out becomes a 503 with Retry-After for our caller, never a
-500, because from the caller's side the service is temporarily unable, not broken.
+azure-core already retries any answer that carries Retry-After, and connection failures; a 429
+*without* Retry-After on a POST it does not retry, so the gateway backs off itself for those
+(THROTTLE_BACKOFF_SECONDS). What is left when retries run out becomes a 503 with Retry-After for
+our caller, never a 500, because from the caller's side the service is temporarily unable, not
+broken.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
+import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from azure.communication.identity import CommunicationUserIdentifier
@@ -21,11 +26,19 @@ from azure.core.exceptions import (
 )
 
 from . import telemetry
-from .errors import BadRequest, NotFound, ServiceError, Unavailable
+from .errors import BadRequest, Forbidden, NotFound, ServiceError, Unavailable
 
 log = logging.getLogger("acs_token_service.acs")
 TEAMS_TOKEN_INVALID = "teams_token_invalid"  # noqa: S105 - an error code
-TEAMS_APP_REJECTED = "teams_app_rejected"
+TEAMS_APP_REJECTED = "teams_app_rejected"  # ACS: "AAD application is not the expected one."
+TEAMS_APP_INVALID = "teams_app_invalid"  # ACS: the appId we sent is missing or malformed
+
+# azure-core retries a 429 on a POST only when it carries Retry-After (RetryPolicyBase.is_retry:
+# without the header only GET, PUT, DELETE and the like are retried), and ACS's docs promise no
+# Retry-After on Identity 429s. A 429 means ACS did nothing, so any call may be tried again: after
+# each of these waits (jittered down to half, so callers that collided spread out), at most 3.75 s
+# in all, well inside an HTTP client's patience; then 503 acs_throttled.
+THROTTLE_BACKOFF_SECONDS = (0.25, 0.5, 1.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,36 @@ def _retry_after(err: HttpResponseError, default: int = 5) -> int:
         return max(1, int(float(value))) if value else default
     except ValueError:
         return default
+
+
+def _throttled_without_retry_after(err: Exception) -> bool:
+    """A 429 that azure-core did not retry: it came without Retry-After."""
+    if not isinstance(err, HttpResponseError) or err.status_code != 429:
+        return False
+    response = getattr(err, "response", None)
+    return response is None or not response.headers.get("Retry-After")
+
+
+def _teams_rejection(err: HttpResponseError) -> ServiceError:
+    """ACS's 400 ValidationErrors for the Teams exchange, told apart by target (as recorded)."""
+    error = getattr(err, "error", None)
+    target = str(getattr(error, "target", None) or "").lower()
+    message = str(getattr(error, "message", None) or "")
+    if target == "userid" and "unexpected user" in message:
+        return Forbidden(
+            "ACS: the Teams token was issued for another user than the caller.", code="teams_user_mismatch"
+        )
+    if target == "userid":  # required or malformed: the caller's oid is no Entra object id
+        return Forbidden(
+            "Exchanging a Teams token needs an Entra ID bearer token whose oid is the Teams user's "
+            "object id.",
+            code="caller_oid_missing",
+        )
+    if target == "appid" and "not the expected one" in message:
+        return BadRequest("ACS refused the Teams token's application.", code=TEAMS_APP_REJECTED)
+    if target == "appid":  # required or malformed: only ever the configured app id
+        return BadRequest("ACS refused the configured Teams client app id.", code=TEAMS_APP_INVALID)
+    return translate(err)
 
 
 def _acs_not_found(err: Exception) -> bool:
@@ -83,14 +126,34 @@ def translate(err: Exception) -> ServiceError:
 
 
 class AcsGateway:
-    def __init__(self, client: CommunicationIdentityClient) -> None:
+    def __init__(
+        self, client: CommunicationIdentityClient, throttle_backoff: tuple[float, ...] | None = None
+    ) -> None:
         self.client = client
+        self.throttle_backoff = THROTTLE_BACKOFF_SECONDS if throttle_backoff is None else throttle_backoff
+
+    async def _backing_off[T](self, call: Callable[[], Awaitable[T]]) -> T:
+        """Make the call, again after a wait while ACS answers 429 without Retry-After.
+
+        Only for the calls a caller waits on for a token: revoke and delete fall back to the
+        pending queue instead, which the cleanup timer retries.
+        """
+        for delay in self.throttle_backoff:
+            try:
+                return await call()
+            except HttpResponseError as err:
+                if not _throttled_without_retry_after(err):
+                    raise
+            await asyncio.sleep(random.uniform(delay / 2, delay))  # jitter
+        return await call()
 
     @telemetry.acs_operation("createIdentity")
     async def create_with_token(self, scopes: tuple[str, ...], minutes: int) -> tuple[str, IssuedToken]:
         try:
-            user, token = await self.client.create_user_and_token(
-                list(scopes), token_expires_in=dt.timedelta(minutes=minutes)
+            user, token = await self._backing_off(
+                lambda: self.client.create_user_and_token(
+                    list(scopes), token_expires_in=dt.timedelta(minutes=minutes)
+                )
             )
         except Exception as err:  # noqa: BLE001 - translate() re-raises what it does not know
             raise translate(err) from None
@@ -99,10 +162,12 @@ class AcsGateway:
     @telemetry.acs_operation("issueAccessToken")
     async def issue(self, communication_user_id: str, scopes: tuple[str, ...], minutes: int) -> IssuedToken:
         try:
-            token = await self.client.get_token(
-                CommunicationUserIdentifier(communication_user_id),
-                list(scopes),
-                token_expires_in=dt.timedelta(minutes=minutes),
+            token = await self._backing_off(
+                lambda: self.client.get_token(
+                    CommunicationUserIdentifier(communication_user_id),
+                    list(scopes),
+                    token_expires_in=dt.timedelta(minutes=minutes),
+                )
             )
         except Exception as err:  # noqa: BLE001
             raise translate(err) from None
@@ -135,25 +200,24 @@ class AcsGateway:
     ) -> IssuedToken:
         """A Teams user's Entra token for ACS -> an ACS token for that Teams user.
 
-        ACS answers 401 InvalidAccessToken for a token that is bad, expired, for another audience
-        or for another user than `user_object_id`, and 400 when the token's app is not `client_id`
-        or not the one it expects: both are told apart from our own credentials being refused.
+        ACS checks the token first: bad, expired or for another audience is 401 InvalidAccessToken,
+        told apart from our own credentials being refused. Then 400 ValidationErrors whose target
+        says whose fault it is: `userId` (the token is another user's), `appId` (our app id).
         """
         try:
-            token = await self.client.get_token_for_teams_user(teams_token, client_id, user_object_id)
+            token = await self._backing_off(
+                lambda: self.client.get_token_for_teams_user(teams_token, client_id, user_object_id)
+            )
         except ClientAuthenticationError as err:
             if getattr(getattr(err, "error", None), "code", None) == "InvalidAccessToken":
                 raise BadRequest(
-                    "ACS did not accept the Teams access token: it is invalid, expired, not for ACS, "
-                    "or not the caller's.",
+                    "ACS did not accept the Teams access token: it is invalid, expired or not for ACS.",
                     code=TEAMS_TOKEN_INVALID,
                 ) from None
             raise translate(err) from None
         except HttpResponseError as err:
             if err.status_code == 400:
-                raise BadRequest(
-                    "ACS refused the Teams token's application.", code=TEAMS_APP_REJECTED
-                ) from None
+                raise _teams_rejection(err) from None
             raise translate(err) from None
         except Exception as err:  # noqa: BLE001
             raise translate(err) from None

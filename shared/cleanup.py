@@ -6,7 +6,8 @@ succeeds if nobody blocked the mapping again since it was read), so a revocation
 and never after the user has been unblocked, and a queued delete is never lost to a revoke. It
 stays well under ACS's limits (500 revokes and 500 deletes per 30 s): each run spends at most
 RUN_BUDGET of each, so even two overlapping runs stay below them, and a run stops taking work
-near its deadline.
+near its deadline. Alongside, it keeps the Microsoft Graph subscription alive (`shared.graph`):
+the lifecycle notification that asks for a renewal may never come.
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ import datetime as dt
 import logging
 import time
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from .acs import AcsGateway
 from .clock import Clock, utcnow
 from .errors import NotFound, ServiceError, Unavailable
 from .keys import retention_row
 from .store import Filed, IdentityRecord, IdentityStore, PendingWork
+
+if TYPE_CHECKING:
+    from .graph import GraphSubscriptions
 
 log = logging.getLogger("acs_token_service.cleanup")
 
@@ -61,22 +66,31 @@ class Cleanup:
         *,
         retention_days: int,
         clock: Clock = utcnow,
+        graph: GraphSubscriptions | None = None,
     ) -> None:
         self.store = store
         self.acs = acs
         self.retention_days = retention_days
         self.clock = clock
+        self.graph = graph
 
     async def run(self, *, ignore_backoff: bool = False, deadline_seconds: float = 50.0) -> dict[str, int]:
         counts: Counter[str] = Counter()
         budget = Budget(RUN_BUDGET)
         deadline = time.monotonic() + deadline_seconds
         started = time.monotonic()
-        await self._pending(counts, budget, deadline, ignore_backoff)
-        await self._retention(counts, budget, deadline)
-        forgotten = await self.store.forget_events_before(self.clock() - EVENT_MEMORY)
-        if forgotten:
-            counts["event_ids_forgotten"] = forgotten
+        # Concurrent with the rest, so that its Graph and Table calls add nothing to the run's
+        # slowest finish (host.json's functionTimeout is sized for that; tests/test_infra.py).
+        graph = asyncio.create_task(self._graph(counts)) if self.graph is not None else None
+        try:
+            await self._pending(counts, budget, deadline, ignore_backoff)
+            await self._retention(counts, budget, deadline)
+            forgotten = await self.store.forget_events_before(self.clock() - EVENT_MEMORY)
+            if forgotten:
+                counts["event_ids_forgotten"] = forgotten
+        finally:
+            if graph is not None:
+                await graph
         report = dict(sorted(counts.items()))
         log.info(
             "cleanup run done in %.1fs: %s",
@@ -84,6 +98,18 @@ class Cleanup:
             " ".join(f"{k}={v}" for k, v in report.items()) or "nothing to do",
         )
         return report
+
+    async def _graph(self, counts: Counter) -> None:
+        """Renew (or create) the Graph subscription when due; a failure is recorded for health by
+        `shared.graph` and retried by the next run, and never stops this one."""
+        try:
+            counts.update(await self.graph.maintain())
+        except ServiceError as err:
+            counts["graph_renewal_failed"] += 1
+            log.warning("graph subscription step failed: %s", err.code)
+        except Exception as err:  # noqa: BLE001 - Table Storage down: the next run tries again
+            counts["graph_renewal_failed"] += 1
+            log.warning("graph subscription step failed: %s", type(err).__name__)
 
     # ---- pending revocations and deletions -------------------------------------------------------
 
@@ -165,7 +191,7 @@ class Cleanup:
         try:
             await self.acs.revoke(work.communication_user_id, **TIMER_OPTIONS)
         except NotFound:
-            await self.store.remove(record)  # the identity is gone: so are its tokens
+            await self.store.remove(record, reason="gone")  # the identity is gone: so are its tokens
             await self.store.finish(work)
             counts["revoked_identity_gone"] += 1
             return
@@ -230,7 +256,7 @@ class Cleanup:
             await self.store.mark_pending(record, "delete", self.clock(), backoff(0))
             counts["retention_pending"] += 1
             return
-        await self.store.remove(record)  # drops the row of its last-use day
+        await self.store.remove(record, reason="retired")  # drops the row of its last-use day
         own_row = retention_row(record.last_used_on, record.user_key, record.communication_user_id)
         if filed.row_key != own_row:  # another day's row: a crash mid-refile
             await self.store.drop_retention_row(filed)

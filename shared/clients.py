@@ -15,6 +15,7 @@ from .settings import Settings, get_settings
 if TYPE_CHECKING:
     from .auth import EasyAuthAuthenticator, JwksCache, JwtAuthenticator
     from .cleanup import Cleanup
+    from .graph import GraphSubscriptions
     from .ratelimit import RateLimiter
     from .revocation import RevocationService
     from .store import IdentityStore
@@ -59,6 +60,7 @@ class Clients:
     limiter: RateLimiter | None
     closers: tuple
     teams: TeamsExchange | None = None
+    graph: GraphSubscriptions | None = None  # the Microsoft Graph subscription (shared/graph.py)
 
     async def close(self) -> None:
         for close in self.closers:
@@ -109,6 +111,7 @@ def build(settings: Settings) -> Clients:
     from .acs import AcsGateway
     from .auth import EasyAuthAuthenticator, JwksCache, JwtAuthenticator
     from .cleanup import Cleanup
+    from .graph import GraphSubscriptions
     from .ratelimit import RateLimiter
     from .revocation import RevocationService
     from .store import IdentityStore
@@ -146,8 +149,19 @@ def build(settings: Settings) -> Clients:
         authenticator = JwtAuthenticator(settings, jwks)
     store = IdentityStore(table, object_id_issuer=settings.object_id_issuer)
     gateway = AcsGateway(acs)
+    # Graph takes no key: with connection strings for ACS and Storage it makes the credential
+    # itself, on its first call; otherwise it shares the worker's. Its pipeline is made then too.
+    graph = GraphSubscriptions(
+        store,
+        settings,
+        credential=credential,
+        make_credential=lambda: _credential(settings),
+        transport_options=transport_options(),
+    )
     closers = (
-        [acs.close, table.close] + ([jwks.close] if jwks else []) + ([credential.close] if credential else [])
+        [acs.close, table.close, graph.close]
+        + ([jwks.close] if jwks else [])
+        + ([credential.close] if credential else [])
     )
     return Clients(
         settings=settings,
@@ -156,11 +170,12 @@ def build(settings: Settings) -> Clients:
         jwks=jwks,
         tokens=TokenService(store, gateway),
         revocation=RevocationService(store, gateway),
-        cleanup=Cleanup(store, gateway, retention_days=settings.retention_days),
+        cleanup=Cleanup(store, gateway, retention_days=settings.retention_days, graph=graph),
         store=store,
         limiter=RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None,
         closers=tuple(closers),
         teams=TeamsExchange(gateway, settings),
+        graph=graph,
     )
 
 

@@ -85,7 +85,10 @@ async def get_identity(req: func.HttpRequest) -> func.HttpResponse:
 
 
 async def health(_req: func.HttpRequest) -> func.HttpResponse:
-    """Settings, Table Storage and the issuer's keys; names problems, never values."""
+    """Settings, Table Storage, the issuer's keys and, when Microsoft Graph change notifications are
+    in use, their subscription (`graphSubscription`: degraded once a renewal failed or it expires
+    within 3 days, since deleted users then stop reaching the webhook silently); names problems,
+    never values."""
     checks: dict[str, str] = {}
     try:
         settings = get_settings()
@@ -106,8 +109,25 @@ async def health(_req: func.HttpRequest) -> func.HttpResponse:
             checks["issuer"] = "ok" if err.status == 401 else f"unavailable ({err.code})"
     else:
         checks["issuer"] = f"easyauth ({settings.auth_mode})"
-    ok = all(v == "ok" or v.startswith("easyauth") for v in checks.values())
+    graph_ok = await _graph_health(clients, checks)
+    ok = graph_ok and all(
+        v == "ok" or v.startswith("easyauth") for k, v in checks.items() if k != "graphSubscription"
+    )
     return json_response({"status": "ok" if ok else "degraded", "checks": checks}, status=200 if ok else 503)
+
+
+async def _graph_health(clients: Clients, checks: dict[str, str]) -> bool:
+    """Adds `graphSubscription` when there is one to report on (shared/graph.py); False if degraded."""
+    if clients.graph is None or checks.get("storage") != "ok":  # its record is in Table Storage
+        return True
+    try:
+        reported = await clients.graph.health()
+    except Exception as err:  # noqa: BLE001
+        reported = (f"unknown ({type(err).__name__})", False)
+    if reported is None:
+        return True
+    checks["graphSubscription"], healthy = reported
+    return healthy
 
 
 # ---- revocation and deletion ------------------------------------------------------------------------

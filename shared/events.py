@@ -12,10 +12,11 @@ half a batch and then failing would instead repeat the first half on every retry
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import BadRequest, PayloadTooLarge
@@ -27,6 +28,21 @@ MAX_STRING = 1024
 VALIDATION_EVENT = "Microsoft.EventGrid.SubscriptionValidationEvent"
 GRAPH_USER_DELETED = "Microsoft.Graph.UserDeleted"
 GRAPH_USER_UPDATED = "Microsoft.Graph.UserUpdated"
+# Microsoft Graph lifecycle notifications, through the partner topic the subscription's
+# lifecycleNotificationUrl names. For users Graph sends only reauthorizationRequired ("Reduce
+# missing subscriptions and change notifications", Microsoft Learn: subscriptionRemoved and missed
+# are for Outlook and Teams resources); Event Grid names it as below ("Receive Microsoft Graph API
+# change events through Azure Event Grid"). Every lifecycle notification carries
+# data.lifecycleEvent, which is what decides here, so the other two are understood whatever type
+# name they arrive under.
+GRAPH_REAUTHORIZATION_REQUIRED = "Microsoft.Graph.SubscriptionReauthorizationRequired"
+GRAPH_SUBSCRIPTION_REMOVED = "Microsoft.Graph.SubscriptionRemoved"
+REAUTHORIZATION_REQUIRED, SUBSCRIPTION_REMOVED, MISSED = (
+    "reauthorizationRequired",
+    "subscriptionRemoved",
+    "missed",
+)
+LIFECYCLE_EVENTS = (REAUTHORIZATION_REQUIRED, SUBSCRIPTION_REMOVED, MISSED)
 
 JSON = "application/json"
 CLOUDEVENT = "application/cloudevents+json"
@@ -58,10 +74,32 @@ class Action:
 
 
 @dataclass(frozen=True)
+class Lifecycle:
+    """A Microsoft Graph lifecycle notification: the subscription needs the service's attention."""
+
+    event_id: str
+    event_type: str
+    lifecycle_event: str  # one of LIFECYCLE_EVENTS
+    subscription_id: str
+    expires_at: dt.datetime | None  # data.subscriptionExpirationDateTime, when given
+
+
+@dataclass(frozen=True)
+class SubscriptionSeen:
+    """A Graph subscription a user change notification came through, and its expiry then."""
+
+    subscription_id: str
+    expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
 class Delivery:
     validation_code: str | None  # set for an Event Grid SubscriptionValidationEvent handshake
     actions: tuple[Action, ...]  # what to do, in delivery order
     ignored: int  # events acknowledged but not acted on (unrelated types)
+    lifecycle: tuple[Lifecycle, ...] = ()  # Graph lifecycle notifications, in delivery order
+    # Bookkeeping, not an action: which Graph subscriptions user events came through (graph.py).
+    subscriptions: tuple[SubscriptionSeen, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -109,11 +147,26 @@ def parse_delivery(
 
     custom = _custom_kinds(types)
     actions: list[Action] = []
+    lifecycle: list[Lifecycle] = []
+    seen: dict[str, SubscriptionSeen] = {}
     for event in events:
+        notice = _lifecycle(event)
+        if notice is not None:
+            lifecycle.append(notice)
+            continue
         action = _action(event, types, custom)
         if action is not None:
             actions.append(action)
-    return Delivery(validation_code=None, actions=tuple(actions), ignored=len(events) - len(actions))
+        if _is(event.type, GRAPH_USER_DELETED) or _is(event.type, GRAPH_USER_UPDATED):
+            if (sighting := _subscription_seen(event)) is not None:
+                seen[sighting.subscription_id] = sighting
+    return Delivery(
+        validation_code=None,
+        actions=tuple(actions),
+        ignored=len(events) - len(actions) - len(lifecycle),
+        lifecycle=tuple(lifecycle),
+        subscriptions=tuple(seen.values()),
+    )
 
 
 def handshake_allowed_origin(headers: Mapping[str, str]) -> str | None:
@@ -290,6 +343,69 @@ def _graph_target(event: _Event) -> EventTarget:
         tenant_id=_string(tenant_id, f"{event.label}: tenant id (data.resourceData.organizationId)"),
         object_id=_string(object_id, f"{event.label}: user object id (data.resourceData.id)"),
     )
+
+
+def _timestamp(value: Any) -> dt.datetime | None:
+    """An RFC 3339 date-time with a zone (Graph writes 7 fractional digits and Z), else None."""
+    if not isinstance(value, str) or "T" not in value or len(value) > 64:
+        return None
+    try:
+        stamp = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return stamp.astimezone(dt.UTC) if stamp.tzinfo is not None else None
+
+
+def _lifecycle(event: _Event) -> Lifecycle | None:
+    """A Graph lifecycle notification, or None when the event is not one.
+
+    `data.lifecycleEvent` (reauthorizationRequired, subscriptionRemoved, missed) decides on any
+    Microsoft.Graph type; the two type names Event Grid uses stand for it when it is missing. The
+    subscription id is required: without it there is nothing to renew (400, and a dead letter).
+    """
+    if not event.type.casefold().startswith("microsoft.graph."):
+        return None
+    data = event.data if isinstance(event.data, dict) else None
+    named = {e.casefold(): e for e in LIFECYCLE_EVENTS}.get(
+        str((data or {}).get("lifecycleEvent", "")).casefold()
+    )
+    if named is None:
+        if _is(event.type, GRAPH_REAUTHORIZATION_REQUIRED):
+            named = REAUTHORIZATION_REQUIRED
+        elif _is(event.type, GRAPH_SUBSCRIPTION_REMOVED):
+            named = SUBSCRIPTION_REMOVED
+        else:
+            return None
+    if data is None:
+        raise _invalid(f"{event.label}: a {event.type} lifecycle notification needs data as a JSON object.")
+    expiry = data.get("subscriptionExpirationDateTime")
+    expires_at = _timestamp(expiry)
+    if expiry is not None and expires_at is None:
+        raise _invalid(f"{event.label}: data.subscriptionExpirationDateTime is not an RFC 3339 date-time.")
+    return Lifecycle(
+        event_id=event.id,
+        event_type=event.type,
+        lifecycle_event=named,
+        subscription_id=_string(data.get("subscriptionId"), f"{event.label}: data.subscriptionId"),
+        expires_at=expires_at,
+    )
+
+
+def _subscription_seen(event: _Event) -> SubscriptionSeen | None:
+    """The subscription a Graph user event came through (data.subscriptionId and its expiry, as the
+    Microsoft Entra events page shows them). Lenient: bookkeeping never turns an event away."""
+    data = event.data if isinstance(event.data, dict) else {}
+    subscription_id, expires_at = (
+        data.get("subscriptionId"),
+        _timestamp(data.get("subscriptionExpirationDateTime")),
+    )
+    if (
+        not isinstance(subscription_id, str)
+        or not subscription_id.strip()
+        or len(subscription_id) > MAX_STRING
+    ):
+        return None
+    return SubscriptionSeen(subscription_id, expires_at) if expires_at is not None else None
 
 
 def _custom_target(event: _Event) -> EventTarget:

@@ -11,6 +11,7 @@ import base64
 import hashlib
 
 IDENTITY_ROW = "identity"
+DELETED_ROW = "deleted"  # beside the mapping: when and why the user's last identity was deleted
 
 
 def _digest(*parts: str) -> str:
@@ -86,3 +87,9 @@ def discard_row(communication_user_id: str) -> str:
 
 def event_row(event_id: str) -> str:
     return "e-" + _digest(event_id)
+
+
+# The Microsoft Graph change-notification subscription the service keeps alive: one row, read by
+# /api/health and the cleanup timer, written by the webhook (lifecycle events) and the timer.
+GRAPH_SUBSCRIPTION_PARTITION = "graph-subscription"
+GRAPH_SUBSCRIPTION_ROW = "current"

@@ -38,6 +38,8 @@ def problem(
 
 
 def from_error(err: ServiceError) -> func.HttpResponse:
+    if err.status >= 500:  # the log says why, so an operator need not reproduce it (no secret in detail)
+        log.warning("answered %s %s: %s", err.status, err.code, err.detail)
     return problem(err.status, err.code, err.title, err.detail, err.headers)
 
 
@@ -46,8 +48,10 @@ def from_unexpected(err: BaseException) -> func.HttpResponse:
     from azure.core.exceptions import AzureError, HttpResponseError, ServiceRequestError, ServiceResponseError
 
     if isinstance(err, ServiceRequestError | ServiceResponseError):
+        log.warning("a backing service cannot be reached: %s", type(err).__name__)
         return from_error(Unavailable("A backing service cannot be reached.", code="dependency_unavailable"))
     if isinstance(err, HttpResponseError) and (err.status_code or 0) in (429, 500, 502, 503, 504):
+        log.warning("a backing service answered %s (%s)", err.status_code, type(err).__name__)
         return from_error(Unavailable("A backing service is busy or failing.", code="dependency_unavailable"))
     if isinstance(err, AzureError):
         log.error("backing service error: %s", type(err).__name__)

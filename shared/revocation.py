@@ -55,7 +55,7 @@ class RevocationService:
             await self.acs.revoke(record.communication_user_id, **REQUEST_PATH_OPTIONS)
         except NotFound:
             log.info("revoke found the identity gone source=%s user=%s", source, _ref(record))
-            await self.store.remove(record)
+            await self.store.remove(record, reason="gone")
             return Outcome("revoked", record.communication_user_id)
         except Unavailable as err:
             await self.store.mark_pending(record, "revoke", self.clock(), FIRST_RETRY)
@@ -75,7 +75,7 @@ class RevocationService:
             log.info("delete pending source=%s user=%s reason=%s", source, _ref(record), err.code)
             return Outcome("pending", record.communication_user_id)
         try:
-            await self.store.remove(record)
+            await self.store.remove(record, reason=source if source in ("user", "admin") else "event")
         except Exception as err:  # noqa: BLE001 - ACS is done; let the timer tidy the rows
             log.warning(
                 "delete left rows behind source=%s user=%s error=%s", source, _ref(record), type(err).__name__

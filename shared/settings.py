@@ -21,6 +21,12 @@ SCOPES = ("chat", "voip", "chat.join", "chat.join.limited", "voip.join")
 ACS_MIN_MINUTES, ACS_MAX_MINUTES = 60, 1440
 # Asymmetric algorithms only: HS* with a public key as secret, and "none", are classic JWT attacks.
 SAFE_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
+GRAPH_ENDPOINT = "https://graph.microsoft.com"  # Microsoft Graph, global cloud
+# The partner-topic address Graph delivers to ("Receive Microsoft Graph API change events through
+# Azure Event Grid", Microsoft Learn): these four query parameters, all required.
+GRAPH_EVENT_GRID_PARAMETERS = ("azuresubscriptionid", "resourcegroup", "partnertopic", "location")
+# Set by App Service, never by the operator: "True" while App Service Authentication is on.
+PLATFORM_AUTH_SETTING = "WEBSITE_AUTH_ENABLED"
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ class Settings:
     credentials_changed_event_types: tuple[str, ...] = ()
     teams_client_app_id: str | None = None  # TEAMS_CLIENT_APP_ID; POST /api/teams/token needs it
     demo_page_enabled: bool = False
+    graph_endpoint: str = GRAPH_ENDPOINT  # GRAPH_ENDPOINT: where the Graph subscription is renewed
+    graph_notification_url: str | None = None  # GRAPH_NOTIFICATION_URL: set = create it too (graph.py)
 
     @property
     def object_id_issuer(self) -> str | None:
@@ -113,10 +121,42 @@ def _check_url(name: str, value: str, *, allow_http_loopback: bool = False) -> s
     )
 
 
+def _platform_authentication_on(env: Mapping[str, str]) -> bool:
+    """Whether App Service Authentication is on, which alone makes X-MS-CLIENT-PRINCIPAL trustworthy.
+
+    The platform strips client-sent X-MS-CLIENT-* headers only when the feature is on, and then
+    injects WEBSITE_AUTH_ENABLED=True (Microsoft Learn: "Work with user identities in Azure App
+    Service authentication"; "Environment variables and app settings in Azure App Service").
+    """
+    return (_get(env, PLATFORM_AUTH_SETTING) or "").lower() == "true"
+
+
+def _graph(env: Mapping[str, str]) -> dict:
+    """GRAPH_ENDPOINT (https) and GRAPH_NOTIFICATION_URL (an `EventGrid:?...` partner-topic address)."""
+    endpoint = _check_url("GRAPH_ENDPOINT", _get(env, "GRAPH_ENDPOINT") or GRAPH_ENDPOINT).rstrip("/")
+    url = _get(env, "GRAPH_NOTIFICATION_URL")
+    if url is not None:
+        scheme, _, query = url.partition(":?")
+        given = {k.lower(): v for k, _, v in (p.partition("=") for p in query.split("&")) if v}
+        missing = [name for name in GRAPH_EVENT_GRID_PARAMETERS if name not in given]
+        if scheme.lower() != "eventgrid" or missing:
+            raise SettingError(
+                "GRAPH_NOTIFICATION_URL",
+                "must be EventGrid:?" + "&".join(f"{n}=..." for n in GRAPH_EVENT_GRID_PARAMETERS),
+            )
+    return {"graph_endpoint": endpoint, "graph_notification_url": url}
+
+
 def load(env: Mapping[str, str]) -> Settings:
     auth_mode = (_get(env, "AUTH_MODE") or "jwt").lower()
     if auth_mode not in ("jwt", "easyauth"):
         raise SettingError("AUTH_MODE", "must be jwt or easyauth")
+    if auth_mode == "easyauth" and not _platform_authentication_on(env):
+        raise SettingError(
+            "AUTH_MODE",
+            "easyauth needs App Service Authentication on (the platform then sets "
+            f"{PLATFORM_AUTH_SETTING}=True); without it any caller can forge X-MS-CLIENT-PRINCIPAL",
+        )
     issuer = _get(env, "AUTH_ISSUER")
     audiences = _list(env, "AUTH_AUDIENCE", ())
     if auth_mode == "jwt":
@@ -216,6 +256,7 @@ def load(env: Mapping[str, str]) -> Settings:
         managed_identity_client_id=_get(env, "AZURE_CLIENT_ID"),
         teams_client_app_id=teams_client_app_id,
         demo_page_enabled=demo_page == "true",
+        **_graph(env),
     )
 
 

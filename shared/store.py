@@ -29,6 +29,8 @@ Rows (one table, every lookup a point read or a key-range scan):
   deletions that could not reach ACS yet, with attempts, next attempt and a lease; the timer
   completes them.
 - events `PK="events", RK=event_row(id)`: Event Grid event ids already acted on.
+- Graph subscription `PK="graph-subscription", RK="current"`: the Microsoft Graph change-notification
+  subscription the service keeps alive (id, expiry, last renewal outcome), for the timer and health.
 
 Creation is race-safe because the mapping insert is an insert, not an upsert: of two concurrent
 first requests exactly one wins; the loser deletes its identity, then its rows, and uses the
@@ -51,6 +53,7 @@ from azure.data.tables import UpdateMode
 from azure.data.tables.aio import TableClient
 
 from . import keys, telemetry
+from .clock import utcnow
 
 log = logging.getLogger("acs_token_service.store")
 RELEASED = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)  # a lease time that has always passed
@@ -116,6 +119,50 @@ class Filed:
     user_key: str
     communication_user_id: str
     graph_row: str = ""  # the user's Graph lookup row, if one was filed with it
+
+
+@dataclass(frozen=True)
+class GraphSubscriptionState:
+    """What the service knows of its Microsoft Graph subscription on users (`shared.graph`).
+
+    `outcome` is "ok" after a renewal or creation succeeded, "observed" when the subscription is only
+    known from the events it delivered, else the last failure's code. No secret: Graph ids and times.
+    """
+
+    subscription_id: str  # "" while none exists (creation failed)
+    expires_at: dt.datetime | None
+    outcome: str
+    attempted_at: dt.datetime | None = None  # last renewal or creation attempt
+    renewed_at: dt.datetime | None = None  # last success
+    missed_at: dt.datetime | None = None  # last "missed" lifecycle notification
+
+    def to_entity(self) -> dict:
+        entity = {
+            "PartitionKey": keys.GRAPH_SUBSCRIPTION_PARTITION,
+            "RowKey": keys.GRAPH_SUBSCRIPTION_ROW,
+            "subscriptionId": self.subscription_id,
+            "outcome": self.outcome,
+        }
+        for name, value in (
+            ("expiresAt", self.expires_at),
+            ("attemptedAt", self.attempted_at),
+            ("renewedAt", self.renewed_at),
+            ("missedAt", self.missed_at),
+        ):
+            if value is not None:  # Table Storage keeps no nulls: an absent property reads as None
+                entity[name] = value
+        return entity
+
+    @classmethod
+    def from_entity(cls, entity) -> GraphSubscriptionState:
+        return cls(
+            subscription_id=entity.get("subscriptionId", ""),
+            expires_at=entity.get("expiresAt"),
+            outcome=entity.get("outcome", ""),
+            attempted_at=entity.get("attemptedAt"),
+            renewed_at=entity.get("renewedAt"),
+            missed_at=entity.get("missedAt"),
+        )
 
 
 @dataclass(frozen=True)
@@ -337,9 +384,15 @@ class IdentityStore:
         return []
 
     @telemetry.table_operation("remove")
-    async def remove(self, record: IdentityRecord) -> None:
-        """Forget a deleted identity: mapping first (so no token is issued for it), then lookups."""
-        await self._if_still_mapped(
+    async def remove(self, record: IdentityRecord, *, reason: str = "deleted") -> None:
+        """Forget a deleted identity: mapping first (so no token is issued for it), then lookups.
+
+        The user's partition keeps a note of when and why (`reason`: user, admin, event, retired,
+        gone, deleted), so that their next refresh can say what happened instead of "no identity
+        yet". Only when the mapping still named this identity: a user already on a newer one has
+        nothing to be told.
+        """
+        unmapped = await self._if_still_mapped(
             record,
             lambda current: self.table.delete_entity(
                 record.user_key,
@@ -348,11 +401,31 @@ class IdentityStore:
                 match_condition=MatchConditions.IfNotModified,
             ),
         )
+        if unmapped:
+            try:
+                await self.note_deletion(record.user_key, reason, utcnow())
+            except Exception as err:  # noqa: BLE001 - the identity is gone either way; the note is a courtesy
+                log.warning("could not note a deletion: %s", type(err).__name__)
         await self.forget_owner(record.communication_user_id)
         # The Graph row serves the user, whichever identity: it goes only with the user's mapping.
         if graph_row := self._graph_row(record):
             await self.forget_graph_row(record.user_key, graph_row)
         await self._unfile(record)
+
+    @telemetry.table_operation("note_deletion")
+    async def note_deletion(self, user_key: str, reason: str, when: dt.datetime) -> None:
+        await self.table.upsert_entity(
+            {"PartitionKey": user_key, "RowKey": keys.DELETED_ROW, "deletedAt": when, "reason": reason},
+            mode=UpdateMode.REPLACE,
+        )
+
+    @telemetry.table_operation("deletion")
+    async def deletion(self, user_key: str) -> tuple[dt.datetime, str] | None:
+        """When and why this user's last identity was deleted, if the service noted it."""
+        entity = await self._get(user_key, keys.DELETED_ROW)
+        if entity is None:
+            return None
+        return entity["deletedAt"], str(entity.get("reason") or "deleted")
 
     @telemetry.table_operation("forget_graph_row")
     async def forget_graph_row(self, user_key: str, graph_row: str) -> None:
@@ -569,6 +642,19 @@ class IdentityStore:
         for row in old:
             await self._delete(keys.EVENTS_PARTITION, row)
         return len(old)
+
+    # ---- the Microsoft Graph subscription ------------------------------------------------------------
+
+    @telemetry.table_operation("graph_subscription")
+    async def graph_subscription(self) -> GraphSubscriptionState | None:
+        entity = await self._get(keys.GRAPH_SUBSCRIPTION_PARTITION, keys.GRAPH_SUBSCRIPTION_ROW)
+        return GraphSubscriptionState.from_entity(entity) if entity is not None else None
+
+    @telemetry.table_operation("save_graph_subscription")
+    async def save_graph_subscription(self, state: GraphSubscriptionState) -> None:
+        """Replace the row whole: each write states the latest attempt, so the last one wins."""
+        await self._ensure_table()
+        await self.table.upsert_entity(state.to_entity(), mode=UpdateMode.REPLACE)
 
     @telemetry.table_operation("ping")
     async def ping(self) -> None:

@@ -9,11 +9,13 @@ Error choices, given that the caller's own bearer token was fine:
 - a Teams token ACS rejects -> 400 `teams_token_invalid`, never 401: a 401 carries
   `WWW-Authenticate: Bearer` and tells clients their *bearer* is bad, which would send them
   signing the user in again in a loop while the Teams token stays as bad as it was.
-- a Teams token whose (unverified) `oid` is not the caller's -> 403 `teams_user_mismatch`: a
-  caller may exchange only their own Teams token. Unverified claims only ever refuse; ACS decides
-  everything that grants.
+- a Teams token whose `oid` is not the caller's -> 403 `teams_user_mismatch`: a caller may
+  exchange only their own Teams token. We refuse early on the unverified `oid`; ACS's own
+  400 "Provided AAD token issued for unexpected user." (target `userId`) maps to the same 403.
+  Unverified claims only ever refuse; ACS decides everything that grants.
 - a Teams token for another app than the configured one -> 400 `teams_app_mismatch` (the client
-  used the wrong app); ACS refusing the configured app for a token that names it -> 503
+  used the wrong app); ACS refusing the configured app ("AAD application is not the expected
+  one.") for a token that names it, or ACS calling our app id missing or malformed -> 503
   `configuration_error` naming TEAMS_CLIENT_APP_ID: the operator's setting is wrong, and no
   retry by the client can fix it.
 """
@@ -25,7 +27,7 @@ import logging
 from dataclasses import dataclass
 
 from . import telemetry
-from .acs import TEAMS_APP_REJECTED, AcsGateway, IssuedToken
+from .acs import TEAMS_APP_INVALID, TEAMS_APP_REJECTED, AcsGateway, IssuedToken
 from .auth import Caller, unverified_segment
 from .errors import BadRequest, Forbidden, ServiceError, SettingError
 from .policy import parse_json_object
@@ -120,9 +122,9 @@ class TeamsExchange:
                 request.teams_token, self.client_app_id, caller.object_id
             )
         except ServiceError as err:
-            if err.code != TEAMS_APP_REJECTED:
+            if err.code not in (TEAMS_APP_REJECTED, TEAMS_APP_INVALID):
                 raise
-            if token_app is None:  # the token names no app: the client's token is the suspect
+            if err.code == TEAMS_APP_REJECTED and token_app is None:  # the client's token is the suspect
                 raise BadRequest(
                     "ACS refused the Teams token's application.", code="teams_app_mismatch"
                 ) from None

@@ -10,6 +10,11 @@ codes, scope names, counts and durations. Never a token, JWT, key, connection st
 subject, object id or ACS identity id: attributes are built only from the fixed labels below,
 exceptions are never recorded (their messages may quote a request), and Azure SDK auto-tracing,
 whose spans carry request URLs with ACS identity ids in the path, stays off.
+
+Log records take one path to Application Insights, the Functions host's: the Python worker
+forwards every record logged during an invocation to the host, which sends it as a trace
+(category Function.<name>.User, with the invocation's operation id). The distro exports metrics
+and spans only; its log exporter would send each record a second time (see `configure`).
 """
 
 from __future__ import annotations
@@ -35,9 +40,12 @@ log = logging.getLogger("acs_token_service.telemetry")
 INSTRUMENTATION_NAME = "acs_token_service"
 CONNECTION_STRING_SETTING = "APPLICATIONINSIGHTS_CONNECTION_STRING"
 SERVICE_NAME = "acs-token-service"
-# Only records from the service's own loggers go to Application Insights: they never hold a
-# secret, while the Azure SDK's HTTP logging names request URLs (ACS identity ids).
+# The service's own loggers. The distro's log export is off (LOGS_EXPORTER_SETTING); were it ever on,
+# it would still take only these, never the root logger, where the Azure SDK logs request URLs.
 EXPORTED_LOGGER = "acs_token_service"
+# The distro's documented switch for its log pipeline ("none": no LoggerProvider, no handler);
+# azure-monitor-opentelemetry 1.8 overwrites a `disable_logging` keyword with this variable's value.
+LOGS_EXPORTER_SETTING = "OTEL_LOGS_EXPORTER"
 # azure-monitor-opentelemetry's auto-instrumentations. azure_sdk would trace every SDK request
 # with its URL; the HTTP client ones would do the same for the managed-identity endpoint.
 DISABLED_INSTRUMENTATIONS = (
@@ -293,6 +301,12 @@ def configure(environ: dict[str, str] | None = None) -> bool:
     Called when the worker builds its clients (first request), never at import. True when
     export is on. A failure to configure is logged and leaves telemetry off: it must not take
     the token service down with it.
+
+    Metrics and spans only: logs already reach Application Insights through the worker and the
+    host, and the host drops its copy only for a worker that declares it logs to Application
+    Insights itself (capability WorkerApplicationInsightsLoggingEnabled, GrpcWorkerChannel.cs in
+    azure-functions-host), which azure-functions-runtime never declares. The distro's log export
+    would duplicate every record, so OTEL_LOGS_EXPORTER=none is set in the process first.
     """
     global _configured
     env = os.environ if environ is None else environ
@@ -307,6 +321,7 @@ def configure(environ: dict[str, str] | None = None) -> bool:
             from opentelemetry.sdk.resources import Resource
 
             attributes = {} if env.get("OTEL_SERVICE_NAME") else {"service.name": SERVICE_NAME}
+            os.environ[LOGS_EXPORTER_SETTING] = "none"  # the distro reads os.environ, not `env`
             configure_azure_monitor(
                 connection_string=connection_string,
                 logger_name=EXPORTED_LOGGER,

@@ -44,6 +44,20 @@ class TokenResult:
         }
 
 
+# What a refresh after a deletion says, by who or what deleted the identity (store.remove's reason).
+DELETION_DETAIL = {
+    "user": "You deleted your ACS identity on {day}: POST /api/token creates a new one.",
+    "admin": "An administrator deleted your ACS identity on {day}: POST /api/token creates a new one.",
+    "event": "Your ACS identity was deleted on {day}: your identity provider reported your account "
+    "deleted or disabled.",
+    "retired": "Your ACS identity was retired on {day} after a long time without use: POST /api/token "
+    "creates a new one.",
+    "gone": "Your ACS identity no longer exists in Azure Communication Services (noticed on {day}): "
+    "POST /api/token creates a new one.",
+    "deleted": "Your ACS identity was deleted on {day}: POST /api/token creates a new one.",
+}
+
+
 class TokenService:
     def __init__(self, store: IdentityStore, acs: AcsGateway, clock: Clock = utcnow) -> None:
         self.store = store
@@ -60,16 +74,27 @@ class TokenService:
 
     @telemetry.counts_tokens
     async def refresh(self, caller: Caller, request: TokenRequest) -> TokenResult:
-        record = await self.store.get(user_key(caller.issuer, caller.subject))
+        key = user_key(caller.issuer, caller.subject)
+        record = await self.store.get(key)
         if record is None:
-            raise NotFound("You have no ACS identity yet: POST /api/token first.", code="identity_not_found")
+            raise await self._missing(key)
         return await self._issue_existing(record, request)
 
     async def identity(self, caller: Caller) -> IdentityRecord:
-        record = await self.store.get(user_key(caller.issuer, caller.subject))
+        key = user_key(caller.issuer, caller.subject)
+        record = await self.store.get(key)
         if record is None:
-            raise NotFound("You have no ACS identity yet: POST /api/token first.", code="identity_not_found")
+            raise await self._missing(key)
         return record
+
+    async def _missing(self, key: str) -> NotFound:
+        """Why the caller has no identity: never had one, or had one that was deleted (and how)."""
+        deletion = await self.store.deletion(key)
+        if deletion is None:
+            return NotFound("You have no ACS identity yet: POST /api/token first.", code="identity_not_found")
+        when, reason = deletion
+        detail = DELETION_DETAIL.get(reason, DELETION_DETAIL["deleted"]).format(day=when.date().isoformat())
+        return NotFound(detail, code="identity_deleted")
 
     async def _issue_existing(self, record: IdentityRecord, request: TokenRequest) -> TokenResult:
         if record.pending:

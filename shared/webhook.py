@@ -8,6 +8,12 @@ those not done yet. Two deliveries of one event at the same moment (Event Grid r
 that takes over 30 s) may both act: a second revoke or delete of the same identity seconds later
 changes nothing that matters.
 A malformed delivery is refused whole (400) before any state is touched.
+
+Microsoft Graph lifecycle notifications (the subscription must be renewed, was removed, or missed
+notifications) go to `shared.graph`, once each like the rest. A renewal that failed for a reason a
+retry may fix (Graph throttled or down) answers 503, so that Event Grid redelivers (it retries 5xx,
+not 4xx); one that needs the operator (no permission) is recorded for /api/health and answered
+200, and the cleanup timer keeps trying.
 """
 
 from __future__ import annotations
@@ -83,6 +89,16 @@ async def _apply(clients: Clients, action: Action, record: IdentityRecord) -> st
     return (await clients.revocation.revoke(record, source=source)).status
 
 
+async def _observe(clients: Clients, delivery) -> None:
+    """Note the Graph subscription the user events came through (bookkeeping: never fails them)."""
+    if not delivery.subscriptions:
+        return
+    try:
+        await clients.graph.observe(delivery.subscriptions)
+    except Exception as err:  # noqa: BLE001 - the events were handled; the next ones note it again
+        log.warning("graph subscription not noted: %s", type(err).__name__)
+
+
 def handshake(req: func.HttpRequest) -> func.HttpResponse:
     """CloudEvents abuse protection: Event Grid asks with OPTIONS before delivering."""
     origin = handshake_allowed_origin(req.headers)
@@ -122,6 +138,17 @@ async def deliver(req: func.HttpRequest) -> func.HttpResponse:
                 await clients.store.mark_event_done(action.event_id, dt.datetime.now(dt.UTC))
             except Exception as err:  # noqa: BLE001 - raised below: Event Grid retries the batch
                 failures.append(err)
+        now = dt.datetime.now(dt.UTC)
+        for notice in delivery.lifecycle:
+            try:
+                if await clients.store.event_seen(notice.event_id):
+                    results["duplicate"] += 1
+                    continue
+                results[await clients.graph.on_lifecycle(notice)] += 1
+                await clients.store.mark_event_done(notice.event_id, now)
+            except Exception as err:  # noqa: BLE001 - raised below: Event Grid retries the batch
+                failures.append(err)
+        await _observe(clients, delivery)
         if failures:
             raise failures[0]
         results["ignored"] = delivery.ignored

@@ -25,6 +25,25 @@ TLS_DIR = TLS.ca_cert.parent
 pytest_plugins = ["tests.service_fixtures"]
 
 
+def _show_bodies() -> None:
+    """A failed `assert response.status_code == 200` prints the response: let that show the body
+    (a problem's code and detail say why), for HTTP responses and for the handlers' own."""
+    import azure.functions as func
+    import requests
+
+    def http_repr(self: requests.Response) -> str:
+        return f"<Response [{self.status_code}] {self.text[:400]!r}>"
+
+    def handler_repr(self: func.HttpResponse) -> str:
+        return f"<HttpResponse [{self.status_code}] {(self.get_body() or b'')[:400]!r}>"
+
+    requests.Response.__repr__ = http_repr  # type: ignore[method-assign]
+    func.HttpResponse.__repr__ = handler_repr  # type: ignore[method-assign]
+
+
+_show_bodies()
+
+
 def start_stack(state_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     """`devstack up` trusting this session's CA (tests of `up` itself drive the process)."""
     return running.start(state_dir, TLS_DIR, *extra, env=env)
@@ -43,9 +62,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
 def emulator(stack: RunningStack) -> Iterator[EmulatorHooks]:
     """The emulator's test hooks, with faults cleared before and after each test."""
     hooks = EmulatorHooks(stack["acs_emulator_hooks"])
-    hooks.faults(latencyMs=0, throttleRate=0, errorRate=0, down=False, limits=False, retryAfterSeconds=1)
+    hooks.faults(**NO_FAULTS)
     yield hooks
-    hooks.faults(latencyMs=0, throttleRate=0, errorRate=0, down=False, limits=False, retryAfterSeconds=1)
+    hooks.faults(**NO_FAULTS)
+
+
+# Revocation takes effect at once unless a test sets a propagation delay (ACS: up to 15 minutes).
+NO_FAULTS = {
+    "latencyMs": 0,
+    "throttleRate": 0,
+    "errorRate": 0,
+    "down": False,
+    "limits": False,
+    "retryAfterSeconds": 1,
+    "revocationDelaySeconds": 0,
+}
 
 
 class EmulatorHooks:

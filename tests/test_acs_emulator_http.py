@@ -296,3 +296,113 @@ def test_reset_clears_identities_and_faults(stack, emulator, client):
 def test_unknown_route_is_404(stack, emulator):
     response = requests.get(stack["acs_endpoint"] + "nothing-here", timeout=10)
     assert response.status_code == 404
+
+
+def test_throttling_without_retry_after_is_not_retried_by_the_sdk_on_a_post(stack, emulator, client):
+    """azure-core retries a POST 429 only when it carries Retry-After (RetryPolicyBase.is_retry),
+    and ACS's docs promise no Retry-After on Identity 429s: `retryAfterSeconds: null` sends none."""
+    emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
+    raw = _signed_post(stack, "/identities", "")
+    assert raw.status_code == 429 and "Retry-After" not in raw.headers
+    before = emulator.stats()["calls"]["createIdentity"]
+    with pytest.raises(HttpResponseError) as caught:
+        client.create_user()
+    assert caught.value.status_code == 429
+    assert emulator.stats()["calls"]["createIdentity"] == before + 1  # no retry at all
+
+
+def test_revocation_reaches_verification_after_the_delay_fault(client, emulator):
+    """ACS: revocation "can take up to 15 minutes to propagate" (docs: identity model, revoke)."""
+    emulator.faults(revocationDelaySeconds=0.5)
+    user, token = client.create_user_and_token([CommunicationTokenScope.CHAT])
+    client.revoke_tokens(user)
+    assert emulator.verify(token.token) == {"valid": True, "reason": "valid: revocation not yet propagated"}
+    time.sleep(0.6)
+    assert emulator.verify(token.token) == {"valid": False, "reason": "revoked"}
+
+
+@pytest.mark.parametrize("bad", [{"retryAfterSeconds": -1}, {"revocationDelaySeconds": "soon"}])
+def test_bad_delay_settings_are_refused(stack, emulator, bad):
+    response = requests.post(stack["acs_emulator_hooks"] + "faults", data=json.dumps(bad), timeout=10)
+    assert response.status_code == 400
+    assert emulator.faults()["retryAfterSeconds"] == 1 and emulator.faults()["revocationDelaySeconds"] == 0
+
+
+# ---- Teams exchange: ACS's recorded answers, in ACS's order ---------------------------------------
+# Source: azure-sdk-for-python, sdk/communication/azure-communication-identity/tests/recordings/
+# test_communication_identity_client.pyTestClienttest_get_token_for_teams_user_with_*.json
+
+
+OTHER_GUID = "0b8d3c4e-9f1a-4e55-8a1b-2c3d4e5f6a7b"
+
+
+def _teams_token(stack, user: str, **overrides) -> str:
+    from devstack.acs_state import TEAMS_AUDIENCE
+    from tests.service_helpers import Users
+
+    return Users(stack).token(
+        user, **({"audience": TEAMS_AUDIENCE, "app_id": stack["teams_app_id"]} | overrides)
+    )
+
+
+def test_teams_exchange_with_matching_user_and_app_succeeds(stack, emulator, client):
+    from devstack.issuer import object_id_for
+
+    token = client.get_token_for_teams_user(
+        _teams_token(stack, "rec-tina"), stack["teams_app_id"], object_id_for("rec-tina").upper()
+    )
+    assert emulator.verify(token.token)["valid"]  # Entra object ids compare as GUIDs, in any case
+
+
+@pytest.mark.parametrize(
+    ("case", "message", "target"),
+    [
+        ("wrong_user", "Provided AAD token issued for unexpected user.", "userId"),
+        ("wrong_app", "AAD application is not the expected one.", "appId"),
+        ("token_for_other_app", "AAD application is not the expected one.", "appId"),
+        ("empty_app", "AppId: The AppId field is required.", "AppId"),
+        ("invalid_app", "Provided AppId has invalid format.", "appId"),
+        ("empty_user", "UserId: The UserId field is required.", "UserId"),
+        ("invalid_user", "Provided UserId has invalid format.", "userId"),
+    ],
+)
+def test_teams_exchange_validation_errors_are_recorded_400s(stack, emulator, client, case, message, target):
+    from devstack.issuer import object_id_for
+
+    token = _teams_token(stack, "rec-tom")
+    app, user = stack["teams_app_id"], object_id_for("rec-tom")
+    args = {
+        "wrong_user": (token, app, object_id_for("rec-someone-else")),
+        "wrong_app": (token, OTHER_GUID, user),
+        "token_for_other_app": (_teams_token(stack, "rec-tom", app_id=OTHER_GUID), app, user),
+        "empty_app": (token, "", user),
+        "invalid_app": (token, "invalid", user),
+        "empty_user": (token, app, ""),
+        "invalid_user": (token, app, "invalid"),
+    }[case]
+    with pytest.raises(HttpResponseError) as caught:
+        client.get_token_for_teams_user(*args)
+    assert not isinstance(caught.value, ClientAuthenticationError)
+    assert caught.value.status_code == 400
+    error = caught.value.error
+    assert (error.code, error.message, error.target) == ("ValidationError", message, target)
+
+
+@pytest.mark.parametrize("case", ["empty_token", "invalid_token", "expired_token", "forged_token"])
+def test_teams_exchange_checks_the_token_before_the_fields(stack, emulator, client, case):
+    """Recorded: an empty token with an empty userId is 401 InvalidAccessToken, not a 400."""
+    from devstack.keys import SigningKey
+
+    token = {
+        "empty_token": "",
+        "invalid_token": "invalid",
+        "expired_token": _teams_token(stack, "rec-tim", now=time.time() - 7200),
+        "forged_token": _teams_token(stack, "rec-tim", key=SigningKey.generate()),
+    }[case]
+    with pytest.raises(ClientAuthenticationError) as caught:
+        client.get_token_for_teams_user(token, "", "")  # the fields would be 400s on their own
+    assert caught.value.status_code == 401
+    assert (caught.value.error.code, caught.value.error.message) == (
+        "InvalidAccessToken",
+        "Provided access token is not valid.",
+    )

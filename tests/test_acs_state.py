@@ -132,3 +132,64 @@ def test_faults_update_is_all_or_nothing():
     assert faults.latencyMs == 0
     faults.update({"latencyMs": 50, "errorRate": 1})
     assert (faults.latencyMs, faults.errorRate) == (50, 1.0)
+
+
+def test_retry_after_can_be_switched_off_for_every_429():
+    """null: throttled and over-limit 429s alike come without Retry-After (ACS promises none)."""
+    faults = Faults()
+    faults.update({"retryAfterSeconds": None})
+    assert faults.retryAfterSeconds is None
+    for bad in (-1, 1.5, "1", True):
+        with pytest.raises(ValueError, match="retryAfterSeconds"):
+            faults.update({"retryAfterSeconds": bad})
+    assert faults.retryAfterSeconds is None
+    resource = _resource()
+    resource.faults.update({"limits": True, "retryAfterSeconds": None})
+    for _ in range(LIMITS["revokeAccessTokens"]):
+        resource.check_limit("revokeAccessTokens")
+    with pytest.raises(AcsError) as caught:
+        resource.check_limit("revokeAccessTokens")
+    assert caught.value.status == 429 and caught.value.retry_after is None
+
+
+@pytest.mark.parametrize("bad", [-1, 901, "5", True, None])
+def test_revocation_delay_is_seconds_up_to_acs_own_15_minutes(bad):
+    faults = Faults()
+    faults.update({"revocationDelaySeconds": 0.25})
+    assert faults.revocationDelaySeconds == 0.25
+    with pytest.raises(ValueError, match="revocationDelaySeconds"):
+        faults.update({"revocationDelaySeconds": bad})
+    assert faults.revocationDelaySeconds == 0.25
+
+
+def test_revocation_takes_effect_after_the_propagation_delay():
+    """ACS: revocation "can take up to 15 minutes to propagate"; the delay fault simulates that."""
+    clock = Clock()
+    resource = _resource(clock)
+    identity = resource.create_identity()
+    first = resource.issue(identity, ["chat"], 60).token
+    resource.faults.update({"revocationDelaySeconds": 60})
+    resource.revoke(identity)
+    later = resource.issue(identity, ["chat"], 60).token
+    assert resource.verify(first) == (True, "valid: revocation not yet propagated")
+    assert resource.verify(later) == (True, "valid")
+    clock.now += 59.9
+    assert resource.verify(first)[0] is True
+    clock.now += 0.1
+    assert resource.verify(first) == (False, "revoked")
+    assert resource.verify(later) == (True, "valid")
+
+
+def test_an_earlier_revocation_stays_in_effect_while_a_later_one_propagates():
+    clock = Clock()
+    resource = _resource(clock)
+    identity = resource.create_identity()
+    first = resource.issue(identity, ["chat"], 60).token
+    resource.revoke(identity)  # no delay: in effect now
+    second = resource.issue(identity, ["chat"], 60).token
+    resource.faults.update({"revocationDelaySeconds": 30})
+    resource.revoke(identity)
+    assert resource.verify(first) == (False, "revoked")
+    assert resource.verify(second) == (True, "valid: revocation not yet propagated")
+    clock.now += 30
+    assert resource.verify(second) == (False, "revoked")

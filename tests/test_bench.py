@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench import chart, report, targets
 from bench.run import Config, run
 
 
+@pytest.mark.slow
 def test_bench_runs_end_to_end_in_a_quick_configuration(stack, emulator, tmp_path):
     config = Config.quick_config()
     results = run(

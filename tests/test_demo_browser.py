@@ -34,6 +34,7 @@ def _time(text: str) -> dt.datetime:
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+@pytest.mark.slow
 def test_demo_page_signs_in_shows_the_identity_and_refreshes_the_token(stack, emulator):
     node = shutil.which("node")
     if node is None or not (REPO_ROOT / "node_modules" / "playwright-core").exists():

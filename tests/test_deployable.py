@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 from tests.conftest import REPO_ROOT
@@ -139,3 +140,46 @@ def test_the_deployed_app_imports_with_the_deployed_requirements_only(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "issue_token" in json.loads(result.stdout.splitlines()[-1])
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Absolute imports anywhere in a file, lazy ones inside functions included."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return found
+
+
+@pytest.mark.slow
+def test_every_distribution_the_deployed_code_imports_is_named_in_requirements():
+    """A package reached only through another's dependencies can vanish or jump a major with it."""
+    import importlib.util
+
+    owner: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        for file in dist.files or ():
+            owner[str(Path(file.locate()).resolve())] = _canonical(dist.metadata["Name"])
+    named = {
+        _canonical(Requirement(line.split("#")[0].strip()).name)
+        for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()
+        if line.split("#")[0].strip() and not line.startswith("-")
+    }
+    sources = [REPO_ROOT / "function_app.py", *sorted((REPO_ROOT / "shared").rglob("*.py"))]
+    imported: dict[str, set[str]] = {}
+    for source in sources:
+        for module in _imported_modules(source):
+            if module.split(".")[0] in ("shared", "function_app"):
+                continue
+            spec = importlib.util.find_spec(module)
+            assert spec is not None, f"{source.name}: {module} is not installed"
+            dist = owner.get(str(Path(spec.origin).resolve())) if spec.origin else None
+            if dist is not None:  # None: the standard library
+                imported.setdefault(dist, set()).add(module)
+    assert {"azure-core", "opentelemetry-sdk", "azure-functions"} <= set(imported)
+    missing = {dist: sorted(modules) for dist, modules in imported.items() if dist not in named}
+    assert not missing, f"imported directly but not named in requirements.txt: {missing}"

@@ -69,6 +69,8 @@ def test_teams_exchange(stack, emulator):
         with pytest.raises(ClientAuthenticationError) as caught:
             client.get_token_for_teams_user(bad, app, _oid(aad))
         assert caught.value.error.code == "InvalidAccessToken"
-    with pytest.raises(ClientAuthenticationError):  # someone else's object id
+    with pytest.raises(HttpResponseError) as wrong_user:  # someone else's object id: 400, as recorded
         client.get_token_for_teams_user(aad, app, _oid(_teams_token(stack, "other", app_id=app)))
+    assert wrong_user.value.status_code == 400 and wrong_user.value.error.code == "ValidationError"
+    assert wrong_user.value.error.message == "Provided AAD token issued for unexpected user."
     assert emulator.stats()["calls"]["exchangeTeamsToken"] >= 6

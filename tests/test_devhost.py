@@ -426,6 +426,7 @@ def test_nothing_the_host_itself_logs_holds_a_key_or_a_header(host):
 # --- functionTimeout and a worker that dies ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_past_function_timeout_the_worker_restarts_and_every_call_in_flight_ends(tmp_path):
     """FunctionExecutor logs "Timeout value of ... exceeded"; WebScriptHostExceptionHandler then
     restarts the worker process: the late call and every other call in flight on it get 500."""
@@ -505,6 +506,7 @@ def test_a_worker_that_exits_while_starting_gives_503_not_a_dead_host(tmp_path):
         stop_host(running)
 
 
+@pytest.mark.slow
 def test_a_worker_whose_import_hangs_fails_after_the_hosts_10_seconds(tmp_path):
     """WorkerProcessCountOptions.InitializationTimeout: the WorkerInitResponse (the app's indexing,
     with its import) has 10 s; an app that takes longer fails to start in Azure too."""
@@ -517,6 +519,7 @@ def test_a_worker_whose_import_hangs_fails_after_the_hosts_10_seconds(tmp_path):
         stop_host(running)
 
 
+@pytest.mark.slow
 def test_a_restart_that_cannot_start_the_worker_ends_in_503_not_a_wait(tmp_path):
     running = _flaky(tmp_path, "exit", broken=False)
     try:
@@ -862,6 +865,7 @@ def _port_closes(port: int, seconds: float = 10) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_up_with_a_broken_app_still_comes_up_and_its_host_dies_with_it(tmp_path):
     state = tmp_path / "s"
     process = subprocess.Popen(
@@ -883,10 +887,13 @@ def test_up_with_a_broken_app_still_comes_up_and_its_host_dies_with_it(tmp_path)
         f'curl -s -X POST {env["api"]}/token -H "Authorization: Bearer $(make -s token USER=alice)"'
         in printed
     )
+    # Another state dir than .devstack: the banner says how make and devstack find this stack.
+    assert f"export DEVSTACK_STATE={state.resolve()}" in printed and "make -s timer" in printed
     for secret in (env["function_key"], env["host_key"], env["master_key"]):
         assert secret not in printed
 
 
+@pytest.mark.slow
 def test_up_says_loudly_which_functions_are_in_error(tmp_path):
     state = tmp_path / "s"
     process = subprocess.Popen(

@@ -82,6 +82,7 @@ def test_token_without_a_running_stack_says_so(tmp_path):
     assert "no running stack" in out.stderr and "make run" in out.stderr
 
 
+@pytest.mark.slow
 def test_up_prints_no_secret_and_stops_every_child(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "devstack", "up", "--free-ports", "--state-dir", str(tmp_path / "s")],
@@ -106,6 +107,7 @@ def test_up_prints_no_secret_and_stops_every_child(tmp_path):
     assert not (tmp_path / "s" / "env.json").exists()
 
 
+@pytest.mark.slow
 def test_azurite_dies_with_a_killed_stack(tmp_path):
     process = start_stack(tmp_path / "s")
     env = wait_for_env(process, tmp_path / "s")
@@ -155,6 +157,7 @@ def test_refuses_to_wipe_a_folder_it_did_not_make(tmp_path):
     assert (precious / "thesis.tex").read_text() == "years of work"
 
 
+@pytest.mark.slow
 def test_two_stacks_coexist(stack, tmp_path):
     process = start_stack(tmp_path / "s2")
     try:
@@ -212,3 +215,72 @@ def test_make_refuses_a_python_that_is_not_3_13(tmp_path):
     assert result.returncode != 0
     assert "Azure runs this app on 3.13: set PYTHON=/path/to/python3.13" in result.stdout + result.stderr
     assert not (tmp_path / ".venv").exists()
+
+
+def _devstack(*args: str, cwd, env: dict | None = None) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "DEVSTACK_STATE"} | (env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "devstack", *args],
+        cwd=cwd,
+        env={**environment, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_every_command_finds_a_stack_started_elsewhere_through_devstack_state(stack, tmp_path):
+    """Issue #14: `make token` and the timer said "no running stack" for `up --state-dir` stacks."""
+    lost = _devstack("env", "api", cwd=tmp_path)
+    assert lost.returncode != 0 and "set DEVSTACK_STATE to that folder" in lost.stderr
+    found = {"DEVSTACK_STATE": str(stack.state_dir)}
+    assert _devstack("env", "api", cwd=tmp_path, env=found).stdout.strip() == stack["api"]
+    assert json.loads(_devstack("env", "ports", cwd=tmp_path, env=found).stdout) == stack["ports"]
+    token = _devstack("token", "alice", cwd=tmp_path, env=found).stdout.strip()
+    assert jwt.decode(token, options={"verify_signature": False})["sub"] == "alice"
+    unknown = _devstack("env", "no_such_key", cwd=tmp_path, env=found)
+    assert unknown.returncode != 0 and "it has: " in unknown.stderr and "api" in unknown.stderr
+    import shutil
+
+    make = shutil.which("make") or "/usr/bin/make"
+    for target, expected in ((["env", "KEY=api"], stack["api"]), (["token", "USER=alice"], None)):
+        result = subprocess.run(
+            [make, "-s", *target],
+            cwd=REPO_ROOT,
+            env={**os.environ, **found},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        if expected:
+            assert result.stdout.strip() == expected
+
+
+def test_node_requirement_is_the_oldest_every_pinned_package_accepts():
+    """README and the Makefile's check say the Node.js major that package-lock.json's engines need."""
+    import re
+
+    lock = json.loads((REPO_ROOT / "package-lock.json").read_text())
+    needed = 0
+    for name, package in lock["packages"].items():
+        engines = package.get("engines")
+        if not name or package.get("optional") or not isinstance(engines, dict):
+            continue  # the project itself; a platform binary npm may skip; no engines declared
+        lower = re.match(r"^\s*(?:>=|\^|~)?\s*v?(\d+)", engines.get("node", ""))
+        if lower:
+            needed = max(needed, int(lower.group(1)))
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert re.search(rf"^NODE_MAJOR := {needed}$", makefile, re.MULTILINE), needed
+    assert f"**Node.js {needed}+**" in (REPO_ROOT / "README.md").read_text()
+
+
+def test_make_clean_removes_what_the_tools_leave(tmp_path):
+    import shutil
+
+    make = shutil.which("make") or "/usr/bin/make"
+    dry = subprocess.run(
+        [make, "-n", "clean"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30
+    ).stdout
+    for leftover in (".venv", "node_modules", ".devstack", ".pytest_cache", ".ruff_cache", ".hypothesis"):
+        assert leftover in dry.split(), leftover

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import time
 
+import pytest
 import requests
 
 
@@ -12,12 +13,19 @@ def _post(stack, route: str, token: str) -> requests.Response:
     return requests.post(f"{stack['api']}/{route}", headers={"Authorization": f"Bearer {token}"}, timeout=90)
 
 
+@pytest.mark.slow
 def test_flaky_acs_still_serves_99_percent_of_500_requests(stack, emulator):
+    from tests.service_helpers import Users
+
     users = [f"flaky-{i}" for i in range(25)]
-    tokens = {u: stack.token(u).strip() for u in users}
+    minted = Users(stack)
+    tokens = {u: minted.token(u) for u in users}
     for user in users:  # identities exist: the load is refreshes and repeated issues
-        assert _post(stack, "token", tokens[user]).status_code == 200
-    emulator.faults(throttleRate=0.3, retryAfterSeconds=1, errorRate=0.1)
+        response = _post(stack, "token", tokens[user])
+        assert response.status_code == 200, response.text
+    # Retry-After: 0 (azure-core then takes its own backoff, from 0.25 s): the waits are not what
+    # this test is about, and a 1 s one for each of ~200 throttled answers cost half a minute.
+    emulator.faults(throttleRate=0.3, retryAfterSeconds=0, errorRate=0.1)
     before = emulator.stats()["calls"]["issueAccessToken"]
 
     def one(i: int) -> int:
@@ -34,7 +42,8 @@ def test_flaky_acs_still_serves_99_percent_of_500_requests(stack, emulator):
 
 def test_acs_down_answers_503_with_retry_after_within_the_request_timeout(stack, emulator):
     token = stack.token("down-user").strip()
-    assert _post(stack, "token", token).status_code == 200
+    first = _post(stack, "token", token)
+    assert first.status_code == 200, first.text  # once seen as a 503 here: the body says which
     emulator.faults(down=True)
     started = time.monotonic()
     response = _post(stack, "token/refresh", token)
@@ -42,6 +51,95 @@ def test_acs_down_answers_503_with_retry_after_within_the_request_timeout(stack,
     assert response.status_code == 503 and int(response.headers["Retry-After"]) >= 1
     assert response.json()["code"] == "acs_unavailable"
     assert elapsed < 30  # Functions' HTTP timeout is 230 s; clients give up far sooner
+
+
+# ---- 429 without Retry-After ------------------------------------------------------------------------
+# azure-core retries a 429 on a POST only when it carries Retry-After (azure/core/pipeline/policies/
+# _retry.py, RetryPolicyBase.is_retry), and ACS's docs promise no Retry-After on Identity 429s, so
+# the service backs off by itself (shared.acs.THROTTLE_BACKOFF_SECONDS) and then answers 503.
+
+
+def test_throttling_without_retry_after_over_http_is_503_within_seconds(stack, emulator):
+    from shared.acs import THROTTLE_BACKOFF_SECONDS
+
+    token = stack.token("no-retry-after-user").strip()
+    assert _post(stack, "token", token).status_code == 200
+    emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
+    before = emulator.stats()["calls"]["issueAccessToken"]
+    started = time.monotonic()
+    response = _post(stack, "token/refresh", token)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 503, response.text
+    assert response.json()["code"] == "acs_throttled" and int(response.headers["Retry-After"]) >= 1
+    assert emulator.stats()["calls"]["issueAccessToken"] - before == 1 + len(THROTTLE_BACKOFF_SECONDS)
+    assert sum(THROTTLE_BACKOFF_SECONDS) / 2 <= elapsed < sum(THROTTLE_BACKOFF_SECONDS) + 2
+
+
+async def test_the_service_waits_out_a_429_without_retry_after(service, emulator):
+    """One throttled answer, then ACS recovers during the service's own backoff: the caller gets 200."""
+    import asyncio
+
+    import function_app
+    from tests.service_helpers import request
+
+    emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
+    before = emulator.stats()["calls"]["createIdentity"]
+    call = asyncio.create_task(
+        function_app.issue_token(request("POST", "token", token=service.token("wait-wendy")))
+    )
+    for _ in range(2000):  # until the first attempt has reached the emulator
+        if (await asyncio.to_thread(emulator.stats))["calls"]["createIdentity"] > before:
+            break
+        await asyncio.sleep(0.005)
+    await asyncio.to_thread(emulator.faults, throttleRate=0.0)  # before its first wait (>= 0.125 s) ends
+    response = await call
+    assert response.status_code == 200, response.get_body()
+    assert emulator.stats()["calls"]["createIdentity"] == before + 2  # one 429, one success
+
+
+async def test_persistent_429s_without_retry_after_are_503_on_every_token_route(
+    service, emulator, monkeypatch
+):
+    import function_app
+    from devstack.acs_state import TEAMS_AUDIENCE
+    from tests.service_helpers import body_of, request
+
+    monkeypatch.setattr("shared.acs.THROTTLE_BACKOFF_SECONDS", (0.01, 0.02, 0.04))  # keep the test fast
+    bearer = service.token("throttled-tess")
+    assert (await function_app.issue_token(request("POST", "token", token=bearer))).status_code == 200
+    teams = service.token("throttled-tess", audience=TEAMS_AUDIENCE, app_id=service.stack["teams_app_id"])
+    emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
+    for handler, route, operation, body in (
+        (function_app.issue_token, "token", "createIdentity", None),
+        (function_app.refresh_token, "token/refresh", "issueAccessToken", None),
+        (function_app.teams_token, "teams/token", "exchangeTeamsToken", {"teamsAccessToken": teams}),
+    ):
+        token = service.token("throttled-new-tom") if route == "token" else bearer
+        before = emulator.stats()["calls"][operation]
+        response = await handler(request("POST", route, token=token, body=body))
+        assert response.status_code == 503, (route, response.get_body())
+        assert body_of(response)["code"] == "acs_throttled" and int(response.headers["Retry-After"]) >= 1
+        assert emulator.stats()["calls"][operation] - before == 4, route  # 1 + 3 backoff attempts
+
+
+async def test_a_revoke_throttled_without_retry_after_is_kept_pending(service, emulator):
+    """Revocation does not back off in the request: it queues the work for the timer (202)."""
+    import function_app
+    from shared.clients import get_clients
+    from tests.service_helpers import body_of, request
+
+    bearer = service.token("throttled-rita")
+    issued = await function_app.issue_token(request("POST", "token", token=bearer))
+    assert issued.status_code == 200
+    issued = body_of(issued)
+    emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
+    before = emulator.stats()["calls"]["revokeAccessTokens"]
+    response = await function_app.revoke_tokens(request("POST", "token/revoke", token=bearer))
+    assert response.status_code == 202 and body_of(response)["status"] == "pending"
+    assert emulator.stats()["calls"]["revokeAccessTokens"] == before + 1  # azure-core did not retry
+    emulator.faults(throttleRate=0.0)
+    report = await get_clients().cleanup.run(ignore_backoff=True)  # the timer completes it
+    assert report["revoked"] >= 1 and emulator.verify(issued["token"])["reason"] == "revoked"
 
 
 def _free_ports(n: int) -> list[int]:
@@ -69,6 +167,7 @@ def _wait_for_port(port: int, timeout: float = 30) -> None:
     raise AssertionError(f"port {port} never opened")
 
 
+@pytest.mark.slow
 async def test_storage_restart_mid_run_gives_503_then_recovers_with_nothing_lost(
     stack, emulator, monkeypatch, tmp_path
 ):

@@ -30,9 +30,12 @@ HOOK_PS1 = INFRA / "hooks" / "postdeploy.ps1"
 # Settings that hold keys: never part of the deployment (the service uses endpoints + identity).
 KEY_SETTINGS = {"ACS_CONNECTION_STRING", "TABLES_CONNECTION_STRING"}
 # Host-level values of local.settings.sample.json that Azure sets differently: the Flex plan takes
-# the runtime from functionAppConfig (FUNCTIONS_WORKER_RUNTIME is not allowed there), worker
-# indexing is the default, and AzureWebJobsStorage is identity-based (AzureWebJobsStorage__*).
-HOST_SETTINGS = {"FUNCTIONS_WORKER_RUNTIME", "AzureWebJobsFeatureFlags", "AzureWebJobsStorage"}
+# the runtime from functionAppConfig (FUNCTIONS_WORKER_RUNTIME is not allowed there), and
+# AzureWebJobsStorage is identity-based (AzureWebJobsStorage__*).
+HOST_SETTINGS = {"FUNCTIONS_WORKER_RUNTIME", "AzureWebJobsStorage"}
+# Set by the platform, never by infra: App Service injects WEBSITE_AUTH_ENABLED=True while
+# Authentication is on, and the service trusts Easy Auth's principal header only then.
+PLATFORM_SETTINGS = {"WEBSITE_AUTH_ENABLED"}
 # The system-assigned identity needs no client id; setting one would select a user-assigned identity.
 UNSET_IN_AZURE = {"AZURE_CLIENT_ID"}
 
@@ -237,10 +240,58 @@ def test_azure_yaml_names_the_api_service_infra_and_hook():
 
 
 def test_every_setting_the_service_reads_is_set_by_infra():
-    wanted = service_settings() - KEY_SETTINGS - HOST_SETTINGS - UNSET_IN_AZURE
+    wanted = service_settings() - KEY_SETTINGS - HOST_SETTINGS - UNSET_IN_AZURE - PLATFORM_SETTINGS
     assert {"AUTH_ISSUER", "ACS_ENDPOINT", "TABLES_ENDPOINT", "CLEANUP_SCHEDULE"} <= wanted
     missing = sorted(wanted - set(app_setting_keys()))
     assert not missing, f"add these app settings to infra/main.bicep (serviceSettings): {missing}"
+
+
+def test_sample_host_values_match_the_local_stack():
+    """`func start` with the copied sample reaches the HTTPS Azurite that `make run` starts."""
+    from devstack import azurite
+    from devstack.layout import Ports
+
+    values = json.loads((ROOT / "local.settings.sample.json").read_text())["Values"]
+    # The host enables worker indexing without the flag (Utility.CanWorkerIndex: the platform's
+    # WORKER_INDEXING_ENABLED hosting config); the sample no longer carries the obsolete flag.
+    assert "AzureWebJobsFeatureFlags" not in values
+    assert "EnableWorkerIndexing" not in json.dumps(values)
+    # UseDevelopmentStorage=true means plain http; the stack's Azurite speaks HTTPS only.
+    ports = Ports()
+    stack = azurite.connection_string(azurite.AzuritePorts(ports.blob, ports.queue, ports.table))
+    assert values["AzureWebJobsStorage"] == stack
+    assert values["TABLES_ENDPOINT"] == azurite.endpoint(ports.table)
+    assert "UseDevelopmentStorage" not in json.dumps(values)
+
+
+def test_infra_never_sets_what_the_platform_sets():
+    """An app setting WEBSITE_AUTH_ENABLED=True would make easyauth trust headers nobody strips."""
+    code = "\n".join(strip_comments(p.read_text()) for p in bicep_files())
+    for name in PLATFORM_SETTINGS:
+        assert name not in app_setting_keys(), name
+        assert not re.search(rf"['\"]?\b{name}['\"]?\s*:", code), f"{name} is set somewhere in infra/"
+
+
+def test_issuer_and_audience_are_required_only_for_jwt_mode():
+    """easyauth needs neither (Easy Auth validates sign-ins); jwt without them gets a 503 naming them."""
+    declared, _ = declarations(MAIN)
+    assert declared["authIssuer"] is False and declared["authAudience"] is False
+    main = strip_comments(MAIN.read_text())
+    assert "param authIssuer string = ''" in main and "param authAudience string = ''" in main
+    for param in ("authIssuer", "authAudience"):
+        assert not re.search(rf"@minLength\(1\)\s*(@description\([^\n]*\)\s*)?param {param}\b", main), param
+    allowed = re.search(r"@allowed\(\[([^\]]*)\]\)\s*@description\([^\n]*\)\s*param authMode", main)
+    assert {"jwt", "easyauth"} == set(re.findall(r"'(\w+)'", allowed.group(1)))
+    assert "AUTH_ISSUER: authIssuer" in main and "AUTH_AUDIENCE: authAudience" in main
+    from shared.errors import SettingError
+    from shared.settings import load
+
+    base = {"ACS_ENDPOINT": "https://acs.example/", "TABLES_ENDPOINT": "https://t.example/"}
+    easy = {"AUTH_MODE": "easyauth", "AUTH_ISSUER": "", "AUTH_AUDIENCE": "", "WEBSITE_AUTH_ENABLED": "True"}
+    assert load({**base, **easy}).auth_mode == "easyauth"
+    with pytest.raises(SettingError) as caught:
+        load({**base, "AUTH_MODE": "jwt", "AUTH_ISSUER": "", "AUTH_AUDIENCE": ""})
+    assert caught.value.setting == "AUTH_ISSUER"
 
 
 def test_no_key_setting_and_no_key_anywhere_in_infra():
@@ -447,7 +498,9 @@ echo "$*" >> "$AZ_LOG"
 case "$*" in
   "functionapp function keys list"*) echo "$FAKE_KEY";;
   "functionapp show"*) echo "func-api-test.azurewebsites.net";;
+  "eventgrid partner topic show"*"--query id"*) echo "$PARTNER_TOPIC_ID";;
   "eventgrid partner topic show"*) echo "$PARTNER_STATE";;
+  "rest --method get"*"identity.principalId"*) echo "$TOPIC_PRINCIPAL";;
   *"event-subscription create"*)
     if [ -n "$FAIL" ]; then
       echo "ERROR: Webhook validation handshake failed for" \\
@@ -456,6 +509,16 @@ case "$*" in
     fi;;
 esac
 """
+
+
+PARTNER_TOPIC_ID = (
+    "/subscriptions/s/resourceGroups/rg-test/providers/Microsoft.EventGrid/partnerTopics/graph-users"
+)
+DEADLETTER_ACCOUNT = (
+    "/subscriptions/s/resourceGroups/rg-test/providers/Microsoft.Storage/storageAccounts/sttest"
+)
+DEADLETTER_CONTAINER = f"{DEADLETTER_ACCOUNT}/blobServices/default/containers/eventgrid-deadletter"
+STORAGE_BLOB_DATA_CONTRIBUTOR = "ba92f5b4-2d11-453d-a403-e96b0029c9fe"  # built-in role id (azure-docs)
 
 
 @pytest.fixture
@@ -475,6 +538,9 @@ def run_hook(tmp_path):
             "AZ_LOG": str(log),
             "FAKE_KEY": "k3y-Sample_value==",
             "PARTNER_STATE": "Activated",
+            "PARTNER_TOPIC_ID": PARTNER_TOPIC_ID,
+            "TOPIC_PRINCIPAL": "7a1b2c3d-0000-4000-8000-00000000d1e7",
+            "EVENTS_DEADLETTER_CONTAINER_ID": DEADLETTER_CONTAINER,
             "FAIL": "",
             "POSTDEPLOY_RETRY_DELAY": "0",
             "AZURE_SUBSCRIPTION_ID": "00000000-0000-0000-0000-000000000000",
@@ -539,3 +605,237 @@ def test_readme_explains_the_deployment():
         "GRAPH_PARTNER_TOPIC",
     ):
         assert needle in section, needle
+
+
+def test_function_timeout_outlasts_the_cleanup_runs_slowest_finish_and_no_more():
+    """Past functionTimeout the host restarts the worker and ends every invocation in flight on the
+    instance (WebScriptHostExceptionHandler.OnTimeoutExceptionAsync): the cleanup timer must finish
+    first, however slow ACS and Table Storage answer. A run stops taking work after its deadline;
+    a work item taken just before it makes one ACS call (TIMER_OPTIONS: a retry, each attempt up
+    to the connect and read timeouts) and then up to three Table writes (each up to
+    TABLE_CLIENT_OPTIONS' attempts). Flex Consumption's default, 30 minutes, would let a hung
+    invocation hold the worker that long; and HTTP calls end at the front end's 230 s anyway."""
+    import inspect
+
+    from devstack.host_config import parse_function_timeout
+    from shared.cleanup import TIMER_OPTIONS, Cleanup
+    from shared.clients import ACS_CLIENT_OPTIONS, TABLE_CLIENT_OPTIONS
+
+    host = json.loads((ROOT / "host.json").read_text())
+    timeout = parse_function_timeout(host["functionTimeout"])
+    deadline = inspect.signature(Cleanup.run).parameters["deadline_seconds"].default
+
+    def attempts(options: dict, total: int) -> float:
+        per_try = options["connection_timeout"] + options["read_timeout"]
+        backoff = sum(options["retry_backoff_factor"] * 2**i for i in range(total))
+        return (total + 1) * per_try + backoff
+
+    acs_call = attempts(ACS_CLIENT_OPTIONS, TIMER_OPTIONS["retry_total"])
+    table_write = attempts(TABLE_CLIENT_OPTIONS, TABLE_CLIENT_OPTIONS["retry_total"])
+    slowest = deadline + acs_call + 3 * table_write
+    assert timeout is not None and slowest < timeout <= 30 * 60, (slowest, timeout)
+    assert "Host.Results" not in host["logging"]["logLevel"]  # it hid successful invocations' requests
+
+
+# ---- dead-lettering and the Graph subscription (issue 14, items 6 and 8) -------------------------
+# Event Grid never retries a 400/401/403/413 and drops an undeliverable event unless the event
+# subscription has a dead-letter destination (Microsoft Learn, "Event Grid message delivery and
+# retry"). Identity-based dead-lettering: `--deadletter-identity systemassigned
+# --deadletter-identity-endpoint <container id>`, the topic's identity holding Storage Blob Data
+# Contributor ("Deliver events using managed identity", MicrosoftDocs/azure-docs
+# articles/event-grid/managed-service-identity.md); the CLI's partner-topic command has no such
+# option (azure-cli eventgrid/custom.py passes deadletter_identity=None), hence the PATCH.
+
+
+def _graph_hook_run(run_hook, **env):
+    return run_hook(
+        EVENTS_TOPIC_ID="/subscriptions/s/resourceGroups/rg-test/providers/Microsoft.EventGrid/topics/evgt",
+        APP_EVENT_TYPES="MyApp.UserDeleted",
+        GRAPH_PARTNER_TOPIC="graph-users",
+        **env,
+    )
+
+
+def test_hook_dead_letters_both_subscriptions_with_the_topics_identity(run_hook):
+    proc, calls = _graph_hook_run(run_hook)
+    assert proc.returncode == 0, proc.stderr
+    assert "k3y-Sample_value" not in proc.stdout + proc.stderr
+    topic_id = "/subscriptions/s/resourceGroups/rg-test/providers/Microsoft.EventGrid/topics/evgt"
+    for resource in (topic_id, PARTNER_TOPIC_ID):
+        [identity] = [c for c in calls if c.startswith(f"rest --method patch --url {resource}?api-version=")]
+        assert '{"identity": {"type": "SystemAssigned"}}' in identity
+        assert f"rest --method get --url {resource}?api-version=" in "\n".join(calls)
+    grants = [c for c in calls if c.startswith("role assignment create")]
+    assert len(grants) == 2
+    for grant in grants:
+        assert "--assignee-object-id 7a1b2c3d-0000-4000-8000-00000000d1e7" in grant
+        assert "--assignee-principal-type ServicePrincipal" in grant
+        assert f"--role {STORAGE_BLOB_DATA_CONTRIBUTOR}" in grant
+        assert f"--scope {DEADLETTER_CONTAINER}" in grant  # the container only, not the account
+    [topic] = [c for c in calls if c.startswith("eventgrid event-subscription create")]
+    assert (
+        f"--deadletter-identity systemassigned --deadletter-identity-endpoint {DEADLETTER_CONTAINER}" in topic
+    )
+    assert "--deadletter-endpoint" not in topic.replace(
+        "--deadletter-identity-endpoint", ""
+    )  # no key-based one
+    # Access first, then the subscription: Event Grid writes dead letters with that identity.
+    assert calls.index(grants[0]) < calls.index(topic)
+    [graph] = [c for c in calls if c.startswith("eventgrid partner topic event-subscription create")]
+    assert calls.index(grants[1]) < calls.index(graph)
+    [patch] = [
+        c for c in calls if c.startswith(f"rest --method patch --url {PARTNER_TOPIC_ID}/eventSubscriptions/")
+    ]
+    assert calls.index(graph) < calls.index(patch)
+    assert f"{PARTNER_TOPIC_ID}/eventSubscriptions/acs-token-service?api-version=" in patch
+    body = json.loads(patch.split("--body ", 1)[1].split(" --only-show-errors")[0])
+    assert body == {
+        "deadLetterWithResourceIdentity": {
+            "identity": {"type": "SystemAssigned"},
+            "deadLetterDestination": {
+                "endpointType": "StorageBlob",
+                "properties": {"resourceId": DEADLETTER_ACCOUNT, "blobContainerName": "eventgrid-deadletter"},
+            },
+        }
+    }
+    # Graph's lifecycle notification reaches the webhook too (shared/graph.py renews on it).
+    assert (
+        "--included-event-types Microsoft.Graph.UserUpdated Microsoft.Graph.UserDeleted "
+        "Microsoft.Graph.SubscriptionReauthorizationRequired" in graph
+    )
+
+
+def test_hook_refuses_to_subscribe_without_a_dead_letter_container(run_hook):
+    for value in ("", "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Storage/storageAccounts/st"):
+        proc, calls = _graph_hook_run(run_hook, EVENTS_DEADLETTER_CONTAINER_ID=value)
+        assert proc.returncode == 1 and "EVENTS_DEADLETTER_CONTAINER_ID" in proc.stderr
+        assert not any("event-subscription create" in c for c in calls)
+
+
+def test_hook_never_subscribes_without_dead_letter_access(run_hook):
+    """A topic whose identity cannot be had gets no subscription that would drop events again."""
+    proc, calls = _graph_hook_run(run_hook, TOPIC_PRINCIPAL="")
+    assert proc.returncode == 1 and "no system-assigned identity" in proc.stderr
+    assert not any("event-subscription create" in c for c in calls)
+    assert not any(c.startswith("role assignment create") for c in calls)
+
+
+def test_powershell_hook_does_the_same_dead_lettering():
+    ps1 = HOOK_PS1.read_text()
+    for needle in (
+        "EVENTS_DEADLETTER_CONTAINER_ID",
+        "'--deadletter-identity', 'systemassigned', '--deadletter-identity-endpoint', $dlContainer",
+        "'--role', $blobDataContributor, '--scope', $dlContainer",
+        f"$blobDataContributor = '{STORAGE_BLOB_DATA_CONTRIBUTOR}'",
+        "deadLetterWithResourceIdentity",
+        "endpointType = 'StorageBlob'",
+        "/eventSubscriptions/${name}?api-version=$egApi",
+        '{"identity": {"type": "SystemAssigned"}}',
+        "Microsoft.Graph.SubscriptionReauthorizationRequired",
+    ):
+        assert needle in ps1, needle
+    sh = HOOK_SH.read_text()
+    assert f'BLOB_DATA_CONTRIBUTOR="{STORAGE_BLOB_DATA_CONTRIBUTOR}"' in sh
+    assert re.search(r"EG_API=\"(\d{4}-\d{2}-\d{2})\"", sh).group(1) == re.search(
+        r"\$egApi = '(\d{4}-\d{2}-\d{2})'", ps1
+    ).group(1)
+
+
+def test_infra_makes_the_dead_letter_container_and_keeps_the_topic_identity():
+    main = strip_comments(MAIN.read_text())
+    name = re.search(r"var deadLetterContainerName = '([a-z0-9-]+)'", main).group(1)
+    assert 3 <= len(name) <= 63  # a blob container name
+    containers = re.search(r"containers:\s*\[([^\]]*)\]", main).group(1).split()
+    assert "deadLetterContainerName" in containers and "deploymentStorageContainerName" in containers
+    assert (
+        "output EVENTS_DEADLETTER_CONTAINER_ID string = "
+        "'${storage.outputs.id}/blobServices/default/containers/${deadLetterContainerName}'" in main
+    )
+    # Without it in Bicep, a new `azd provision` would drop the identity postdeploy turned on,
+    # and with it the principal the role assignment names.
+    topic = strip_comments((INFRA / "core/events/eventgrid-topic.bicep").read_text())
+    assert re.search(r"identity:\s*\{\s*type:\s*'SystemAssigned'\s*\}", topic)
+
+
+def test_infra_tells_the_app_where_graph_delivers():
+    main = strip_comments(MAIN.read_text())
+    assert "param graphPartnerTopic string = ''" in main
+    assert "param graphEndpoint string = 'https://graph.microsoft.com'" in main
+    assert "GRAPH_ENDPOINT: graphEndpoint" in main and "GRAPH_NOTIFICATION_URL: graphNotificationUrl" in main
+    url = re.search(r"var graphNotificationUrl = empty\(graphPartnerTopic\) \? '' : '([^']+)'", main).group(1)
+    assert url == (
+        "EventGrid:?azuresubscriptionid=${subscription().subscriptionId}&resourcegroup=${rg.name}"
+        "&partnertopic=${graphPartnerTopic}&location=${location}"
+    )
+    from shared.settings import SettingError, load
+
+    # What infra builds, with values filled in, is what the service accepts.
+    base = {
+        "AUTH_ISSUER": "https://login.example.com/",
+        "AUTH_AUDIENCE": "api://x",
+        "ACS_ENDPOINT": "https://a/",
+    }
+    base["TABLES_ENDPOINT"] = "https://t/"
+    filled = url.replace("${subscription().subscriptionId}", "sub").replace("${rg.name}", "rg")
+    filled = filled.replace("${graphPartnerTopic}", "graph-users").replace("${location}", "westus")
+    assert load({**base, "GRAPH_NOTIFICATION_URL": filled}).graph_notification_url == filled
+    with pytest.raises(SettingError):
+        load({**base, "GRAPH_NOTIFICATION_URL": "https://example.com/hook"})
+    params = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    assert params["graphPartnerTopic"]["value"] == "${GRAPH_PARTNER_TOPIC}"
+    assert params["graphEndpoint"]["value"] == "${GRAPH_ENDPOINT=https://graph.microsoft.com}"
+
+
+def test_graph_upkeep_runs_beside_the_cleanup_work_within_the_function_timeout():
+    """The timer renews or creates the Graph subscription concurrently with its other work, so the
+    slowest path there (a Table read, a PATCH that finds the subscription gone, a write, a POST, a
+    write) must also finish before functionTimeout."""
+    import inspect
+
+    from devstack.host_config import parse_function_timeout
+    from shared import graph
+    from shared.cleanup import Cleanup
+    from shared.clients import TABLE_CLIENT_OPTIONS
+
+    assert "asyncio.create_task(self._graph(counts))" in inspect.getsource(Cleanup.run)
+    timeout = parse_function_timeout(json.loads((ROOT / "host.json").read_text())["functionTimeout"])
+
+    def attempts(options: dict, timeouts: dict) -> float:
+        total = options["retry_total"]
+        backoff = sum(
+            min(options["retry_backoff_factor"] * 2**i, options.get("retry_backoff_max", 120))
+            for i in range(total)
+        )
+        return (total + 1) * (timeouts["connection_timeout"] + timeouts["read_timeout"]) + backoff
+
+    graph_call = attempts(graph.GRAPH_OPTIONS, graph.TIMEOUTS)
+    table_call = attempts(TABLE_CLIENT_OPTIONS, TABLE_CLIENT_OPTIONS)
+    slowest = 3 * table_call + 2 * graph_call
+    assert timeout is not None and slowest < timeout, (slowest, timeout)
+    # And the webhook answers Event Grid within its 30 s: one Graph call, retries included.
+    assert graph_call < 30
+
+
+def test_readme_explains_dead_letters_and_the_graph_subscription():
+    readme = (ROOT / "README.md").read_text()
+    deploy = readme.split("## Deploy to Azure", 1)[1]
+    for needle in (
+        "EVENTS_DEADLETTER_CONTAINER_ID",
+        "--deadletter-identity systemassigned",
+        "Storage Blob Data Contributor on the container only",
+        "#### Replaying dead-lettered events",
+        "az storage blob download --auth-mode login",
+        "application/cloudevents-batch+json",
+        "User.Read.All",
+        "df021288-bdef-4463-88db-98f22de89214",  # User.Read.All's app role id in Microsoft Graph
+        "/appRoleAssignments",
+        "Microsoft.Graph.SubscriptionReauthorizationRequired",
+        "GRAPH_NOTIFICATION_URL",
+    ):
+        assert needle in deploy, needle
+    for needle in (
+        "#### Keeping the Graph subscription alive",
+        "graphSubscription",
+        "PATCH /v1.0/subscriptions/{id}",
+    ):
+        assert needle in readme, needle

@@ -262,6 +262,7 @@ async def test_every_route_at_debug_logs_no_secret(service, emulator, caplog, lo
             assert secret not in text, f"{record.name} logged a secret through {record.msg!r}"
 
 
+@pytest.mark.slow
 def test_dev_host_log_has_no_secret_and_no_acs_id(stack, emulator):
     """Every route over HTTP through the dev host, whose worker forwards every record at INFO as
     Azure's does: host.log holds what Application Insights would get."""

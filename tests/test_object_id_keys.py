@@ -29,7 +29,7 @@ BASE = {
 def test_only_jwt_validation_with_the_oid_claim_keys_users_by_object_id():
     assert load(BASE).object_id_issuer is None
     assert load({**BASE, "AUTH_USER_CLAIM": "oid"}).object_id_issuer == BASE["AUTH_ISSUER"]
-    easy = {**BASE, "AUTH_MODE": "easyauth", "AUTH_USER_CLAIM": "oid"}
+    easy = {**BASE, "AUTH_MODE": "easyauth", "WEBSITE_AUTH_ENABLED": "True", "AUTH_USER_CLAIM": "oid"}
     assert load(easy).object_id_issuer is None  # the issuer comes with each request there
 
 

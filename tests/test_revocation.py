@@ -46,12 +46,28 @@ def _days_ago(days: int):
 
 
 async def test_revoke_invalidates_every_earlier_token_and_new_ones_work(service, emulator):
+    emulator.faults(revocationDelaySeconds=0)  # this test checks that ACS was told, not propagation
     tokens = [(await _token(service, "rev-alice"))["token"] for _ in range(3)]
     response = await _call(function_app.revoke_tokens, service, "rev-alice", "POST", "token/revoke")
     assert response.status_code == 200 and body_of(response)["status"] == "revoked"
     assert [emulator.verify(t)["valid"] for t in tokens] == [False] * 3
     fresh = await _token(service, "rev-alice")
     assert emulator.verify(fresh["token"])["valid"] and fresh["identityCreated"] is False
+
+
+async def test_revoked_means_acs_accepted_it_not_that_old_tokens_already_fail(service, emulator):
+    """ACS: revocation "isn't immediate. It can take up to 15 minutes to propagate." (Microsoft
+    Learn, Communication Services identity model, "Revoke or update access token")."""
+    emulator.faults(revocationDelaySeconds=0.5)
+    old = (await _token(service, "rev-eve"))["token"]
+    response = await _call(function_app.revoke_tokens, service, "rev-eve", "POST", "token/revoke")
+    assert response.status_code == 200 and body_of(response)["status"] == "revoked"
+    assert emulator.verify(old) == {"valid": True, "reason": "valid: revocation not yet propagated"}
+    fresh = await _token(service, "rev-eve")  # the user is not blocked while ACS propagates
+    assert fresh["identityCreated"] is False and emulator.verify(fresh["token"])["valid"]
+    await asyncio.sleep(0.55)
+    assert emulator.verify(old) == {"valid": False, "reason": "revoked"}
+    assert emulator.verify(fresh["token"]) == {"valid": True, "reason": "valid"}
 
 
 async def test_delete_removes_the_acs_identity_and_the_mapping(service, emulator):
@@ -122,6 +138,7 @@ async def test_admin_unknown_identity_is_404(service):
     assert response.status_code == 404
 
 
+@pytest.mark.slow
 async def test_revocations_during_an_outage_are_kept_and_applied_once(service, emulator):
     users = [f"outage-{i}" for i in range(100)]
     issued = await asyncio.gather(*(_token(service, u) for u in users))
@@ -267,9 +284,12 @@ async def test_retention_deletes_an_identity_a_crash_left_unmapped(service, emul
     assert (await _cleanup()).get("retention_unmapped_deleted", 0) == 0
 
 
-def test_devstack_timer_cleanup_runs_once_now(stack):
-    report = json.loads(stack.timer("cleanup"))
-    assert isinstance(report, dict)
+def test_devstack_timer_cleanup_runs_once_now_and_says_what_it_did(stack):
+    said = stack.timer("cleanup")
+    assert said.startswith("cleanup: ") and "pending revocations and deletions due" in said
+    assert "identities unused for IDENTITY_RETENTION_DAYS retired" in said
+    report = json.loads(stack.timer("cleanup", "--json"))
+    assert isinstance(report, dict) and "pending_due" in report
 
 
 async def test_an_identity_lost_in_a_race_is_deleted_later_when_acs_is_down_now(service, emulator):

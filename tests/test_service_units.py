@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 
+import azure.functions as func
 import pytest
 
 from shared import keys, policy
@@ -18,6 +19,8 @@ BASE = {
     "ACS_ENDPOINT": "https://acs.example.com/",
     "TABLES_ENDPOINT": "https://acct.table.core.windows.net",
 }
+# What App Service's environment says with Authentication on (easyauth is refused otherwise).
+EASY_AUTH = {"AUTH_MODE": "easyauth", "WEBSITE_AUTH_ENABLED": "True"}
 
 
 def test_defaults_follow_the_contract():
@@ -70,8 +73,56 @@ def test_http_issuer_is_fine_on_loopback_and_settings_narrow_policy():
 
 
 def test_easyauth_mode_needs_no_issuer():
-    s = load({k: v for k, v in BASE.items() if not k.startswith("AUTH")} | {"AUTH_MODE": "easyauth"})
+    s = load({k: v for k, v in BASE.items() if not k.startswith("AUTH")} | EASY_AUTH)
     assert s.auth_mode == "easyauth"
+
+
+@pytest.mark.parametrize("platform", [{}, {"WEBSITE_AUTH_ENABLED": "False"}, {"WEBSITE_AUTH_ENABLED": ""}])
+def test_easyauth_is_refused_unless_the_platform_says_authentication_is_on(platform):
+    """Without App Service Authentication nothing strips a client's own X-MS-CLIENT-PRINCIPAL."""
+    with pytest.raises(SettingError) as caught:
+        load({**BASE, "AUTH_MODE": "easyauth", **platform})
+    assert caught.value.setting == "AUTH_MODE" and caught.value.status == 503
+    assert caught.value.code == "configuration_error" and "WEBSITE_AUTH_ENABLED" in caught.value.detail
+    assert load({**BASE, "AUTH_MODE": "easyauth", "WEBSITE_AUTH_ENABLED": "true"}).auth_mode == "easyauth"
+
+
+async def test_a_forged_principal_without_platform_authentication_gets_503_naming_auth_mode(monkeypatch):
+    import function_app
+    from shared.clients import reset_clients
+    from shared.settings import reset_settings
+
+    for name, value in {**BASE, "AUTH_MODE": "easyauth"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("WEBSITE_AUTH_ENABLED", raising=False)
+    reset_settings()
+    await reset_clients()
+    forged = _principal([{"typ": "iss", "val": "https://idp"}, {"typ": "sub", "val": "someone-else"}])
+    try:
+        response = await function_app.issue_token(
+            func.HttpRequest(method="POST", url="http://localhost/api/token", headers=forged, body=b"")
+        )
+        problem = json.loads(response.get_body())
+        assert response.status_code == 503 and "Retry-After" in response.headers
+        assert response.mimetype == "application/problem+json"
+        assert problem["code"] == "configuration_error" and "AUTH_MODE" in problem["detail"]
+        probe = func.HttpRequest(method="GET", url="http://localhost/api/health", body=b"")
+        health = await function_app.health(probe)
+        assert health.status_code == 503
+        assert json.loads(health.get_body())["checks"] == {"settings": "missing or invalid: AUTH_MODE"}
+    finally:
+        reset_settings()
+        await reset_clients()
+
+
+def test_readme_says_easyauth_needs_platform_authentication_and_excluded_paths():
+    from tests.conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("### Easy Auth mode", 1)[1].split("\n## ", 1)[0]
+    needles = ("WEBSITE_AUTH_ENABLED", "configuration_error", "excludedPaths", "/api/events", "/api/health")
+    for needle in needles:
+        assert needle in section, needle
 
 
 @pytest.mark.parametrize("subject", ["a/b", "x#y?z", "back\\slash", "tab\tctl", "ü" * 500, ""])
@@ -144,7 +195,7 @@ def _principal(claims: list[dict], **extra) -> dict[str, str]:
 
 
 async def test_easyauth_principal_becomes_a_caller():
-    auth = EasyAuthAuthenticator(load({**BASE, "AUTH_MODE": "easyauth"}))
+    auth = EasyAuthAuthenticator(load({**BASE, **EASY_AUTH}))
     caller = await auth.authenticate(
         _principal(
             [
@@ -178,6 +229,6 @@ async def test_easyauth_principal_becomes_a_caller():
     ],
 )
 async def test_easyauth_without_a_usable_principal_is_401(headers):
-    auth = EasyAuthAuthenticator(load({**BASE, "AUTH_MODE": "easyauth"}))
+    auth = EasyAuthAuthenticator(load({**BASE, **EASY_AUTH}))
     with pytest.raises(Unauthenticated):
         await auth.authenticate(headers)

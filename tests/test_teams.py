@@ -1,8 +1,10 @@
 """POST /api/teams/token: a Teams user's Entra token for ACS -> an ACS token, against the emulator.
 
 The emulator checks the exchange as ACS does: the token must be from the (dev) Entra issuer, for
-ACS's Teams audience, name the given user in `oid` and the given app in `appid`, and the app must
-be the one the resource expects; otherwise 401 InvalidAccessToken or 400.
+ACS's Teams audience (else 401 InvalidAccessToken), name the given app in `appid`, the app must be
+the one the resource expects, and the token's `oid` must be the given user (else 400
+ValidationError, target `appId` or `userId`: azure-sdk-for-python's recordings of
+`test_get_token_for_teams_user_with_wrong_client_id` / `_with_wrong_user_object_id`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from devstack.acs_state import TEAMS_AUDIENCE
 from devstack.issuer import object_id_for
 from devstack.keys import SigningKey
 from shared.clients import get_clients
-from shared.errors import BadRequest, PayloadTooLarge
+from shared.errors import BadRequest, Forbidden, PayloadTooLarge
 from shared.teams import MAX_TEAMS_TOKEN_BYTES, teams_token_request, unverified_claims
 from tests.service_fixtures import configure
 from tests.service_helpers import Users, body_of, request
@@ -134,12 +136,39 @@ async def test_another_users_teams_token_is_refused(service, emulator):
     assert response.status_code == 403 and body_of(response)["code"] == "teams_user_mismatch"
     assert _exchanges(emulator) == before  # refused on the (unverified) oid: no ACS call
 
-    # ACS itself refuses it too, should a token get past that check (e.g. one without an oid claim).
-    with pytest.raises(BadRequest) as caught:
+    # ACS itself refuses it too: 400 ValidationError "Provided AAD token issued for unexpected
+    # user." (target userId), which is the same 403, not a bad token and not our configuration.
+    with pytest.raises(Forbidden) as caught:
         await get_clients().teams.acs.exchange_teams_token(
             bobs, service.stack["teams_app_id"], object_id_for("teams-alice")
         )
-    assert caught.value.code == "teams_token_invalid"
+    assert caught.value.code == "teams_user_mismatch"
+    assert _exchanges(emulator) == before + 1
+
+
+async def test_acs_refusing_the_user_is_403_through_the_route(service, emulator, monkeypatch):
+    """Should another user's token get past our early check, ACS's 400 becomes the same 403."""
+    monkeypatch.setattr("shared.teams.unverified_claims", lambda token: {})  # nothing read early
+    before = _exchanges(emulator)
+    response = await _exchange(service, "teams-amy", _teams_token(service, "teams-bert"))
+    assert response.status_code == 403, response.get_body()
+    assert body_of(response)["code"] == "teams_user_mismatch"
+    assert _exchanges(emulator) == before + 1  # ACS decided
+
+
+async def test_a_caller_oid_acs_calls_malformed_is_403(service, emulator):
+    """ACS: "Provided UserId has invalid format." (target userId): the caller names no Teams user."""
+    claims = service.base_claims("odd-oid") | {"oid": "not-a-guid"}
+    bearer = service.claims_token(claims)
+    now = int(time.time())
+    teams = service.claims_token(
+        claims
+        | {"aud": TEAMS_AUDIENCE, "appid": service.stack["teams_app_id"], "iat": now, "exp": now + 3600}
+    )
+    before = _exchanges(emulator)
+    response = await _exchange(service, None, teams, bearer=bearer)
+    assert response.status_code == 403, response.get_body()
+    assert body_of(response)["code"] == "caller_oid_missing"
     assert _exchanges(emulator) == before + 1
 
 
@@ -161,6 +190,26 @@ async def test_acs_refusing_the_configured_app_is_a_configuration_problem(servic
     assert problem["code"] == "configuration_error" and "TEAMS_CLIENT_APP_ID" in problem["detail"]
     assert int(response.headers["Retry-After"]) >= 1
     assert _exchanges(emulator) == before + 1  # the emulator answered 400 "not the expected one"
+
+
+async def test_acs_refusing_a_token_that_names_no_app_is_the_clients_fault(service, emulator):
+    """ "AAD application is not the expected one." blames the operator only for a token naming their app."""
+    before = _exchanges(emulator)
+    response = await _exchange(service, "teams-noah", _teams_token(service, "teams-noah", app_id=None))
+    assert response.status_code == 400, response.get_body()
+    assert body_of(response)["code"] == "teams_app_mismatch"
+    assert _exchanges(emulator) == before + 1
+
+
+async def test_an_app_id_acs_calls_malformed_is_a_configuration_problem(service, emulator, monkeypatch):
+    """ACS: "Provided AppId has invalid format." (target appId): only ever our setting's fault."""
+    monkeypatch.setattr(get_clients().teams, "client_app_id", "invalid")  # past settings validation
+    before = _exchanges(emulator)
+    response = await _exchange(service, "teams-olga", _teams_token(service, "teams-olga", app_id="invalid"))
+    assert response.status_code == 503, response.get_body()
+    problem = body_of(response)
+    assert problem["code"] == "configuration_error" and "TEAMS_CLIENT_APP_ID" in problem["detail"]
+    assert _exchanges(emulator) == before + 1
 
 
 async def test_without_the_setting_the_route_is_503_and_the_rest_works(service, emulator, monkeypatch):

@@ -220,6 +220,7 @@ def test_configure_imports_the_distro_only_with_a_connection_string(monkeypatch)
     fake = SimpleNamespace(configure_azure_monitor=lambda **kwargs: calls.append(kwargs))
     monkeypatch.setitem(sys.modules, "azure.monitor.opentelemetry", fake)
     monkeypatch.setattr(telemetry, "_configured", False)
+    monkeypatch.setenv("OTEL_LOGS_EXPORTER", "console")  # an operator's value; restored afterwards
 
     assert telemetry.configure({}) is False
     assert telemetry.configure({"APPLICATIONINSIGHTS_CONNECTION_STRING": "  "}) is False
@@ -238,6 +239,8 @@ def test_configure_imports_the_distro_only_with_a_connection_string(monkeypatch)
     # SDK auto-tracing would put request URLs (with ACS identity ids) into span attributes.
     assert options["instrumentation_options"]["azure_sdk"] == {"enabled": False}
     assert options["resource"].attributes["service.name"] == "acs-token-service"
+    # Logs go to Application Insights through the host; the distro's log export stays off.
+    assert os.environ["OTEL_LOGS_EXPORTER"] == "none"
 
 
 def test_a_failing_distro_leaves_the_service_running(monkeypatch, caplog):
@@ -250,3 +253,106 @@ def test_a_failing_distro_leaves_the_service_running(monkeypatch, caplog):
     monkeypatch.setattr(telemetry, "_configured", False)
     assert telemetry.configure({"APPLICATIONINSIGHTS_CONNECTION_STRING": "InstrumentationKey=x"}) is False
     assert "RuntimeError" in caplog.text and "InstrumentationKey" not in caplog.text
+
+
+# ---- each log record reaches Application Insights once ---------------------------------------------------
+
+# Runs in a child process: the real distro installs global OpenTelemetry providers, which the
+# module's own in-memory providers above already hold in this one. The distro's pipelines get the
+# SDK's in-memory exporters (its documented `span_processors` / `log_record_processors` options);
+# the worker's path is devstack.worker.RpcLogHandler, the handler that sends each record to the
+# host as an RpcLog, as Azure's worker does, with its connection captured.
+_ONE_PATH_CHILD = r"""
+import contextvars, json, logging, os, sys
+from opentelemetry import trace
+from opentelemetry.sdk._logs.export import InMemoryLogExporter, SimpleLogRecordProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+import azure.monitor.opentelemetry as distro
+from devstack.worker import RpcLogHandler
+from shared import telemetry
+
+otel_logs, otel_spans = InMemoryLogExporter(), InMemorySpanExporter()
+real_configure = distro.configure_azure_monitor
+
+def configure_in_memory(**options):
+    real_configure(
+        **options,
+        log_record_processors=[SimpleLogRecordProcessor(otel_logs)],
+        span_processors=[SimpleSpanProcessor(otel_spans)],
+        sampling_ratio=1.0,  # every span, not the default rate limit's first-second budget
+        enable_live_metrics=False,
+        enable_performance_counters=False,
+        disable_offline_storage=True,
+    )
+
+distro.configure_azure_monitor = configure_in_memory
+
+forwarded = []
+class Connection:
+    def send(self, rpc_log):
+        forwarded.append({"category": rpc_log.category, "message": rpc_log.message,
+                          "invocation_id": rpc_log.invocation_id})
+class Runtime:
+    invocation_id_cv = contextvars.ContextVar("invocation_id", default="inv-1")
+
+root = logging.getLogger()
+root.handlers[:] = [RpcLogHandler(Connection(), Runtime())]
+root.setLevel(logging.INFO)  # the worker's root logging
+
+assert telemetry.configure(), "telemetry.configure() did not configure the distro"
+service = logging.getLogger("acs_token_service.tokens")
+with trace.get_tracer("test").start_as_current_span("invocation"):
+    service.info("service record one")
+    service.warning("service record two")
+logging.getLogger("azure.core.pipeline").warning("sdk record")
+print(json.dumps({
+    "forwarded": forwarded,
+    "otel_logs": [record.log_record.body for record in otel_logs.get_finished_logs()],
+    "otel_spans": [span.name for span in otel_spans.get_finished_spans()],
+    "otel_logs_exporter": os.environ.get("OTEL_LOGS_EXPORTER"),
+}))
+sys.stdout.flush()
+os._exit(0)  # no exit-time flush: the exporters have nowhere to send to
+"""
+
+
+def test_each_service_log_record_is_exported_once_through_the_host():
+    env = {
+        **_base_env(),
+        # A loopback ingestion endpoint nothing listens on, and nothing else that calls out:
+        # no statsbeat, no control-plane settings, no Azure VM metadata probe.
+        "APPLICATIONINSIGHTS_CONNECTION_STRING": (
+            "InstrumentationKey=00000000-0000-0000-0000-000000000000;"
+            "IngestionEndpoint=http://127.0.0.1:9/;LiveEndpoint=http://127.0.0.1:9/"
+        ),
+        "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true",
+        "APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED": "true",
+        "OTEL_EXPERIMENTAL_RESOURCE_DETECTORS": "azure_app_service",
+        "OTEL_METRICS_EXPORTER": "none",
+    }
+    env.pop("OTEL_LOGS_EXPORTER", None)
+    out = subprocess.run(
+        [sys.executable, "-c", _ONE_PATH_CHILD],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+
+    # The path kept: the worker forwards each service record to the host exactly once.
+    service_records = [f for f in result["forwarded"] if f["category"].startswith("acs_token_service")]
+    messages = Counter(f["message"] for f in service_records)
+    assert messages == {
+        "Azure Monitor export configured": 1,
+        "service record one": 1,
+        "service record two": 1,
+    }
+    assert all(f["invocation_id"] == "inv-1" for f in result["forwarded"])
+    # The other path: the distro is on and exports spans, but no log record at all.
+    assert "invocation" in result["otel_spans"]
+    assert result["otel_logs"] == []
+    assert result["otel_logs_exporter"] == "none"

@@ -232,6 +232,37 @@ async def test_refresh_without_identity_is_404_and_creates_nothing(service, emul
     assert emulator.stats() == before
 
 
+async def test_refresh_after_a_deletion_says_who_deleted_it_and_when(service, emulator):
+    """Issue #14: "You have no ACS identity yet" is wrong for a user whose identity was deleted."""
+    import datetime as dt
+
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    created = body_of(await _post_token(service, "dora"))
+    deleted = await function_app.delete_identity(request("DELETE", "identity", token=service.token("dora")))
+    assert deleted.status_code == 200
+    for route in ("token/refresh", "identity"):
+        if route == "identity":
+            response = await function_app.get_identity(request("GET", route, token=service.token("dora")))
+        else:
+            response = await _post_token(service, "dora", route=route)
+        problem = body_of(response)
+        assert response.status_code == 404 and problem["code"] == "identity_deleted", problem
+        expected = f"You deleted your ACS identity on {today}: POST /api/token creates a new one."
+        assert problem["detail"] == expected
+    again = body_of(await _post_token(service, "dora"))  # starting over is what the message says
+    assert again["identityCreated"] is True and again["communicationUserId"] != created["communicationUserId"]
+    assert (await _post_token(service, "dora", route="token/refresh")).status_code == 200
+
+    admin = service.token("dora-admin", roles=("TokenService.Admin",))
+    route_params = {"communicationUserId": again["communicationUserId"]}
+    by_admin = await function_app.manage_delete_identity(
+        request("DELETE", "manage/identities/x", token=admin, route_params=route_params)
+    )
+    assert by_admin.status_code == 200
+    problem = body_of(await _post_token(service, "dora", route="token/refresh"))
+    assert problem["code"] == "identity_deleted" and problem["detail"].startswith("An administrator deleted")
+
+
 async def test_oversized_body_is_413(service):
     response = await function_app.issue_token(
         request(
@@ -295,9 +326,18 @@ async def test_throttled_acs_is_retried_until_it_answers(service, emulator):
     assert emulator.stats()["calls"]["createIdentity"] >= before + 2
 
 
-async def test_acs_throttling_that_persists_is_503_with_retry_after(service, emulator):
+async def test_acs_throttling_that_persists_is_503_with_retry_after(service, emulator, monkeypatch):
+    import shared.clients
+
+    # The same six retries, without waiting out the production backoff (7.75 s) they are not about.
+    monkeypatch.setitem(shared.clients.ACS_CLIENT_OPTIONS, "retry_backoff_factor", 0.01)
+    monkeypatch.setitem(shared.clients.ACS_CLIENT_OPTIONS, "retry_backoff_max", 0.05)
+    await reset_clients()
     emulator.faults(throttleRate=1.0, retryAfterSeconds=0)
+    before = emulator.stats()["calls"]["createIdentity"]
     response = await _post_token(service, "mia")
+    retries = shared.clients.ACS_CLIENT_OPTIONS["retry_status"]
+    assert emulator.stats()["calls"]["createIdentity"] - before == 1 + retries
     assert response.status_code == 503
     assert body_of(response)["code"] == "acs_throttled" and int(response.headers["Retry-After"]) >= 1
 

@@ -1,7 +1,9 @@
 // An Event Grid custom topic for the app's own events ("user deleted", "credentials changed").
 // Publishing needs an Entra token with the EventGrid Data Sender role: topic access keys are off.
 // The webhook subscription is created after deployment by infra/hooks/postdeploy.* (the webhook
-// must be running to answer Event Grid's validation handshake).
+// must be running to answer Event Grid's validation handshake). The topic's system-assigned
+// identity writes dead letters (postdeploy grants it the container); declared here so that a new
+// `azd provision` keeps it, and with it the role assignment made for its principal.
 param name string
 param location string = resourceGroup().location
 param tags object = {}
@@ -10,6 +12,9 @@ resource topic 'Microsoft.EventGrid/topics@2025-02-15' = {
   name: name
   location: location
   tags: tags
+  identity: {
+    type: 'SystemAssigned'
+  }
   properties: {
     inputSchema: 'CloudEventSchemaV1_0'
     disableLocalAuth: true
