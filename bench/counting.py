@@ -38,7 +38,7 @@ def row_kind(partition_key: str, row_key: str = "") -> str:
     return next((kind for prefix, kind in ROW_KINDS.items() if key.startswith(prefix)), "other")
 
 
-def classify(method: str, path: str, headers, body: bytes) -> str:
+def classify(method: str, path: str, headers, body: bytes, query: str = "") -> str:
     """'<call> <row kind>', e.g. 'read mapping', 'insert owner', 'create table'; an entity-group
     transaction is one call, named with what it carries: 'batch [upsert owner, upsert retention]'."""
     resource = path.rstrip("/").rsplit("/", 1)[-1]
@@ -48,7 +48,12 @@ def classify(method: str, path: str, headers, body: bytes) -> str:
         return "batch [" + ", ".join(batch_parts(body)) + "]"
     point = _POINT.search(resource)
     if method == "GET":
-        return f"read {row_kind(point['pk'], point['rk'])}" if point else "query"
+        if point:
+            return f"read {row_kind(point['pk'], point['rk'])}"
+        from urllib.parse import unquote
+
+        # shared/store.py sessions_ended: the index rows of users an event ended (keys.ended_*_row)
+        return "query ended sessions" if "'x-u-" in unquote(query) else "query"
     if method == "POST":
         try:
             entity = json.loads(body)
@@ -117,7 +122,7 @@ class TableCountingProxy:
 
     async def forward(self, request: web.Request) -> web.Response:
         body = await request.read()
-        call = classify(request.method, request.path, request.headers, body)
+        call = classify(request.method, request.path, request.headers, body, query=request.query_string)
         self.calls[call] += 1
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
         async with self.session.request(

@@ -2,13 +2,23 @@
 
 It stands in for the app's own identity provider (Entra ID, B2C, ...). Tokens are minted from the
 stack's state folder by `python -m devstack token`, so the private key never crosses HTTP.
+
+Test hooks under `/_issuer/` (no auth, loopback only, never faulted), so that tests can show what
+the service does while its IdP is down or hanging: `GET stats` (requests received per endpoint,
+faulted or not), `POST faults {"down", "latencyMs", "maxAgeSeconds"}` (omitted fields unchanged),
+`POST reset` (faults off, counts zero).
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass, fields
 
 import jwt
 from aiohttp import web
@@ -80,19 +90,96 @@ def mint_user_token(
     return jwt.encode(claims, key.private_key, algorithm="RS256", headers={"kid": key.kid})
 
 
+@dataclass
+class IssuerFaults:
+    """What the dev issuer does wrong on purpose. Field names are the JSON names of POST faults."""
+
+    down: bool = False  # every discovery and JWKS request has its connection closed, no answer
+    latencyMs: int = 0  # each discovery and JWKS answer waits this long (a hanging IdP)
+    maxAgeSeconds: int | None = None  # the JWKS answer's Cache-Control max-age; None sends none
+
+    def update(self, patch: object) -> None:
+        """Apply a partial update; raise ValueError naming the first bad field, changing nothing."""
+        if not isinstance(patch, dict):
+            raise ValueError("faults must be a JSON object")
+        known = {f.name for f in fields(self)}
+        for name, value in patch.items():
+            if name not in known:
+                raise ValueError(f"unknown fault {name!r}")
+            if name == "down":
+                if not isinstance(value, bool):
+                    raise ValueError("down must be true or false")
+            elif value is None and name == "maxAgeSeconds":
+                continue
+            elif isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 3_600_000:
+                raise ValueError(f"{name} must be an integer from 0 to 3600000")
+        for name, value in patch.items():
+            setattr(self, name, value)
+
+
 class DevIssuer:
     def __init__(self, *, issuer: str, key: SigningKey) -> None:
         self.issuer = issuer
         self.key = key
+        self.faults = IssuerFaults()
+        self.calls: Counter[str] = Counter()
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/.well-known/openid-configuration", self.discovery)
         app.router.add_get("/discovery/keys", self.jwks)
+        app.router.add_get("/_issuer/stats", self.hook_stats)
+        app.router.add_post("/_issuer/faults", self.hook_faults)
+        app.router.add_post("/_issuer/reset", self.hook_reset)
         return app
 
-    async def discovery(self, _request: web.Request) -> web.Response:
+    async def _fault(self, request: web.Request, endpoint: str) -> None:
+        """Count the request, then hang up or wait as the faults say."""
+        self.calls[endpoint] += 1
+        if self.faults.down:
+            if request.transport is not None:
+                request.transport.abort()  # no status line: as a dead IdP would
+            raise asyncio.CancelledError()
+        if self.faults.latencyMs:
+            await asyncio.sleep(self.faults.latencyMs / 1000)
+
+    async def discovery(self, request: web.Request) -> web.Response:
+        await self._fault(request, "discovery")
         return web.json_response(discovery_document(self.issuer))
 
-    async def jwks(self, _request: web.Request) -> web.Response:
-        return web.json_response({"keys": [self.key.jwk()]})
+    async def jwks(self, request: web.Request) -> web.Response:
+        await self._fault(request, "jwks")
+        max_age = self.faults.maxAgeSeconds
+        headers = {"Cache-Control": f"max-age={max_age}"} if max_age is not None else None
+        return web.json_response({"keys": [self.key.jwk()]}, headers=headers)
+
+    # ---- test hooks (loopback only, never faulted) ------------------------------------------------
+
+    @staticmethod
+    def _loopback_only(request: web.Request) -> None:
+        try:
+            if request.remote and ipaddress.ip_address(request.remote).is_loopback:
+                return
+        except ValueError:
+            pass
+        raise web.HTTPForbidden(text="issuer hooks answer loopback callers only")
+
+    async def hook_stats(self, request: web.Request) -> web.Response:
+        self._loopback_only(request)
+        calls = {"discovery": self.calls["discovery"], "jwks": self.calls["jwks"]}
+        return web.json_response({"calls": calls})
+
+    async def hook_faults(self, request: web.Request) -> web.Response:
+        self._loopback_only(request)
+        try:
+            self.faults.update(await request.json() if request.can_read_body else {})
+        except ValueError as err:  # also not JSON at all (JSONDecodeError, UnicodeDecodeError)
+            not_json = isinstance(err, json.JSONDecodeError | UnicodeDecodeError)
+            message = "body must be JSON" if not_json else str(err)
+            return web.json_response({"error": {"code": "ValidationError", "message": message}}, status=400)
+        return web.json_response(vars(self.faults))
+
+    async def hook_reset(self, request: web.Request) -> web.Response:
+        self._loopback_only(request)
+        self.faults, self.calls = IssuerFaults(), Counter()
+        return web.json_response(vars(self.faults))

@@ -61,6 +61,9 @@ class Clients:
     closers: tuple
     teams: TeamsExchange | None = None
     graph: GraphSubscriptions | None = None  # the Microsoft Graph subscription (shared/graph.py)
+    # On in every deployment: revocations and deletions, per user and per admin (ratelimit.py: why).
+    revocation_limiter: RateLimiter | None = None
+    manage_limiter: RateLimiter | None = None
 
     async def close(self) -> None:
         for close in self.closers:
@@ -112,7 +115,7 @@ def build(settings: Settings) -> Clients:
     from .auth import EasyAuthAuthenticator, JwksCache, JwtAuthenticator
     from .cleanup import Cleanup
     from .graph import GraphSubscriptions
-    from .ratelimit import RateLimiter
+    from .ratelimit import MANAGE_PER_MINUTE, REVOCATIONS_PER_MINUTE, RateLimiter
     from .revocation import RevocationService
     from .store import IdentityStore
     from .teams import TeamsExchange
@@ -176,6 +179,8 @@ def build(settings: Settings) -> Clients:
         closers=tuple(closers),
         teams=TeamsExchange(gateway, settings),
         graph=graph,
+        revocation_limiter=RateLimiter(REVOCATIONS_PER_MINUTE, what="revocations and deletions"),
+        manage_limiter=RateLimiter(MANAGE_PER_MINUTE, what="revocations and deletions"),
     )
 
 

@@ -30,14 +30,19 @@ if TYPE_CHECKING:  # auth loads with the clients, on first use: importing functi
 
 
 async def _respond(
-    req: func.HttpRequest, handler: Handler, *, rate_limited: bool = False
+    req: func.HttpRequest, handler: Handler, *, rate_limited: bool = False, limit: str | None = None
 ) -> func.HttpResponse:
-    """Authenticate, apply the per-user limit to token routes, run the handler, map any error."""
+    """Authenticate, apply the caller's limits (token routes: `rate_limited`; revocations and
+    deletions: `limit`, "own" or "manage"), run the handler, map any error."""
     try:
         clients = get_clients()
         caller = await clients.authenticator.authenticate(req.headers)
+        who = f"{caller.issuer}\n{caller.subject}"
         if rate_limited and clients.limiter is not None:
-            clients.limiter.check(f"{caller.issuer}\n{caller.subject}")
+            clients.limiter.check(who)
+        revocations = {"own": clients.revocation_limiter, "manage": clients.manage_limiter}.get(limit or "")
+        if revocations is not None:
+            revocations.check(who)
         return await handler(clients, caller, req)
     except ServiceError as err:
         return from_error(err)
@@ -172,21 +177,21 @@ async def _manage_delete(clients: Clients, caller: Caller, req: func.HttpRequest
 
 
 async def revoke_tokens(req: func.HttpRequest) -> func.HttpResponse:
-    return await _respond(req, _revoke_own)
+    return await _respond(req, _revoke_own, limit="own")
 
 
 async def delete_identity(req: func.HttpRequest) -> func.HttpResponse:
-    return await _respond(req, _delete_own)
+    return await _respond(req, _delete_own, limit="own")
 
 
 async def manage_revoke(req: func.HttpRequest) -> func.HttpResponse:
     """POST /api/manage/identities/{communicationUserId}/revoke (app role TokenService.Admin)."""
-    return await _respond(req, _manage_revoke)
+    return await _respond(req, _manage_revoke, limit="manage")
 
 
 async def manage_delete(req: func.HttpRequest) -> func.HttpResponse:
     """DELETE /api/manage/identities/{communicationUserId} (app role TokenService.Admin)."""
-    return await _respond(req, _manage_delete)
+    return await _respond(req, _manage_delete, limit="manage")
 
 
 # ---- the cleanup timer --------------------------------------------------------------------------------

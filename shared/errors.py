@@ -39,6 +39,12 @@ class Unauthenticated(ServiceError):
         super().__init__(detail, headers={"WWW-Authenticate": challenge})
 
 
+class SessionEnded(Unauthenticated):
+    """401: an event ended this user's sessions after the bearer was issued; sign in again."""
+
+    code = "session_ended"
+
+
 class Forbidden(ServiceError):
     status, code, title = 403, "forbidden", "Forbidden"
 

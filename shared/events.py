@@ -44,6 +44,10 @@ REAUTHORIZATION_REQUIRED, SUBSCRIPTION_REMOVED, MISSED = (
 )
 LIFECYCLE_EVENTS = (REAUTHORIZATION_REQUIRED, SUBSCRIPTION_REMOVED, MISSED)
 
+# The schemas, as parts of an event's identity: each guarantees uniqueness of its own attributes.
+CLOUDEVENTS_SCHEMA = "cloudevents"
+EVENT_GRID_SCHEMA = "eventgrid"
+
 JSON = "application/json"
 CLOUDEVENT = "application/cloudevents+json"
 CLOUDEVENT_BATCH = "application/cloudevents-batch+json"
@@ -67,10 +71,18 @@ class EventTarget:
 
 @dataclass(frozen=True)
 class Action:
-    event_id: str  # Event Grid id / CloudEvents id (for at-most-once dedupe)
+    """What one event asks for. It is acted on once: (schema, source, event_id) names it, as its
+    schema makes only that unique (CloudEvents: source + id; an id alone is not)."""
+
+    event_id: str  # Event Grid id / CloudEvents id
     kind: str  # "delete" | "revoke"
     target: EventTarget
     event_type: str
+    schema: str  # CLOUDEVENTS_SCHEMA | EVENT_GRID_SCHEMA
+    source: str  # CloudEvents `source`; Event Grid schema `topic` ("" when a publisher posted none)
+    # When it happened (Event Grid `eventTime`, CloudEvents `time`): a redelivery ends the same
+    # sessions as the first delivery. None when absent or unreadable: the service then uses now.
+    occurred_at: dt.datetime | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,8 @@ class Lifecycle:
     lifecycle_event: str  # one of LIFECYCLE_EVENTS
     subscription_id: str
     expires_at: dt.datetime | None  # data.subscriptionExpirationDateTime, when given
+    schema: str  # with source and event_id, what names it once (as for Action)
+    source: str
 
 
 @dataclass(frozen=True)
@@ -116,10 +130,25 @@ class _Event:
     """The attributes this module needs, the same for both schemas."""
 
     label: str  # names the event in error details
+    schema: str  # CLOUDEVENTS_SCHEMA | EVENT_GRID_SCHEMA
+    source: str  # CloudEvents `source`, Event Grid schema `topic`: with the id, what is unique
     id: str
     type: str
     subject: str | None
     data: Any  # None when the event carries no data
+    time: dt.datetime | None = None
+
+
+def _event_time(value: Any) -> dt.datetime | None:
+    """An RFC 3339 time, as both schemas carry it; None rather than a 400 for a bad one (it only
+    dates the event, and Graph's own events always have one)."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed.astimezone(dt.UTC) if parsed.tzinfo else None
 
 
 def parse_delivery(
@@ -261,15 +290,23 @@ def _event(index: int, item: Any, *, cloud: bool) -> _Event:
     if cloud:
         if item.get("specversion") != "1.0":
             raise _invalid(f'{label}: specversion must be "1.0".')
-        _string(item.get("source"), f"{label}: source")
+        source = _string(item.get("source"), f"{label}: source")
+    else:
+        # Event Grid stamps `topic` on every event it delivers (publishers cannot write it); one
+        # posted straight to the webhook may lack it, and its id then stands alone.
+        topic = item.get("topic")
+        source = "" if topic is None else _string(topic, f"{label}: topic")
     type_key = "type" if cloud else "eventType"
     subject = item.get("subject")
     return _Event(
         label=label,
+        schema=CLOUDEVENTS_SCHEMA if cloud else EVENT_GRID_SCHEMA,
+        source=source,
         id=_string(item.get("id"), f"{label}: id"),
         type=_string(item.get(type_key), f"{label}: {type_key}"),
         subject=subject if isinstance(subject, str) else None,
         data=item.get("data"),
+        time=_event_time(item.get("time" if cloud else "eventTime")),
     )
 
 
@@ -307,7 +344,15 @@ def _action(event: _Event, types: EventTypes, custom: dict[str, str]) -> Action 
         kind, target = custom[event.type.casefold()], _custom_target(event)
     else:
         return None
-    return Action(event_id=event.id, kind=kind, target=target, event_type=event.type)
+    return Action(
+        event_id=event.id,
+        kind=kind,
+        target=target,
+        event_type=event.type,
+        schema=event.schema,
+        source=event.source,
+        occurred_at=event.time,
+    )
 
 
 def _graph_user_path(value: Any) -> str | None:
@@ -388,6 +433,8 @@ def _lifecycle(event: _Event) -> Lifecycle | None:
         lifecycle_event=named,
         subscription_id=_string(data.get("subscriptionId"), f"{event.label}: data.subscriptionId"),
         expires_at=expires_at,
+        schema=event.schema,
+        source=event.source,
     )
 
 

@@ -51,6 +51,17 @@ def graph_row(tenant_id: str, object_id: str, user_key: str) -> str:
     return graph_prefix(tenant_id, object_id) + user_key
 
 
+def ended_user_row(user_key: str) -> str:
+    """Index row saying an event ended this app user's sessions (and when)."""
+    return "x-u-" + _digest(user_key)
+
+
+def ended_entra_row(tenant_id: str, object_id: str) -> str:
+    """Index row saying an event ended this Entra user's sessions, under every app user key,
+    including keys that have no identity yet."""
+    return "x-o-" + _digest(tenant_id.lower(), object_id.lower())
+
+
 def prefix_end(prefix: str) -> str:
     """The least key above every key that starts with `prefix`, for a key-range query."""
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
@@ -85,8 +96,32 @@ def discard_row(communication_user_id: str) -> str:
     return "x-" + _digest(communication_user_id)
 
 
-def event_row(event_id: str) -> str:
-    return "e-" + _digest(event_id)
+# The webhook's marks in the events partition: an event acted on, and one identity's part of a
+# Microsoft Graph event (a Graph user may have several identities). Each kind has a key space of
+# its own, a prefix and a digest of length-prefixed parts, so nothing an event says (its id, its
+# source) can name a mark of the other kind, or another event's. Marks of the first format
+# ("e-" + digest(id), and "e-" + digest("<id>/<user key>")) are never read again: a redelivery of
+# an event marked that way acts once more (a revoke or delete repeated), and cleanup drops them
+# with every mark once they are older than its EVENT_MEMORY (7 days).
+EVENT_MARK_PREFIX = "ev-"
+IDENTITY_MARK_PREFIX = "ei-"
+
+
+def event_mark(schema: str, source: str, event_id: str) -> str:
+    """Row of an event acted on, keyed on what its schema makes unique.
+
+    CloudEvents 1.0: "Producers MUST ensure that source + id is unique for each distinct event";
+    an id alone is unique only within its source, so two publishers may both send id "1". The
+    Event Grid schema has no source: its `topic`, which Event Grid stamps on every event it
+    delivers, takes that part. The schema is a part too, so the two never share a namespace.
+    """
+    return EVENT_MARK_PREFIX + _digest(schema, source, event_id)
+
+
+def identity_mark(schema: str, source: str, event_id: str, user_key: str) -> str:
+    """Row of one identity (by app user key) done for an event, so that a retry of an event that
+    failed for some of a Graph user's identities acts only on the others."""
+    return IDENTITY_MARK_PREFIX + _digest(schema, source, event_id, user_key)
 
 
 # The Microsoft Graph change-notification subscription the service keeps alive: one row, read by

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from . import jsonlimits
 from .errors import BadRequest, PayloadTooLarge
 from .settings import SCOPES, Settings
 
@@ -19,15 +20,21 @@ class TokenRequest:
 
 
 def parse_json_object(body: bytes | None, max_bytes: int = MAX_BODY_BYTES) -> dict:
-    """An optional JSON object body: empty means {}."""
+    """An optional JSON object body: empty means {}. Any malformed body is a 400 (`jsonlimits`)."""
     if body is None or not body.strip():
         return {}
     if len(body) > max_bytes:
         raise PayloadTooLarge(f"The request body is larger than {max_bytes} bytes.")
     try:
-        value = json.loads(body)
+        value = jsonlimits.loads(body)
+    except jsonlimits.TooDeep:
+        raise BadRequest(
+            f"The request body nests deeper than {jsonlimits.MAX_DEPTH} levels.", code="invalid_json"
+        ) from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
+    except ValueError:  # the int-digit limit: a number no field here could take
+        raise BadRequest("The request body holds a number too long to read.", code="invalid_json") from None
     if not isinstance(value, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_body")
     return value

@@ -15,10 +15,18 @@ from collections.abc import Callable
 from .errors import TooManyRequests
 
 MAX_TRACKED_USERS = 100_000
+# Revocations and deletions reach ACS, whose limit is per resource (500 of each per 30 s), so one
+# caller repeating them could push everyone else's into the pending queue. Always on: nobody needs
+# to revoke their own tokens more than a few times a minute; an admin acting on many users gets more.
+REVOCATIONS_PER_MINUTE = 3
+MANAGE_PER_MINUTE = 60
 
 
 class RateLimiter:
-    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, per_minute: int, clock: Callable[[], float] = time.monotonic, *, what: str = "token requests"
+    ) -> None:
+        self.what = what
         self.capacity = float(per_minute)
         self.rate = per_minute / 60.0  # tokens per second
         self.clock = clock
@@ -32,7 +40,7 @@ class RateLimiter:
         if tokens < 1.0:
             self._buckets[key] = (tokens, now)
             raise TooManyRequests(
-                "Too many token requests; slow down.", retry_after=math.ceil((1.0 - tokens) / self.rate)
+                f"Too many {self.what}; slow down.", retry_after=math.ceil((1.0 - tokens) / self.rate)
             )
         self._buckets[key] = (tokens - 1.0, now)
         if len(self._buckets) > MAX_TRACKED_USERS:

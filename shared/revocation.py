@@ -68,19 +68,22 @@ class RevocationService:
     async def delete(self, record: IdentityRecord, *, source: str) -> Outcome:
         if record.pending == "delete":
             return Outcome("pending", record.communication_user_id)
+        # Durable before ACS is asked: queued and blocked first, so that a crash after ACS deleted
+        # the identity leaves work the timer completes (ACS's 404 then counts as done), never a
+        # mapping that names an identity ACS no longer has.
+        await self.store.mark_pending(record, "delete", self.clock(), FIRST_RETRY)
         try:
             await self.acs.delete(record.communication_user_id, **REQUEST_PATH_OPTIONS)
         except Unavailable as err:
-            await self.store.mark_pending(record, "delete", self.clock(), FIRST_RETRY)
             log.info("delete pending source=%s user=%s reason=%s", source, _ref(record), err.code)
             return Outcome("pending", record.communication_user_id)
         try:
             await self.store.remove(record, reason=source if source in ("user", "admin") else "event")
+            await self.store.forget_pending(record, "delete")
         except Exception as err:  # noqa: BLE001 - ACS is done; let the timer tidy the rows
             log.warning(
                 "delete left rows behind source=%s user=%s error=%s", source, _ref(record), type(err).__name__
             )
-            await self.store.mark_pending(record, "delete", self.clock(), FIRST_RETRY)
-            return Outcome("pending", record.communication_user_id)
+            return Outcome("pending", record.communication_user_id)  # still queued: the timer tidies
         log.info("delete done source=%s user=%s", source, _ref(record))
         return Outcome("deleted", record.communication_user_id)

@@ -28,7 +28,8 @@ Rows (one table, every lookup a point read or a key-range scan):
 - pending `PK="pending", RK=pending_row(user_key, id, op) | discard_row(id)`: revocations and
   deletions that could not reach ACS yet, with attempts, next attempt and a lease; the timer
   completes them.
-- events `PK="events", RK=event_row(id)`: Event Grid event ids already acted on.
+- events `PK="events", RK=event_mark(schema, source, id) | identity_mark(..., user_key)`: events
+  (and a Graph event's identities) already acted on; see keys.py for why both key spaces.
 - Graph subscription `PK="graph-subscription", RK="current"`: the Microsoft Graph change-notification
   subscription the service keeps alive (id, expiry, last renewal outcome), for the timer and health.
 
@@ -72,6 +73,7 @@ class IdentityRecord:
     tenant_id: str | None = None
     pending: str = ""  # "", "revoke" or "delete"
     pending_id: str = ""
+    sessions_ended_at: dt.datetime | None = None  # an event ended the user's sessions then
     etag: str | None = None
 
     def to_entity(self) -> dict:
@@ -91,6 +93,8 @@ class IdentityRecord:
             entity["oid"] = self.object_id
         if self.tenant_id:
             entity["tid"] = self.tenant_id
+        if self.sessions_ended_at:
+            entity["sessionsEndedAt"] = self.sessions_ended_at
         return entity
 
     @classmethod
@@ -107,6 +111,7 @@ class IdentityRecord:
             tenant_id=entity.get("tid"),
             pending=entity.get("pending", ""),
             pending_id=entity.get("pendingId", ""),
+            sessions_ended_at=entity.get("sessionsEndedAt") or None,
             etag=entity.metadata.get("etag") if hasattr(entity, "metadata") else None,
         )
 
@@ -412,6 +417,62 @@ class IdentityStore:
             await self.forget_graph_row(record.user_key, graph_row)
         await self._unfile(record)
 
+    # ---- sessions an event ended ------------------------------------------------------------------
+
+    @telemetry.table_operation("end_sessions")
+    async def end_sessions(
+        self,
+        when: dt.datetime,
+        reason: str,
+        *,
+        user_keys: list[str],
+        entra: tuple[str, str] | None = None,
+        mapped: list[IdentityRecord] | None = None,
+    ) -> None:
+        """Record that an event ended these users' sessions at `when`: bearers issued before it
+        are refused from now on (shared/tokens.py). Index rows by user key and, for an Entra user,
+        by (tenant, object id), which also covers app keys with no identity yet; and the moment on
+        each mapping still there (a revoke), so the hot path needs no extra read. The rows land
+        first: an event that fails midway is retried, and a row written twice is the same row."""
+        await self._ensure_table()
+        rows = [keys.ended_user_row(key) for key in dict.fromkeys(user_keys)]
+        if entra:
+            rows.append(keys.ended_entra_row(*entra))
+        entities = [
+            {"PartitionKey": keys.INDEX_PARTITION, "RowKey": row, "endedAt": when, "reason": reason}
+            for row in rows
+        ]
+        for start in range(0, len(entities), 100):  # an entity-group transaction takes 100
+            await self._upsert_together(entities[start : start + 100])
+        for record in mapped or []:
+            try:
+                await self.table.update_entity(
+                    {"PartitionKey": record.user_key, "RowKey": keys.IDENTITY_ROW, "sessionsEndedAt": when},
+                    mode=UpdateMode.MERGE,
+                )
+            except ResourceNotFoundError:
+                pass  # deleted meanwhile: the index row still stands
+
+    @telemetry.table_operation("sessions_ended")
+    async def sessions_ended(
+        self, user_key: str, tenant_id: str | None = None, object_id: str | None = None
+    ) -> dt.datetime | None:
+        """When an event last ended this caller's sessions, by user key or Entra user: one query."""
+        await self._ensure_table()
+        rows = [keys.ended_user_row(user_key)]
+        if tenant_id and object_id:
+            rows.append(keys.ended_entra_row(tenant_id, object_id))
+        names = {f"r{i}": row for i, row in enumerate(rows)}
+        # Spaces around the parentheses: azure-data-tables substitutes @names word by word.
+        query = "PartitionKey eq @p and ( " + " or ".join(f"RowKey eq @{name}" for name in names) + " )"
+        found = [
+            entity["endedAt"]
+            async for entity in self.table.query_entities(
+                query, parameters={"p": keys.INDEX_PARTITION, **names}, select=["endedAt"]
+            )
+        ]
+        return max(found) if found else None
+
     @telemetry.table_operation("note_deletion")
     async def note_deletion(self, user_key: str, reason: str, when: dt.datetime) -> None:
         await self.table.upsert_entity(
@@ -485,6 +546,13 @@ class IdentityStore:
             )
 
         await self._if_still_mapped(record, write)
+
+    @telemetry.table_operation("forget_pending")
+    async def forget_pending(self, record: IdentityRecord, op: str) -> None:
+        """Drop queued work the request itself completed (a durable delete that went through)."""
+        await self._delete(
+            keys.PENDING_PARTITION, keys.pending_row(record.user_key, record.communication_user_id, op)
+        )
 
     @telemetry.table_operation("queue_discard")
     async def queue_discard(self, communication_user_id: str, now: dt.datetime) -> None:
@@ -612,18 +680,20 @@ class IdentityStore:
     # ---- events --------------------------------------------------------------------------------
 
     @telemetry.table_operation("event_seen")
-    async def event_seen(self, event_id: str) -> bool:
-        """Was this event (or one identity's part of it) marked done?"""
-        return await self._get(keys.EVENTS_PARTITION, keys.event_row(event_id)) is not None
+    async def event_seen(self, mark: str) -> bool:
+        """Was this event (or one identity's part of it) marked done? `mark` is the row key,
+        `keys.event_mark` or `keys.identity_mark`: the webhook names what an event is by its
+        schema's guarantees, the store only keeps the rows."""
+        return await self._get(keys.EVENTS_PARTITION, mark) is not None
 
     @telemetry.table_operation("mark_event_done")
-    async def mark_event_done(self, event_id: str, now: dt.datetime) -> None:
+    async def mark_event_done(self, mark: str, now: dt.datetime) -> None:
         """Marked after acting, never before: a delivery cut off midway (a timeout, a crash) leaves
         no mark, so Event Grid's retry acts again instead of skipping what was never done."""
         await self._ensure_table()
         try:
             await self.table.create_entity(
-                {"PartitionKey": keys.EVENTS_PARTITION, "RowKey": keys.event_row(event_id), "receivedAt": now}
+                {"PartitionKey": keys.EVENTS_PARTITION, "RowKey": mark, "receivedAt": now}
             )
         except ResourceExistsError:
             pass  # a concurrent delivery of the same event marked it first

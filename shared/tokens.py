@@ -9,8 +9,10 @@ then the mapping insert (`make bench` counts them; README, Performance).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
+import time
 from dataclasses import dataclass
 
 from azure.core.exceptions import ResourceExistsError
@@ -19,7 +21,7 @@ from . import telemetry
 from .acs import AcsGateway, IssuedToken
 from .auth import Caller
 from .clock import Clock, utcnow
-from .errors import Conflict, NotFound, ServiceError
+from .errors import Conflict, NotFound, ServiceError, SessionEnded, Unavailable
 from .keys import user_key
 from .policy import TokenRequest
 from .store import IdentityRecord, IdentityStore
@@ -44,6 +46,16 @@ class TokenResult:
         }
 
 
+CREATIONS_IN_FLIGHT = 4  # ACS creations not yet on file, per worker: what one crash can leak at most
+IDENTITY_GONE = "identity_gone"  # shared/acs.py: ACS says it does not own (any more) the identity
+# More identities gone than this within the window is a wrong ACS resource, not deletions.
+GONE_BUDGET = 5
+GONE_WINDOW_SECONDS = 600
+
+# A bearer without `iat` is refused this long after an event ended its user's sessions: longer than
+# any access token should live (Entra's default is 60 to 90 minutes; a day is the usual maximum).
+NO_IAT_GRACE = dt.timedelta(hours=24)
+
 # What a refresh after a deletion says, by who or what deleted the identity (store.remove's reason).
 DELETION_DETAIL = {
     "user": "You deleted your ACS identity on {day}: POST /api/token creates a new one.",
@@ -63,32 +75,95 @@ class TokenService:
         self.store = store
         self.acs = acs
         self.clock = clock
+        self._gone: list[float] = []  # when ACS last said a mapped identity does not exist
+        self._creating = asyncio.Semaphore(CREATIONS_IN_FLIGHT)
 
     @telemetry.counts_tokens
     async def issue(self, caller: Caller, request: TokenRequest) -> TokenResult:
         key = user_key(caller.issuer, caller.subject)
         record = await self.store.get(key)
         if record is not None:
-            return await self._issue_existing(record, request)
-        return await self._create(caller, key, request)
+            self._check_session(caller, record.sessions_ended_at)
+            try:
+                return await self._issue_existing(record, request)
+            except NotFound as err:
+                if err.code != IDENTITY_GONE:
+                    raise
+                await self._forget_gone(record)  # the mapping heals: a new identity below
+                return await self._create(caller, key, request, sessions_ended_at=record.sessions_ended_at)
+        # A first issue (or one after a deletion): was the user ended by an event meanwhile?
+        ended = await self.store.sessions_ended(key, caller.tenant_id, caller.object_id)
+        self._check_session(caller, ended)
+        return await self._create(caller, key, request, sessions_ended_at=ended)
 
     @telemetry.counts_tokens
     async def refresh(self, caller: Caller, request: TokenRequest) -> TokenResult:
         key = user_key(caller.issuer, caller.subject)
         record = await self.store.get(key)
         if record is None:
-            raise await self._missing(key)
-        return await self._issue_existing(record, request)
+            raise await self._missing(caller, key)
+        self._check_session(caller, record.sessions_ended_at)
+        try:
+            return await self._issue_existing(record, request)
+        except NotFound as err:
+            if err.code != IDENTITY_GONE:
+                raise
+            await self._forget_gone(record)  # refresh never creates: the next POST /api/token does
+            today = self.clock().date().isoformat()
+            raise NotFound(DELETION_DETAIL["gone"].format(day=today), code="identity_deleted") from None
+
+    async def _forget_gone(self, record: IdentityRecord) -> None:
+        """ACS no longer has the identity the mapping names (deleted elsewhere, or a crash between
+        ACS's delete and ours): forget it, so the user gets a working identity instead of a mapping
+        that fails forever. A burst of these is a wrong ACS resource (ACS_ENDPOINT), not deleted
+        identities: then nothing is forgotten and the operator is told."""
+        now = time.monotonic()
+        self._gone = [t for t in self._gone if now - t < GONE_WINDOW_SECONDS] + [now]
+        if len(self._gone) > GONE_BUDGET:
+            log.error(
+                "ACS says %d identities the table names do not exist within %d s: is ACS_ENDPOINT the "
+                "resource that created them? Nothing is forgotten until this stops.",
+                len(self._gone),
+                GONE_WINDOW_SECONDS,
+            )
+            raise Unavailable(
+                "ACS does not know identities this service created; the operator must check the ACS "
+                "resource it is configured for.",
+                code="acs_identity_mismatch",
+                retry_after=60,
+            )
+        log.warning("ACS no longer has a mapped identity: the mapping is forgotten")
+        await self.store.remove(record, reason="gone")
 
     async def identity(self, caller: Caller) -> IdentityRecord:
         key = user_key(caller.issuer, caller.subject)
         record = await self.store.get(key)
         if record is None:
-            raise await self._missing(key)
+            raise await self._missing(caller, key)
+        self._check_session(caller, record.sessions_ended_at)
         return record
 
-    async def _missing(self, key: str) -> NotFound:
+    def _check_session(self, caller: Caller, ended_at: dt.datetime | None) -> None:
+        """Refuse a bearer issued before an event ended the user's sessions (see README: "Users an
+        event deleted or disabled"). `iat` is the issuer's word for when it issued the bearer; one
+        without `iat` cannot show it is newer, so it is refused for NO_IAT_GRACE after the event,
+        longer than any bearer should live."""
+        if ended_at is None:
+            return
+        issued = caller.issued_at
+        # `iat` counts whole seconds: a bearer from the event's own second counts as after it.
+        if issued is not None and issued >= ended_at.replace(microsecond=0):
+            return
+        if issued is None and self.clock() - ended_at > NO_IAT_GRACE:
+            return
+        raise SessionEnded(
+            "Your identity provider ended your sessions (your account was deleted or disabled, or its "
+            "credentials changed) after this bearer token was issued: sign in again."
+        )
+
+    async def _missing(self, caller: Caller, key: str) -> ServiceError:
         """Why the caller has no identity: never had one, or had one that was deleted (and how)."""
+        self._check_session(caller, await self.store.sessions_ended(key, caller.tenant_id, caller.object_id))
         deletion = await self.store.deletion(key)
         if deletion is None:
             return NotFound("You have no ACS identity yet: POST /api/token first.", code="identity_not_found")
@@ -113,7 +188,21 @@ class TokenService:
                 log.warning("could not record last use: %s", type(err).__name__)
         return TokenResult(record.communication_user_id, token, request.scopes, identity_created=False)
 
-    async def _create(self, caller: Caller, key: str, request: TokenRequest) -> TokenResult:
+    async def _create(
+        self, caller: Caller, key: str, request: TokenRequest, *, sessions_ended_at: dt.datetime | None = None
+    ) -> TokenResult:
+        # From ACS creating the identity until its index rows land, a crash leaks it: ACS has no
+        # way to list identities or to create one idempotently. Only CREATIONS_IN_FLIGHT of them
+        # are ever in that window per worker; the rest wait before calling ACS, where a crash costs
+        # nothing. SECURITY.md states what a crash leaks, measured.
+        async with self._creating:
+            record, token = await self._create_filed(caller, key, request, sessions_ended_at)
+        return await self._map(record, token, request)
+
+    async def _create_filed(
+        self, caller: Caller, key: str, request: TokenRequest, sessions_ended_at: dt.datetime | None
+    ) -> tuple[IdentityRecord, IssuedToken]:
+        """A new ACS identity and its index rows (file_new): from here on cleanup can find it."""
         communication_user_id, token = await self.acs.create_with_token(request.scopes, request.minutes)
         now = self.clock()
         record = IdentityRecord(
@@ -126,6 +215,7 @@ class TokenService:
             last_issued_at=now,
             object_id=caller.object_id,
             tenant_id=caller.tenant_id,
+            sessions_ended_at=sessions_ended_at,  # older bearers stay refused on the new identity too
         )
         try:
             await self.store.file_new(record)
@@ -133,6 +223,11 @@ class TokenService:
             if await self._discard(communication_user_id):  # no mapping was tried: none names it
                 await self.store.forget_lost(record, user_mapped=False)
             raise
+        return record, token
+
+    async def _map(self, record: IdentityRecord, token: IssuedToken, request: TokenRequest) -> TokenResult:
+        """Insert the mapping of an identity already on file (outside the creation window)."""
+        communication_user_id = record.communication_user_id
         try:
             await self.store.insert(record)
         except Exception as err:  # noqa: BLE001 - settled from the mapping itself

@@ -9,6 +9,20 @@ that takes over 30 s) may both act: a second revoke or delete of the same identi
 changes nothing that matters.
 A malformed delivery is refused whole (400) before any state is touched.
 
+What names an event is what its schema makes unique: CloudEvents `source` + `id` (an id alone is
+unique only within its source), the Event Grid schema's `topic` + `id`, and the schema itself; an
+identity's mark has a key space of its own (`keys.event_mark`, `keys.identity_mark`). So one
+publisher's id never answers for another's event, and no event id can pose as an identity's mark.
+
+A batch (up to 5000 events) is worked through side by side, within a budget. Event Grid waits 30 s
+for the answer, then counts the delivery failed and sends the whole batch again, maybe while this
+one still runs. So events run concurrently (one at a time per target, in delivery order), no new
+work starts after BUDGET_SECONDS or once the delivery has started ACS_CALLS_PER_DELIVERY revocations
+and deletions (ACS's limits), work still running at CUTOFF_SECONDS is cancelled, and whatever was
+not done is left unmarked and answered 503: Event Grid retries 5xx and redelivers the batch, whose
+done events and identities the marks skip. Nothing is lost, and nothing done is done again but
+what was cut off in flight (acted on, not yet marked: a revoke or delete repeated, as above).
+
 Microsoft Graph lifecycle notifications (the subscription must be renewed, was removed, or missed
 notifications) go to `shared.graph`, once each like the rest. A renewal that failed for a reason a
 retry may fix (Graph throttled or down) answers 503, so that Event Grid redelivers (it retries 5xx,
@@ -18,17 +32,28 @@ not 4xx); one that needs the operator (no permission) is recorded for /api/healt
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
+import time
 from collections import Counter
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 import azure.functions as func
 
+from . import keys
 from .clients import Clients, get_clients
-from .errors import BadRequest, ServiceError
-from .events import Action, EventTypes, handshake_allowed_origin, parse_delivery
-from .keys import user_key
+from .errors import BadRequest, ServiceError, Unavailable
+from .events import (
+    Action,
+    Delivery,
+    EventTarget,
+    EventTypes,
+    Lifecycle,
+    handshake_allowed_origin,
+    parse_delivery,
+)
 from .problems import from_error, from_unexpected, json_response
 
 if TYPE_CHECKING:  # the store loads with the clients: importing function_app stays light
@@ -36,13 +61,54 @@ if TYPE_CHECKING:  # the store loads with the clients: importing function_app st
 
 log = logging.getLogger("acs_token_service.events")
 
+# Event Grid waits 30 s for a webhook's answer ("Event Grid message delivery and retry", Microsoft
+# Learn). No event starts after BUDGET_SECONDS; what still runs at CUTOFF_SECONDS (an ACS or Table
+# call stuck in its timeouts) is cancelled, like a crash: unmarked, so the retry does it.
+BUDGET_SECONDS = 20.0
+CUTOFF_SECONDS = 25.0
+# Events in flight at once: each waits on a few Table and ACS round trips, so a handful keeps them
+# busy; more would queue on the worker's connections and slow its token requests.
+CONCURRENCY = 16
+# ACS takes 500 revocations and 500 deletions per 30 s per resource, then answers 429. A delivery
+# ends within 30 s, so starting at most this many (of both together) keeps one delivery within
+# the limits, with room left for users' own revocations; Event Grid's retry brings the rest.
+ACS_CALLS_PER_DELIVERY = 400
+RETRY_AFTER_SECONDS = 10
+
+
+class _Budget:
+    """What one delivery may still start: events until `stop_at`, and so many ACS calls."""
+
+    def __init__(self, started: float) -> None:
+        self.stop_at = started + BUDGET_SECONDS
+        self.cut_at = started + CUTOFF_SECONDS
+        self.acs_calls = ACS_CALLS_PER_DELIVERY
+
+    def open(self) -> bool:
+        return time.monotonic() < self.stop_at
+
+    def take_acs_call(self) -> bool:
+        if self.acs_calls <= 0 or not self.open():
+            return False
+        self.acs_calls -= 1
+        return True
+
+
+class _Deferred(Exception):
+    """The budget ran out before this event (or some of its identities) had its turn: it is left
+    unmarked, so the redelivery acts on it. `outcomes` are what its done identities came to."""
+
+    def __init__(self, outcomes: list[str] | None = None) -> None:
+        super().__init__("deferred")
+        self.outcomes = outcomes or []
+
 
 async def _records_for(clients: Clients, action: Action) -> list[IdentityRecord]:
     target, store = action.target, clients.store
     if target.tenant_id and target.object_id:
         return await store.graph_users(target.tenant_id, target.object_id)
     if target.issuer and target.subject:
-        record = await store.get(user_key(target.issuer, target.subject))
+        record = await store.get(keys.user_key(target.issuer, target.subject))
         return [record] if record is not None else []
     if target.communication_user_id:
         key = await store.owner_of(target.communication_user_id)
@@ -53,24 +119,34 @@ async def _records_for(clients: Clients, action: Action) -> list[IdentityRecord]
     return []
 
 
-async def _act(clients: Clients, action: Action) -> list[str]:
+async def _act(clients: Clients, action: Action, budget: _Budget) -> list[str]:
     """What became of each identity the event names. A Graph event names an Entra user, who may be
     known under several app keys: each identity done is marked (event, key) after it is acted on,
     so a redelivery after a failure acts only on those not done, even if the user's identities
     changed in between, and one that keeps failing does not stop the others. Marking after acting
-    means a mark that fails to land repeats that identity's action, never skips it."""
+    means a mark that fails to land repeats that identity's action, never skips it. An identity
+    the delivery's budget has no ACS call left for stays unmarked, for the retry (`_Deferred`)."""
     records = await _records_for(clients, action)
+    await _end_sessions(clients, action, records)
     if not records:
-        return ["unknown_user"]  # never used the service (or already deleted): nothing to do
+        return ["unknown_user"]  # no identity to act on; the sessions are ended all the same
     graph = bool(action.target.tenant_id and action.target.object_id)
     store = clients.store
     outcomes: list[str] = []
     failures: list[Exception] = []
+    deferred = False
     for record in records:
-        done = f"{action.event_id}/{record.user_key}" if graph else None
+        done = (
+            keys.identity_mark(action.schema, action.source, action.event_id, record.user_key)
+            if graph
+            else None
+        )
         try:
             if done and await store.event_seen(done):
                 outcomes.append("duplicate")
+                continue
+            if not budget.take_acs_call():
+                deferred = True
                 continue
             outcomes.append(await _apply(clients, action, record))
             if done:
@@ -79,7 +155,101 @@ async def _act(clients: Clients, action: Action) -> list[str]:
             failures.append(err)
     if failures:
         raise failures[0]
+    if deferred:
+        raise _Deferred(outcomes)
     return outcomes
+
+
+async def _event(clients: Clients, action: Action, budget: _Budget, gate: asyncio.Semaphore) -> list[str]:
+    """One event, once: skipped if marked, marked once every identity it names is done."""
+    async with gate:
+        if not budget.open():
+            raise _Deferred
+        mark = keys.event_mark(action.schema, action.source, action.event_id)
+        if await clients.store.event_seen(mark):
+            return ["duplicate"]
+        outcomes = await _act(clients, action, budget)
+        await clients.store.mark_event_done(mark, dt.datetime.now(dt.UTC))
+        return outcomes
+
+
+async def _notice(clients: Clients, notice: Lifecycle, budget: _Budget, gate: asyncio.Semaphore) -> list[str]:
+    """One Graph lifecycle notification, once, like any event."""
+    async with gate:
+        if not budget.open():
+            raise _Deferred
+        mark = keys.event_mark(notice.schema, notice.source, notice.event_id)
+        if await clients.store.event_seen(mark):
+            return ["duplicate"]
+        outcome = await clients.graph.on_lifecycle(notice)
+        await clients.store.mark_event_done(mark, dt.datetime.now(dt.UTC))
+        return [outcome]
+
+
+async def _work_through(
+    clients: Clients, delivery: Delivery, budget: _Budget
+) -> tuple[Counter[str], list[Exception]]:
+    """Every event of the delivery, side by side within the budget: the outcomes, "deferred" for
+    each event left for Event Grid's retry, and the failures.
+
+    Events about one target run one after another in delivery order (a revoke, then a delete, of
+    the same user stays in that order, and a user's repeated events do not race each other);
+    different targets run concurrently, CONCURRENCY at a time. An event cut off at CUTOFF_SECONDS
+    is cancelled where it stands: unmarked, like a crash, so the retry does it again.
+    """
+    gate = asyncio.Semaphore(CONCURRENCY)
+    results: Counter[str] = Counter()
+    failures: list[Exception] = []
+    settled = 0
+
+    async def settle(work: Awaitable[list[str]]) -> None:
+        nonlocal settled
+        try:
+            results.update(await work)
+        except _Deferred as left:
+            results.update(left.outcomes)
+            results["deferred"] += 1
+        except Exception as err:  # noqa: BLE001 - raised by the caller: Event Grid retries the batch
+            failures.append(err)
+        settled += 1
+
+    async def in_order(actions: list[Action]) -> None:
+        for action in actions:
+            await settle(_event(clients, action, budget, gate))
+
+    by_target: dict[EventTarget, list[Action]] = {}
+    for action in delivery.actions:
+        by_target.setdefault(action.target, []).append(action)
+    tasks = [asyncio.create_task(in_order(actions)) for actions in by_target.values()]
+    tasks += [asyncio.create_task(settle(_notice(clients, n, budget, gate))) for n in delivery.lifecycle]
+    if tasks:
+        _, running = await asyncio.wait(tasks, timeout=max(0.0, budget.cut_at - time.monotonic()))
+        for task in running:
+            task.cancel()
+        if running:  # cancelled tasks end at their next await; this only lets them unwind
+            await asyncio.wait(running, timeout=1)
+    if cut_off := len(delivery.actions) + len(delivery.lifecycle) - settled:
+        results["deferred"] += cut_off
+    return results, failures
+
+
+async def _end_sessions(clients: Clients, action: Action, records: list[IdentityRecord]) -> None:
+    """Bearers issued before the event no longer get anything (shared/tokens.py `_check_session`):
+    by every app key it reaches, and by (tenant, object id) for an Entra user, which also covers
+    keys that have no identity yet. Written first, so a failure later leaves it in place, and
+    at the event's own time, so a redelivery writes the same moment."""
+    now = dt.datetime.now(dt.UTC)
+    when = min(action.occurred_at, now) if action.occurred_at else now
+    target = action.target
+    user_keys = [record.user_key for record in records]
+    if target.issuer and target.subject:
+        user_keys.append(keys.user_key(target.issuer, target.subject))
+    entra = (target.tenant_id, target.object_id) if target.tenant_id and target.object_id else None
+    if not user_keys and entra is None:
+        return  # an identity nobody maps to: no user to end
+    # A revoke keeps the mapping: the moment goes on it too, so that refreshes need no extra read.
+    mapped = records if action.kind == "revoke" else []
+    await clients.store.end_sessions(when, action.event_type, user_keys=user_keys, entra=entra, mapped=mapped)
 
 
 async def _apply(clients: Clients, action: Action, record: IdentityRecord) -> str:
@@ -89,12 +259,14 @@ async def _apply(clients: Clients, action: Action, record: IdentityRecord) -> st
     return (await clients.revocation.revoke(record, source=source)).status
 
 
-async def _observe(clients: Clients, delivery) -> None:
-    """Note the Graph subscription the user events came through (bookkeeping: never fails them)."""
+async def _observe(clients: Clients, delivery: Delivery, budget: _Budget) -> None:
+    """Note the Graph subscription the user events came through (bookkeeping: never fails them,
+    nor delays the answer past the delivery's cut-off)."""
     if not delivery.subscriptions:
         return
     try:
-        await clients.graph.observe(delivery.subscriptions)
+        async with asyncio.timeout(max(0.0, budget.cut_at - time.monotonic())):
+            await clients.graph.observe(delivery.subscriptions)
     except Exception as err:  # noqa: BLE001 - the events were handled; the next ones note it again
         log.warning("graph subscription not noted: %s", type(err).__name__)
 
@@ -113,6 +285,7 @@ def handshake(req: func.HttpRequest) -> func.HttpResponse:
 async def deliver(req: func.HttpRequest) -> func.HttpResponse:
     if req.method == "OPTIONS":
         return handshake(req)
+    started = time.monotonic()
     try:
         clients = get_clients()
         settings = clients.settings
@@ -127,32 +300,21 @@ async def deliver(req: func.HttpRequest) -> func.HttpResponse:
         if delivery.validation_code is not None:
             log.info("event subscription validated")
             return json_response({"validationResponse": delivery.validation_code})
-        results: Counter[str] = Counter()
-        failures: list[Exception] = []
-        for action in delivery.actions:  # each event gets its turn; a failure answers for the batch
-            try:
-                if await clients.store.event_seen(action.event_id):
-                    results["duplicate"] += 1
-                    continue
-                results.update(await _act(clients, action))
-                await clients.store.mark_event_done(action.event_id, dt.datetime.now(dt.UTC))
-            except Exception as err:  # noqa: BLE001 - raised below: Event Grid retries the batch
-                failures.append(err)
-        now = dt.datetime.now(dt.UTC)
-        for notice in delivery.lifecycle:
-            try:
-                if await clients.store.event_seen(notice.event_id):
-                    results["duplicate"] += 1
-                    continue
-                results[await clients.graph.on_lifecycle(notice)] += 1
-                await clients.store.mark_event_done(notice.event_id, now)
-            except Exception as err:  # noqa: BLE001 - raised below: Event Grid retries the batch
-                failures.append(err)
-        await _observe(clients, delivery)
-        if failures:
-            raise failures[0]
+        # Each event gets its turn; a failure answers for the batch, after the others had theirs.
+        budget = _Budget(started)
+        results, failures = await _work_through(clients, delivery, budget)
+        await _observe(clients, delivery, budget)
         results["ignored"] = delivery.ignored
         log.info("events handled: %s", " ".join(f"{k}={v}" for k, v in sorted(results.items())))
+        if failures:
+            raise failures[0]
+        if deferred := results["deferred"]:
+            raise Unavailable(
+                f"{deferred} of {len(delivery.actions) + len(delivery.lifecycle)} events were left for "
+                "Event Grid's retry: this delivery's time or ACS budget ran out.",
+                code="events_deferred",
+                retry_after=RETRY_AFTER_SECONDS,
+            )
         return json_response({"results": dict(results)})
     except ServiceError as err:
         return from_error(err)

@@ -97,3 +97,29 @@ async def graph_rows(table, tenant_id: str, object_id: str) -> list:
     query = "PartitionKey eq @p and RowKey ge @lo and RowKey lt @hi"
     params = {"p": keys.INDEX_PARTITION, "lo": prefix, "hi": keys.prefix_end(prefix)}
     return [e async for e in table.query_entities(query, parameters=params)]
+
+
+class HostLog:
+    """The dev host's log from now on: what the worker logged for the requests a test makes.
+
+    Unexpected errors reach it as an ERROR record with the stack (shared/problems.py), so a clean
+    window shows that every answer in it was a mapped problem, not a caught crash."""
+
+    def __init__(self, stack) -> None:
+        self.path = stack.state_dir / "host.log"
+        self.offset = self.path.stat().st_size
+
+    def since(self) -> str:
+        with self.path.open("rb") as log:
+            log.seek(self.offset)
+            return log.read().decode("utf-8", "replace")
+
+    def assert_no_error(self, invocations: int) -> None:
+        """Once the host has logged `invocations` finished invocations: no ERROR and no traceback."""
+        deadline = time.monotonic() + 10
+        while self.since().count("Executed 'Functions.") < invocations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        logged = self.since()
+        assert logged.count("Executed 'Functions.") >= invocations, logged[-2000:]
+        for sign in (" ERROR ", "Traceback", 'File "'):
+            assert sign not in logged, logged[-3000:]

@@ -9,15 +9,17 @@ import pytest
 from bench import targets
 from bench.counting import summarize
 
+ENDED = "query ended sessions"  # issue #15: did an event end the user's sessions, before ACS is asked
 
-def _verdict(op: str, table: dict[str, int], acs: int = 1) -> str:
-    calls = summarize(Counter(table), Counter({"createIdentity": acs}), 1)
+
+def _verdict(op: str, table: dict[str, int], acs: int = 1, ended: int = 1) -> str:
+    calls = summarize(Counter({ENDED: ended, **table}), Counter({"createIdentity": acs}), 1)
     [verdict] = [t for t in targets.evaluate({"calls": {op: calls}}) if t["target"] == f"{op} calls"]
     return verdict["status"]
 
 
-def _first_issue(table: dict[str, int], acs: int = 1) -> str:
-    return _verdict("first issue", table, acs)
+def _first_issue(table: dict[str, int], acs: int = 1, ended: int = 1) -> str:
+    return _verdict("first issue", table, acs, ended)
 
 
 INDEX = "batch [upsert owner, upsert retention, upsert graph]"
@@ -53,6 +55,11 @@ def test_anything_else_fails(table):
     assert _first_issue(table) == "FAIL"
 
 
+def test_a_first_issue_that_does_not_check_for_ended_sessions_fails():
+    assert _first_issue({"read mapping": 1, "insert mapping": 1, INDEX: 1}, ended=0) == "FAIL"
+    assert _first_issue({"read mapping": 1, "insert mapping": 1, INDEX: 1}, ended=2) == "FAIL"
+
+
 def test_a_graph_row_the_configuration_does_not_need_fails():
     for op in ("first issue, AUTH_USER_CLAIM=oid", "first issue, no oid/tid"):
         assert _verdict(op, {"read mapping": 1, "insert mapping": 1, INDEX: 1}) == "FAIL"
@@ -65,7 +72,9 @@ def test_a_second_acs_call_or_none_fails():
 
 def test_a_count_the_run_did_not_make_fails():
     calls = summarize(
-        Counter({"read mapping": 1, "insert mapping": 1, INDEX: 1}), Counter({"createIdentity": 1}), 1
+        Counter({"read mapping": 1, ENDED: 1, "insert mapping": 1, INDEX: 1}),
+        Counter({"createIdentity": 1}),
+        1,
     )
     verdicts = {t["target"]: t["status"] for t in targets.evaluate({"calls": {"first issue": calls}})}
     assert verdicts["first issue calls"] == "PASS"

@@ -20,6 +20,8 @@ from azure.eventgrid import EventGridEvent, EventGridPublisherClient
 
 from shared.errors import BadRequest, PayloadTooLarge
 from shared.events import (
+    CLOUDEVENTS_SCHEMA,
+    EVENT_GRID_SCHEMA,
     MAX_BODY_BYTES,
     MAX_EVENTS,
     Action,
@@ -43,6 +45,11 @@ EG = "application/json"
 CE = "application/cloudevents+json"
 CE_BATCH = "application/cloudevents-batch+json"
 VALIDATION = "Microsoft.EventGrid.SubscriptionValidationEvent"
+TOPIC = "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.EventGrid/topics/contoso"
+GRAPH_SOURCE = f"/tenants/{TENANT}/applications/{APP}"
+# What names an event once, by schema: (schema, source) go with the id into Action.
+IN_GRID = (EVENT_GRID_SCHEMA, TOPIC)
+IN_GRAPH = (CLOUDEVENTS_SCHEMA, GRAPH_SOURCE)
 
 
 def body(value: Any) -> bytes:
@@ -92,7 +99,7 @@ def graph_event(
     return {
         "id": event_id,
         "type": event_type,
-        "source": f"/tenants/{TENANT}/applications/{APP}",
+        "source": GRAPH_SOURCE,
         "subject": f"Users/{USER}",
         "time": "2026-11-24T22:24:31.3062901Z",
         "datacontenttype": "application/json",
@@ -120,7 +127,7 @@ def grid_event(event_type: str, data: Any = None, event_id: str = "eg-1", **extr
     """An Event Grid schema event as Event Grid delivers it (topic and metadataVersion added)."""
     return {
         "id": event_id,
-        "topic": "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.EventGrid/topics/contoso",
+        "topic": TOPIC,
         "subject": "/identity/users",
         "eventType": event_type,
         "eventTime": "2026-11-24T22:24:31.1234567Z",
@@ -153,7 +160,9 @@ GRAPH_USER = EventTarget(tenant_id=TENANT, object_id=USER)
 def test_event_grid_custom_user_deleted():
     delivery = parse([grid_event("Contoso.App.UserDeleted", APP_USER)])
     target = EventTarget(issuer=ISSUER, subject="alice")
-    assert delivery == Delivery(None, (Action("eg-1", "delete", target, "Contoso.App.UserDeleted"),), 0)
+    assert delivery == Delivery(
+        None, (Action("eg-1", "delete", target, "Contoso.App.UserDeleted", *IN_GRID),), 0
+    )
 
 
 def test_event_grid_custom_credentials_changed_by_identity():
@@ -178,7 +187,9 @@ def test_event_grid_batch_mixing_types_keeps_order_and_counts_the_rest():
 def test_event_grid_schema_carrying_a_graph_event():
     data = graph_event()["data"]
     delivery = parse([grid_event("Microsoft.Graph.UserDeleted", data, subject=f"Users/{USER}")])
-    assert delivery.actions == (Action("eg-1", "delete", GRAPH_USER, "Microsoft.Graph.UserDeleted"),)
+    assert delivery.actions == (
+        Action("eg-1", "delete", GRAPH_USER, "Microsoft.Graph.UserDeleted", *IN_GRID),
+    )
 
 
 def test_only_unrelated_events():
@@ -235,7 +246,7 @@ def test_validation_header_needs_exactly_one_validation_event():
 def test_cloudevents_single_graph_user_deleted():
     delivery = parse(graph_event(), CE)
     assert delivery == Delivery(
-        None, (Action("graph-1", "delete", GRAPH_USER, "Microsoft.Graph.UserDeleted"),), 0
+        None, (Action("graph-1", "delete", GRAPH_USER, "Microsoft.Graph.UserDeleted", *IN_GRAPH),), 0
     )
 
 
@@ -469,6 +480,68 @@ def test_custom_event_claims_up_to_1024_characters_are_kept():
     data = {"issuer": "i" * 1024, "subject": "s" * 1024}
     target = parse(cloud_event("Contoso.App.UserDeleted", data), CE).actions[0].target
     assert target == EventTarget(issuer="i" * 1024, subject="s" * 1024)
+
+
+# What names an event once -------------------------------------------------------------------------------
+# CloudEvents 1.0, `id`: "Producers MUST ensure that source + id is unique for each distinct event.
+# [...] Consumers MAY assume that Events with identical source and id are duplicates" (the
+# CloudEvents specification, spec.md, "id"); an id alone is unique only within its source. The Event
+# Grid schema's `topic` is "Full resource path to the event source. This field isn't writeable.
+# Event Grid provides this value" (Microsoft Learn, "Azure Event Grid event schema").
+
+
+def test_each_event_carries_what_its_schema_makes_unique():
+    cloud = parse(
+        [cloud_event("Contoso.App.UserDeleted", APP_USER, event_id="1"), graph_event(event_id="1")],
+        CE_BATCH,
+    )
+    assert [(a.schema, a.source, a.event_id) for a in cloud.actions] == [
+        (CLOUDEVENTS_SCHEMA, "/contoso/identity", "1"),
+        (CLOUDEVENTS_SCHEMA, GRAPH_SOURCE, "1"),
+    ]
+    grid = parse([grid_event("Contoso.App.UserDeleted", APP_USER, event_id="1")])
+    assert [(a.schema, a.source, a.event_id) for a in grid.actions] == [(EVENT_GRID_SCHEMA, TOPIC, "1")]
+    untopical = grid_event("Contoso.App.UserDeleted", APP_USER)
+    del untopical["topic"]  # posted straight to the webhook, not through Event Grid
+    assert parse([untopical]).actions[0].source == ""
+    lifecycle = graph_event(
+        "Microsoft.Graph.SubscriptionReauthorizationRequired",
+        event_id="7",
+        lifecycleEvent="reauthorizationRequired",
+    )
+    (notice,) = parse(lifecycle, CE).lifecycle
+    assert (notice.schema, notice.source, notice.event_id) == (CLOUDEVENTS_SCHEMA, GRAPH_SOURCE, "7")
+
+
+@pytest.mark.parametrize("topic", ["", 5, "x" * 1025])
+def test_an_event_grid_topic_when_given_is_a_sane_string(topic: Any):
+    rejected([grid_event("Contoso.App.UserDeleted", APP_USER, topic=topic)], "topic")
+
+
+def test_mark_keys_keep_schemas_sources_and_kinds_apart():
+    from shared import keys
+
+    marks = {
+        keys.event_mark(CLOUDEVENTS_SCHEMA, "/a", "1"),
+        keys.event_mark(CLOUDEVENTS_SCHEMA, "/b", "1"),  # same id, another source
+        keys.event_mark(EVENT_GRID_SCHEMA, "/a", "1"),  # same source and id, the other schema
+        keys.event_mark(CLOUDEVENTS_SCHEMA, "/a|1", ""),  # the parts are length-prefixed
+        keys.event_mark(CLOUDEVENTS_SCHEMA, "", "/a1"),
+        keys.identity_mark(CLOUDEVENTS_SCHEMA, "/a", "1", "u-x"),
+        keys.identity_mark(CLOUDEVENTS_SCHEMA, "/a", "1", "u-y"),
+    }
+    assert len(marks) == 7
+    # An identity's mark lives under a prefix no event's mark has, whatever the event's id says:
+    # before, an event with id "G/<user key>" marked what Graph event G's identity mark was.
+    user_key = keys.user_key(ISSUER, "alice")
+    forged = keys.event_mark(CLOUDEVENTS_SCHEMA, "/a", f"G/{user_key}")
+    real = keys.identity_mark(CLOUDEVENTS_SCHEMA, GRAPH_SOURCE, "G", user_key)
+    assert forged.startswith(keys.EVENT_MARK_PREFIX) and real.startswith(keys.IDENTITY_MARK_PREFIX)
+    assert not keys.EVENT_MARK_PREFIX.startswith(keys.IDENTITY_MARK_PREFIX)
+    assert not keys.IDENTITY_MARK_PREFIX.startswith(keys.EVENT_MARK_PREFIX)
+    # ... and under neither of the first format's ("e-" + digest): such rows are never read again.
+    assert not any(mark.startswith("e-") for mark in marks)
+    assert all(len(mark) <= 64 and "/" not in mark for mark in marks)  # legal, short Table keys
 
 
 # Malformed deliveries ------------------------------------------------------------------------------------
@@ -755,12 +828,16 @@ def test_sdk_event_grid_events(publish: Callable):
             "delete",
             EventTarget(issuer=ISSUER, subject="alice"),
             "Contoso.App.UserDeleted",
+            EVENT_GRID_SCHEMA,
+            "",  # posted straight to the webhook: no topic (Event Grid would stamp one)
         ),
         Action(
             str(events[1].id),
             "revoke",
             EventTarget(communication_user_id=ACS_USER),
             "Contoso.App.PasswordChanged",
+            EVENT_GRID_SCHEMA,
+            "",
         ),
     )
     assert delivery.ignored == 1
@@ -785,9 +862,14 @@ def test_sdk_cloud_event_batch_with_graph_payloads(publish: Callable):
     assert content_type is not None and content_type.startswith(CE_BATCH)
     delivery = parse_delivery(raw, content_type, None, TYPES)
     assert delivery.actions == (
-        Action(events[0].id, "revoke", GRAPH_USER, "Microsoft.Graph.UserUpdated"),
+        Action(events[0].id, "revoke", GRAPH_USER, "Microsoft.Graph.UserUpdated", *IN_GRAPH),
         Action(
-            events[1].id, "delete", EventTarget(communication_user_id=ACS_USER), "Contoso.App.UserDeleted"
+            events[1].id,
+            "delete",
+            EventTarget(communication_user_id=ACS_USER),
+            "Contoso.App.UserDeleted",
+            CLOUDEVENTS_SCHEMA,
+            "/contoso/identity",
         ),
     )
     assert delivery.ignored == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import uuid
 
@@ -169,7 +170,10 @@ async def test_a_redelivery_after_a_partial_failure_acts_only_on_the_identities_
     assert emulator.verify(identities[done][1]) == {"valid": False, "reason": "revoked"}
 
     # Signed in again since: the redelivery must not revoke the token issued meanwhile.
-    caller = identities[done][0]
+    # A new sign-in: its bearer is newer than the event, which ended the older ones' sessions.
+    caller = dataclasses.replace(
+        identities[done][0], issued_at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+    )
     reissued = await clients.tokens.issue(caller, TokenRequest(scopes=("chat",), minutes=60))
     assert reissued.communication_user_id == done
     assert (await _deliver(event)).status_code == 200
@@ -219,7 +223,9 @@ async def test_a_redelivery_does_not_act_again_on_an_identity_done_though_the_ot
     event = _graph_event("UserUpdated", claims["tid"], claims["oid"])
     assert (await _deliver(event)).status_code == 503
     assert (await clients.revocation.delete(failed, source="test")).status == "deleted"
-    caller = identities[done.communication_user_id][0]
+    caller = dataclasses.replace(
+        identities[done.communication_user_id][0], issued_at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+    )
     reissued = await clients.tokens.issue(caller, TokenRequest(scopes=("chat",), minutes=60))
 
     redelivered = await _deliver(event)
