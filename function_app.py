@@ -59,6 +59,12 @@ async def manage_delete_identity(req: func.HttpRequest) -> func.HttpResponse:
     return await endpoints.manage_delete(req)
 
 
+@app.route(route="manage/retention", methods=["GET"])
+async def manage_retention(req: func.HttpRequest) -> func.HttpResponse:
+    """What retention would delete next, and not before when: a dry run (app role TokenService.Admin)."""
+    return await endpoints.manage_retention(req)
+
+
 @app.route(route="events", methods=["POST", "OPTIONS"], auth_level=func.AuthLevel.FUNCTION)
 async def events(req: func.HttpRequest) -> func.HttpResponse:
     """Event Grid webhook: users deleted or changed in the IdP lose their ACS access."""

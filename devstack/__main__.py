@@ -137,12 +137,16 @@ def cmd_timer(args: argparse.Namespace) -> int:
         from shared.clients import get_clients, reset_clients
 
         try:
-            return await get_clients().cleanup.run(ignore_backoff=True)
+            cleanup = get_clients().cleanup
+            return await (cleanup.preview(args.limit) if args.dry_run else cleanup.run(ignore_backoff=True))
         finally:
             await reset_clients()
 
     report = asyncio.run(run())
-    print(json.dumps(report, indent=2) if args.json else describe_cleanup(report))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(describe_preview(report) if args.dry_run else describe_cleanup(report))
     return 0
 
 
@@ -151,7 +155,9 @@ CLEANUP_LINES = (
     ("revoked", "revocations completed"),
     ("deleted", "deletions completed"),
     ("discarded", "identities left over from lost creation races deleted"),
+    ("retention_claimed", "stale identities claimed: deleted by a run 10 minutes on, unless used first"),
     ("retention_deleted", "identities unused for IDENTITY_RETENTION_DAYS retired"),
+    ("retention_cancelled", "retention claims given up: used since, or deleted another way"),
     ("retention_unmapped_deleted", "identities a crash left unmapped deleted"),
     ("event_ids_forgotten", "event ids older than a week forgotten"),
 )
@@ -163,6 +169,32 @@ def describe_cleanup(report: dict) -> str:
     other = {k: v for k, v in report.items() if k not in dict(CLEANUP_LINES)}
     if other:
         lines.append("  also: " + ", ".join(f"{k}={v}" for k, v in sorted(other.items())))
+    return "\n".join(lines)
+
+
+PREVIEW_STATES = {
+    "stale": "unused for the retention period: the next run claims it",
+    "claimed": "claimed: deleted then at the earliest, unless used first",
+    "deleting": "committed: being deleted",
+    "unmapped": "no user maps to it: the next run deletes it",
+}
+
+
+def describe_preview(preview: dict) -> str:
+    """What retention would delete next, a line an identity, oldest first."""
+    lines = [
+        f"retention dry run: identities unused since before {preview['cutoff']} "
+        f"({preview['retentionDays']} days); a claim waits {preview['graceMinutes']} minutes for a use"
+    ]
+    for item in preview["identities"]:
+        lines.append(
+            f"  {item['communicationUserId']}  last used {item['lastUsedOn'] or '-'}  "
+            f"not before {item['notBefore']}  {PREVIEW_STATES[item['state']]}"
+        )
+    if not preview["identities"]:
+        lines.append("  nothing to delete")
+    if preview["truncated"]:
+        lines.append(f"  ... and more (--limit, at most {len(preview['identities'])} listed)")
     return "\n".join(lines)
 
 
@@ -209,6 +241,12 @@ def parser() -> argparse.ArgumentParser:
     timer = sub.add_parser("timer", help="run a timer function's work once now against the running stack")
     timer.add_argument("name", choices=["cleanup"], help="the timer function")
     timer.add_argument("--json", action="store_true", help="print the run's counters as JSON")
+    timer.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="change nothing: list what retention would delete next, and when",
+    )
+    timer.add_argument("--limit", type=int, default=100, help="with --dry-run: list at most this many")
     timer.add_argument("--state-dir")
     timer.set_defaults(func=cmd_timer)
 

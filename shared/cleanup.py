@@ -8,6 +8,14 @@ stays well under ACS's limits (500 revokes and 500 deletes per 30 s): each run s
 RUN_BUDGET of each, so even two overlapping runs stay below them, and a run stops taking work
 near its deadline. Alongside, it keeps the Microsoft Graph subscription alive (`shared.graph`):
 the lifecycle notification that asks for a renewal may never come.
+
+Retention is the system's choice, never the user's, so a use always wins over it, in two steps:
+a run *claims* a stale identity (`pending="retire"` on the mapping, etag-guarded on the row it
+judged), and a run at least RETIRE_GRACE later *commits* the claim (`pending="delete"`, etag-guarded
+on the mapping judged still claimed and still stale) before it asks ACS to delete. A token request
+that finds a claim cancels it with its last-use write before it asks ACS for a token; one that read
+the mapping before the claim writes its use within RETIRE_GRACE. Either way the commit fails, and
+the identity stays (README, "Retention").
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from .acs import AcsGateway
 from .clock import Clock, utcnow
-from .errors import NotFound, ServiceError, Unavailable
+from .errors import NotFound, ServiceError
 from .keys import retention_row
 from .store import Filed, IdentityRecord, IdentityStore, PendingWork
 
@@ -37,6 +45,13 @@ LEASE = dt.timedelta(minutes=2)
 # its way, not one that crashed: keep it until it is clearly abandoned.
 BLOCK_GRACE = dt.timedelta(minutes=10)
 MAX_BACKOFF = dt.timedelta(hours=1)
+# Between a retention claim and its commit: longer than any request may hold a mapping it read
+# before the claim (host.json's functionTimeout, 5 min; tests/test_retention.py checks).
+RETIRE_GRACE = dt.timedelta(minutes=10)
+# Before an identity whose mapping insert had no clear answer is deleted as unmapped: the Table
+# service gives up on a write after at most 30 s ("Setting timeouts for Table service operations",
+# Microsoft Learn), and the SDK's retries of it land within minutes.
+LATE_WRITE_GRACE = dt.timedelta(minutes=10)
 # Event Grid redelivers for at most 24 hours; remembering ids for a week is ample.
 EVENT_MEMORY = dt.timedelta(days=7)
 TIMER_OPTIONS = {"retry_total": 1, "retry_backoff_factor": 0.2}
@@ -49,7 +64,7 @@ def backoff(attempts: int) -> dt.timedelta:
 
 class Budget:
     def __init__(self, limit: int) -> None:
-        self.left = {"revoke": limit, "delete": limit}
+        self.left = {"revoke": limit, "delete": limit, "claim": limit}
 
     def take(self, kind: str) -> bool:
         if self.left[kind] <= 0:
@@ -115,12 +130,7 @@ class Cleanup:
 
     async def _pending(self, counts: Counter, budget: Budget, deadline: float, ignore_backoff: bool) -> None:
         now = self.clock()
-        due = [
-            work
-            async for work in self.store.pending_work()
-            if (ignore_backoff or work.next_attempt_at <= now)
-            and not (work.lease_until and work.lease_until > now)
-        ]
+        due = [work async for work in self.store.pending_work() if _due(work, now, ignore_backoff)]
         counts["pending_due"] += len(due)
         gate = asyncio.Semaphore(CONCURRENCY)
 
@@ -148,6 +158,20 @@ class Cleanup:
             return
         record = await self.store.get(work.user_key) if work.user_key else None
         op = work.op
+        if op == "retire":
+            try:
+                await self._commit_retirement(claimed, record, counts)
+            except Exception as err:  # noqa: BLE001 - its lease lapses; a later run judges it again
+                await self.store.retry_later(claimed, self.clock() + backoff(work.attempts))
+                counts["retry_retire"] += 1
+                log.info("cleanup retire retry attempts=%d reason=%s", work.attempts + 1, type(err).__name__)
+            return
+        if op == "settle":  # a mapping insert without a clear answer: did it land?
+            if record is not None and record.communication_user_id == work.communication_user_id:
+                await self.store.finish(claimed)
+                counts["settled_mapped"] += 1
+                return
+            op = "discard"  # nobody maps it, and no late insert can land any more
         if op != "discard":
             mapped = record is not None and record.communication_user_id == work.communication_user_id
             now = self.clock()
@@ -179,8 +203,10 @@ class Cleanup:
                 counts["deleted"] += 1
             else:
                 await self.acs.delete(work.communication_user_id, **TIMER_OPTIONS)
+                if work.op == "settle":  # its retention row stays: the sweep drops it with the Graph row
+                    await self.store.forget_owner(work.communication_user_id)
                 await self.store.finish(claimed)
-                counts["discarded"] += 1
+                counts["settled_discarded" if work.op == "settle" else "discarded"] += 1
         except Exception as err:  # noqa: BLE001 - one failed item must not stop the run
             reason = err.code if isinstance(err, ServiceError) else type(err).__name__
             await self.store.retry_later(claimed, self.clock() + backoff(work.attempts))
@@ -203,45 +229,64 @@ class Cleanup:
         await self.store.finish(work)
         counts["revoked"] += 1
 
-    # ---- retention -------------------------------------------------------------------------------
+    # ---- retention -----------------------------------------------------------------------------------
+
+    def _cutoff(self) -> str:
+        """Identities last used before this day are stale."""
+        return (self.clock() - dt.timedelta(days=self.retention_days)).date().isoformat()
 
     async def _retention(self, counts: Counter, budget: Budget, deadline: float) -> None:
-        cutoff = (self.clock() - dt.timedelta(days=self.retention_days)).date().isoformat()
+        cutoff = self._cutoff()
         async for filed in self.store.filed_before(cutoff):
             if time.monotonic() > deadline:
                 counts["deferred_deadline"] += 1
                 return
             try:
-                if not await self._file_or_retire(filed, cutoff, counts, budget):
+                if not await self._file_or_claim(filed, cutoff, counts, budget):
                     counts["deferred_budget"] += 1
                     return
             except Exception as err:  # noqa: BLE001 - the row stays: the next run tries again
                 counts["retention_failed"] += 1
                 log.warning("retention step failed: %s", type(err).__name__)
 
-    async def _file_or_retire(self, filed: Filed, cutoff: str, counts: Counter, budget: Budget) -> bool:
-        """One retention row; False when the run's delete budget is spent."""
+    async def _file_or_claim(self, filed: Filed, cutoff: str, counts: Counter, budget: Budget) -> bool:
+        """One retention row; False when the run's budget is spent. A stale identity is only
+        claimed here: `_commit_retirement`, a later run, deletes it if nobody used it meanwhile."""
         record = await self.store.get(filed.user_key)
         if record is not None and filed.communication_user_id == record.communication_user_id:
             if record.last_used_on >= cutoff:
                 await self.store.refile(filed, record)
                 counts["retention_refiled"] += 1
                 return True
+            if record.pending == "retire":  # claimed by an earlier run; its work may have been lost
+                if await self.store.queue_retirement(record, self.clock(), RETIRE_GRACE, filed.row_key):
+                    counts["retention_requeued"] += 1
+                return True
             if record.pending:
                 counts["retention_pending_elsewhere"] += 1
                 return True
-            if not budget.take("delete"):
+            if not budget.take("claim"):
                 return False
-            await self._retire(record, filed, counts)
+            if await self.store.claim_retirement(record, self.clock(), RETIRE_GRACE, filed.row_key):
+                counts["retention_claimed"] += 1
+            else:
+                counts["retention_used_meanwhile"] += 1  # or another run claimed it first
+            return True
+        if filed.lease_until is not None and filed.lease_until > self.clock():
+            counts["retention_claimed_elsewhere"] += 1
             return True
         if not budget.take("delete"):
             return False
+        if not await self.store.claim_sweep(filed, self.clock() + LEASE):
+            counts["retention_claimed_elsewhere"] += 1  # or retired meanwhile: its row is gone
+            return True
         await self._sweep(filed, counts)
         return True
 
     async def _sweep(self, filed: Filed, counts: Counter) -> None:
         """Its user maps to another identity, or to none: this one was deleted, or a crash (or a lost
-        race whose cleanup failed) left it unmapped. Deleting it again is harmless: ACS says so."""
+        race whose cleanup failed) left it unmapped. Deleting it again is harmless: ACS says so.
+        A retention row is older than any mapping insert still on its way (`tokens._settle`)."""
         await self.acs.delete(filed.communication_user_id, **TIMER_OPTIONS)
         await self.store.forget_owner(filed.communication_user_id)
         if filed.graph_row:  # a first issue that never got its mapping filed one
@@ -249,15 +294,141 @@ class Cleanup:
         await self.store.drop_retention_row(filed)
         counts["retention_unmapped_deleted"] += 1
 
-    async def _retire(self, record: IdentityRecord, filed: Filed, counts: Counter) -> None:
+    async def _commit_retirement(
+        self, work: PendingWork, record: IdentityRecord | None, counts: Counter
+    ) -> None:
+        """A claim's second step: delete only what is still claimed, by this claim, and still stale
+        now. A use since, a user's or admin's request, or an event has replaced or cancelled it."""
+        ours = (
+            record is not None
+            and record.communication_user_id == work.communication_user_id
+            and record.pending_id == work.pending_id
+            and record.pending in ("retire", "delete")
+        )
+        if not ours:
+            await self.store.finish(work)
+            counts["retention_cancelled"] += 1
+            return
+        if record.pending == "retire":
+            if record.last_used_on >= self._cutoff():  # used, but its write did not clear the claim
+                if await self.store.clear_pending(record):
+                    await self.store.finish(work)
+                    counts["retention_cancelled"] += 1
+                else:
+                    await self.store.retry_later(work, self.clock())
+                return
+            committed = await self.store.commit_retirement(record)
+            if committed is None:  # changed since it was read: judged again by the next run
+                await self.store.retry_later(work, self.clock())
+                counts["retention_changed"] += 1
+                return
+            record = committed
+        # Committed, now or by a run that stopped before ACS answered: no use can cancel it now.
+        # Its retention rows go first, so that another run's scan never sweeps it as unmapped
+        # too; the queued work, not the rows, carries it until it is done.
+        own_row = retention_row(record.last_used_on, record.user_key, record.communication_user_id)
+        for row in dict.fromkeys(filter(None, (own_row, work.retention_row))):
+            await self.store.drop_retention_row(row)
         try:
             await self.acs.delete(record.communication_user_id, **TIMER_OPTIONS)
-        except Unavailable:
-            await self.store.mark_pending(record, "delete", self.clock(), backoff(0))
-            counts["retention_pending"] += 1
+        except Exception as err:  # noqa: BLE001 - throttled, failing, or no answer
+            # Back to a claim a use may cancel: a returning user must not wait for ACS to recover.
+            # (Had ACS deleted it after all, that user's next request finds it gone and heals.)
+            await self.store.reopen_retirement(record)
+            await self.store.retry_later(work, self.clock() + backoff(work.attempts))
+            counts["retry_retire"] += 1
+            reason = err.code if isinstance(err, ServiceError) else type(err).__name__
+            log.info("cleanup retire retry attempts=%d reason=%s", work.attempts + 1, reason)
             return
-        await self.store.remove(record, reason="retired")  # drops the row of its last-use day
-        own_row = retention_row(record.last_used_on, record.user_key, record.communication_user_id)
-        if filed.row_key != own_row:  # another day's row: a crash mid-refile
-            await self.store.drop_retention_row(filed)
+        await self.store.remove(record, reason="retired")
+        await self.store.finish(work)
         counts["retention_deleted"] += 1
+
+    # ---- what retention would do next ------------------------------------------------------------------
+
+    async def preview(self, limit: int = 100) -> dict:
+        """What retention would delete next, and not before when, changing nothing: a dry run of
+        the timer for operators (GET /api/manage/retention, `python -m devstack timer cleanup
+        --dry-run`). A use before then still saves a mapped identity; an unmapped one has no user."""
+        now, cutoff = self.clock(), self._cutoff()
+        retiring = {
+            (work.user_key, work.communication_user_id): work
+            async for work in self.store.pending_work()
+            if work.op == "retire"
+        }
+        listed: list[dict] = []
+        seen: set[str] = set()
+        truncated = False
+
+        def add(
+            communication_user_id: str, user_key: str, last_used_on: str | None, state: str, when
+        ) -> None:
+            seen.add(communication_user_id)
+            listed.append(
+                {
+                    "communicationUserId": communication_user_id,
+                    "userKey": user_key,
+                    "lastUsedOn": last_used_on,
+                    "state": state,
+                    "notBefore": _iso(max(when, now)),
+                }
+            )
+
+        for (key, communication_user_id), work in retiring.items():  # committed: rows dropped already
+            record = await self.store.get(key)
+            if (
+                record is not None
+                and record.communication_user_id == communication_user_id
+                and record.pending_id == work.pending_id
+                and record.pending == "delete"
+            ):
+                add(communication_user_id, key, record.last_used_on, "deleting", work.next_attempt_at)
+        async for filed in self.store.filed_before(cutoff):
+            if filed.communication_user_id in seen:
+                continue
+            if len(listed) >= limit:
+                truncated = True
+                break
+            record = await self.store.get(filed.user_key)
+            if record is None or record.communication_user_id != filed.communication_user_id:
+                add(filed.communication_user_id, filed.user_key, None, "unmapped", now)
+            elif record.last_used_on >= cutoff or record.pending in ("revoke", "delete"):
+                continue  # used since (the row moves forward), or a request's work, not retention's
+            elif record.pending == "retire" and (
+                work := retiring.get((filed.user_key, filed.communication_user_id))
+            ):
+                due = max(work.next_attempt_at, (work.requested_at or now) + RETIRE_GRACE)
+                add(filed.communication_user_id, filed.user_key, record.last_used_on, "claimed", due)
+            else:
+                add(
+                    filed.communication_user_id,
+                    filed.user_key,
+                    record.last_used_on,
+                    "stale",
+                    now + RETIRE_GRACE,
+                )
+        return {
+            "retentionDays": self.retention_days,
+            "cutoff": cutoff,
+            "graceMinutes": int(RETIRE_GRACE.total_seconds() // 60),
+            "identities": listed[:limit],
+            "truncated": truncated or len(listed) > limit,
+        }
+
+
+def _iso(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+GRACE = {"retire": RETIRE_GRACE, "settle": LATE_WRITE_GRACE}
+
+
+def _due(work: PendingWork, now: dt.datetime, ignore_backoff: bool) -> bool:
+    """Due unless leased, or backing off; a retention claim or a settlement never before its grace
+    has passed, not even when backoff is ignored (`make timer`): what may still land must have."""
+    if work.lease_until and work.lease_until > now:
+        return False
+    grace = GRACE.get(work.op)
+    if grace is not None and work.requested_at is not None and now < work.requested_at + grace:
+        return False
+    return ignore_backoff or work.next_attempt_at <= now

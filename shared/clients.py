@@ -152,6 +152,7 @@ def build(settings: Settings) -> Clients:
         authenticator = JwtAuthenticator(settings, jwks)
     store = IdentityStore(table, object_id_issuer=settings.object_id_issuer)
     gateway = AcsGateway(acs)
+    revocation = RevocationService(store, gateway)
     # Graph takes no key: with connection strings for ACS and Storage it makes the credential
     # itself, on its first call; otherwise it shares the worker's. Its pipeline is made then too.
     graph = GraphSubscriptions(
@@ -171,8 +172,8 @@ def build(settings: Settings) -> Clients:
         credential=credential,
         authenticator=authenticator,
         jwks=jwks,
-        tokens=TokenService(store, gateway),
-        revocation=RevocationService(store, gateway),
+        tokens=TokenService(store, gateway, revocation=revocation, retention_days=settings.retention_days),
+        revocation=revocation,
         cleanup=Cleanup(store, gateway, retention_days=settings.retention_days, graph=graph),
         store=store,
         limiter=RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None,

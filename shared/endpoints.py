@@ -22,6 +22,7 @@ from .settings import get_settings
 log = logging.getLogger("acs_token_service.endpoints")
 ADMIN_ROLE = "TokenService.Admin"
 MAX_ID_LENGTH = 256
+RETENTION_PREVIEW_DEFAULT, RETENTION_PREVIEW_MAX = 100, 1000  # each listed identity costs a read
 
 if TYPE_CHECKING:  # auth loads with the clients, on first use: importing function_app stays light
     from .auth import Caller
@@ -152,10 +153,14 @@ async def _delete_own(clients: Clients, caller: Caller, _req: func.HttpRequest) 
     return _outcome_response(await clients.revocation.delete(record, source="user"))
 
 
-async def _managed_record(clients: Clients, caller: Caller, req: func.HttpRequest):
-    """The record of the identity a manage/ route names; the caller needs the admin role."""
+def _require_admin(caller: Caller) -> None:
     if not caller.has_role(ADMIN_ROLE):
         raise Forbidden(f"This route needs the app role {ADMIN_ROLE}.")
+
+
+async def _managed_record(clients: Clients, caller: Caller, req: func.HttpRequest):
+    """The record of the identity a manage/ route names; the caller needs the admin role."""
+    _require_admin(caller)
     communication_user_id = req.route_params.get("communicationUserId", "")
     if not communication_user_id or len(communication_user_id) > MAX_ID_LENGTH:
         raise BadRequest("communicationUserId is missing or too long.", code="invalid_identity_id")
@@ -176,6 +181,16 @@ async def _manage_delete(clients: Clients, caller: Caller, req: func.HttpRequest
     return _outcome_response(await clients.revocation.delete(record, source="admin"))
 
 
+async def _manage_retention(clients: Clients, caller: Caller, req: func.HttpRequest) -> func.HttpResponse:
+    _require_admin(caller)
+    raw = req.params.get("limit", str(RETENTION_PREVIEW_DEFAULT))
+    if not raw.isdigit() or not 1 <= int(raw) <= RETENTION_PREVIEW_MAX:
+        raise BadRequest(
+            f"limit must be a whole number from 1 to {RETENTION_PREVIEW_MAX}.", code="invalid_limit"
+        )
+    return json_response(await clients.cleanup.preview(int(raw)))
+
+
 async def revoke_tokens(req: func.HttpRequest) -> func.HttpResponse:
     return await _respond(req, _revoke_own, limit="own")
 
@@ -192,6 +207,11 @@ async def manage_revoke(req: func.HttpRequest) -> func.HttpResponse:
 async def manage_delete(req: func.HttpRequest) -> func.HttpResponse:
     """DELETE /api/manage/identities/{communicationUserId} (app role TokenService.Admin)."""
     return await _respond(req, _manage_delete, limit="manage")
+
+
+async def manage_retention(req: func.HttpRequest) -> func.HttpResponse:
+    """GET /api/manage/retention (app role TokenService.Admin): a dry run of retention."""
+    return await _respond(req, _manage_retention, limit="manage")
 
 
 # ---- the cleanup timer --------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ class RevocationService:
 
     @telemetry.counts_revocations("revoke")
     async def revoke(self, record: IdentityRecord, *, source: str) -> Outcome:
-        if record.pending:  # a pending delete revokes too; a pending revoke covers this one
+        if record.pending in ("revoke", "delete"):  # a delete revokes too; a revoke covers this one
             return Outcome("pending", record.communication_user_id)
         try:
             await self.acs.revoke(record.communication_user_id, **REQUEST_PATH_OPTIONS)
@@ -66,6 +66,7 @@ class RevocationService:
 
     @telemetry.counts_revocations("delete")
     async def delete(self, record: IdentityRecord, *, source: str) -> Outcome:
+        """A retention claim on the identity (`pending="retire"`) gives way to it."""
         if record.pending == "delete":
             return Outcome("pending", record.communication_user_id)
         # Durable before ACS is asked: queued and blocked first, so that a crash after ACS deleted

@@ -124,6 +124,8 @@ class Filed:
     user_key: str
     communication_user_id: str
     graph_row: str = ""  # the user's Graph lookup row, if one was filed with it
+    etag: str | None = None
+    lease_until: dt.datetime | None = None  # a cleanup run is sweeping it (`claim_sweep`)
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,7 @@ class PendingWork:
     """A revoke, delete or discard that ACS has not confirmed yet."""
 
     row_key: str
-    op: str  # "revoke", "delete" or "discard"
+    op: str  # "revoke", "delete", "retire", "settle" or "discard"
     pending_id: str
     communication_user_id: str
     user_key: str  # "" for discard
@@ -184,6 +186,7 @@ class PendingWork:
     lease_until: dt.datetime | None
     etag: str
     requested_at: dt.datetime | None = None
+    retention_row: str = ""  # retire: the retention row the pass judged (drop it with the identity)
 
 
 class IdentityStore:
@@ -211,6 +214,24 @@ class IdentityStore:
             return await self.table.get_entity(partition, row)
         except ResourceNotFoundError:
             return None
+
+    async def _merge_if_unchanged(
+        self, partition: str, row: str, etag: str | None, values: dict
+    ) -> str | None:
+        """Merge `values` into the row only as it was read (`etag`): its new etag, or None when it
+        changed or went since (someone else's write came first) or was never read."""
+        if etag is None:
+            return None
+        try:
+            metadata = await self.table.update_entity(
+                {"PartitionKey": partition, "RowKey": row, **values},
+                mode=UpdateMode.MERGE,
+                etag=etag,
+                match_condition=MatchConditions.IfNotModified,
+            )
+        except (ResourceModifiedError, ResourceNotFoundError):
+            return None
+        return metadata["etag"]
 
     async def _delete(self, partition: str, row: str, etag: str | None = None) -> None:
         kwargs = {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
@@ -517,20 +538,7 @@ class IdentityStore:
         identity as unmapped."""
         pending_id = uuid.uuid4().hex
         await self._ensure_table()
-        await self.table.upsert_entity(
-            {
-                "PartitionKey": keys.PENDING_PARTITION,
-                "RowKey": keys.pending_row(record.user_key, record.communication_user_id, op),
-                "op": op,
-                "pendingId": pending_id,
-                "communicationUserId": record.communication_user_id,
-                "userKey": record.user_key,
-                "attempts": 0,
-                "requestedAt": now,
-                "nextAttemptAt": now + retry_in,
-            },
-            mode=UpdateMode.REPLACE,
-        )
+        await self._queue(replace(record, pending_id=pending_id), op, now, retry_in)
         block = {
             "PartitionKey": record.user_key,
             "RowKey": keys.IDENTITY_ROW,
@@ -546,6 +554,128 @@ class IdentityStore:
             )
 
         await self._if_still_mapped(record, write)
+
+    # ---- retention's two steps -----------------------------------------------------------------
+
+    @telemetry.table_operation("claim_retirement")
+    async def claim_retirement(
+        self, record: IdentityRecord, now: dt.datetime, grace: dt.timedelta, retention_row: str = ""
+    ) -> bool:
+        """Retention's claim on a stale identity: `pending="retire"` on the mapping, but only as it
+        was judged (its etag), so that a use in between (the user's last-use write), or another
+        pass, wins; and queued work for a later run. A use cancels the claim (`cancel_retirement`)
+        and never waits for it. False when the mapping changed since it was judged."""
+        pending_id = uuid.uuid4().hex
+        claim = {"pending": "retire", "pendingId": pending_id}
+        if await self._merge_if_unchanged(record.user_key, keys.IDENTITY_ROW, record.etag, claim) is None:
+            return False
+        # After the mark: a queue row without a mark would only be dropped; a mark without a row
+        # (a crash here) is queued again by the next retention pass (`queue_retirement`).
+        await self._queue(replace(record, pending_id=pending_id), "retire", now, grace, retention_row)
+        return True
+
+    @telemetry.table_operation("queue_retirement")
+    async def queue_retirement(
+        self, record: IdentityRecord, now: dt.datetime, grace: dt.timedelta, retention_row: str = ""
+    ) -> bool:
+        """Queue the work of a claim whose queue row a crash lost; False when it is queued."""
+        row = keys.pending_row(record.user_key, record.communication_user_id, "retire")
+        queued = await self._get(keys.PENDING_PARTITION, row)
+        if queued is not None and queued.get("pendingId") == record.pending_id:
+            return False
+        await self._queue(record, "retire", now, grace, retention_row)
+        return True
+
+    @telemetry.table_operation("keep_in_use")
+    async def keep_in_use(self, record: IdentityRecord, now: dt.datetime) -> IdentityRecord | None:
+        """Record a use before a token is issued, cancelling retention's claim: one etag-guarded
+        write, so that either it lands before retention commits (`commit_retirement` then fails) or
+        it finds the delete committed. The mapping as it now is (a pending revoke or delete left as
+        it was, for the caller to refuse), or None when it no longer names this identity."""
+        current: IdentityRecord | None = record
+        for _ in range(5):
+            if current is None or current.communication_user_id != record.communication_user_id:
+                return None
+            if current.pending in ("revoke", "delete"):
+                return current
+            try:
+                metadata = await self.table.update_entity(
+                    {
+                        "PartitionKey": record.user_key,
+                        "RowKey": keys.IDENTITY_ROW,
+                        "pending": "",
+                        "pendingId": "",
+                        "lastUsedOn": now.date().isoformat(),
+                        "lastIssuedAt": now,
+                    },
+                    mode=UpdateMode.MERGE,
+                    etag=current.etag,
+                    match_condition=MatchConditions.IfNotModified,
+                )
+            except ResourceNotFoundError:
+                return None
+            except ResourceModifiedError:
+                current = await self.get(record.user_key)
+                continue
+            return replace(
+                current,
+                pending="",
+                pending_id="",
+                last_used_on=now.date().isoformat(),
+                last_issued_at=now,
+                etag=metadata["etag"],
+            )
+        raise ResourceModifiedError(message="The identity mapping keeps changing; try again.")
+
+    @telemetry.table_operation("commit_retirement")
+    async def commit_retirement(self, record: IdentityRecord) -> IdentityRecord | None:
+        """Retention's point of no return: the claim becomes a pending delete, etag-guarded on the
+        mapping as just judged still claimed and stale. A use that landed first has won (None);
+        from here on the identity is deleted, and a request meanwhile gets 409 delete_pending."""
+        etag = await self._merge_if_unchanged(
+            record.user_key, keys.IDENTITY_ROW, record.etag, {"pending": "delete"}
+        )
+        return replace(record, pending="delete", etag=etag) if etag else None
+
+    @telemetry.table_operation("reopen_retirement")
+    async def reopen_retirement(self, record: IdentityRecord) -> None:
+        """ACS did not delete (throttled, failing): back to a claim a use may cancel, on file."""
+        current = await self.get(record.user_key)
+        if current is None or current.communication_user_id != record.communication_user_id:
+            return
+        if current.pending == "delete" and current.pending_id == record.pending_id:
+            reopened = {"pending": "retire"}
+            if (
+                await self._merge_if_unchanged(record.user_key, keys.IDENTITY_ROW, current.etag, reopened)
+                is None
+            ):
+                return  # someone else's request now: theirs stands
+            # The commit dropped its retention row: a user who cancels the claim must stay on file.
+            await self._upsert_together(self._filed_rows(current))
+
+    async def _queue(
+        self,
+        record: IdentityRecord,
+        op: str,
+        now: dt.datetime,
+        retry_in: dt.timedelta,
+        retention_row: str = "",
+    ) -> None:
+        """Queue `op` on the identity under the mapping's `pending_id`, for the timer."""
+        entity = {
+            "PartitionKey": keys.PENDING_PARTITION,
+            "RowKey": keys.pending_row(record.user_key, record.communication_user_id, op),
+            "op": op,
+            "pendingId": record.pending_id,
+            "communicationUserId": record.communication_user_id,
+            "userKey": record.user_key,
+            "attempts": 0,
+            "requestedAt": now,
+            "nextAttemptAt": now + retry_in,
+        }
+        if retention_row:
+            entity["retentionRow"] = retention_row
+        await self.table.upsert_entity(entity, mode=UpdateMode.REPLACE)
 
     @telemetry.table_operation("forget_pending")
     async def forget_pending(self, record: IdentityRecord, op: str) -> None:
@@ -572,6 +702,12 @@ class IdentityStore:
             mode=UpdateMode.REPLACE,
         )
 
+    @telemetry.table_operation("queue_settle")
+    async def queue_settle(self, record: IdentityRecord, now: dt.datetime) -> None:
+        """A new identity whose mapping insert may still land: the timer keeps it if it did, and
+        deletes it once no late write can land any more if it did not (`Cleanup`)."""
+        await self._queue(replace(record, pending_id=uuid.uuid4().hex), "settle", now, dt.timedelta(0))
+
     @telemetry.table_operation("pending_work")
     async def pending_work(self) -> AsyncIterator[PendingWork]:
         await self._ensure_table()
@@ -589,21 +725,16 @@ class IdentityStore:
                 lease_until=entity.get("leaseUntil"),
                 etag=entity.metadata["etag"],
                 requested_at=entity.get("requestedAt"),
+                retention_row=entity.get("retentionRow", ""),
             )
 
     @telemetry.table_operation("claim")
     async def claim(self, work: PendingWork, lease_until: dt.datetime) -> PendingWork | None:
         """Take a lease on one piece of work; None when another cleanup run got it first."""
-        try:
-            metadata = await self.table.update_entity(
-                {"PartitionKey": keys.PENDING_PARTITION, "RowKey": work.row_key, "leaseUntil": lease_until},
-                mode=UpdateMode.MERGE,
-                etag=work.etag,
-                match_condition=MatchConditions.IfNotModified,
-            )
-        except (ResourceModifiedError, ResourceNotFoundError):
-            return None
-        return replace(work, lease_until=lease_until, etag=metadata["etag"])
+        etag = await self._merge_if_unchanged(
+            keys.PENDING_PARTITION, work.row_key, work.etag, {"leaseUntil": lease_until}
+        )
+        return replace(work, lease_until=lease_until, etag=etag) if etag else None
 
     @telemetry.table_operation("retry_later")
     async def retry_later(self, work: PendingWork, next_attempt_at: dt.datetime) -> None:
@@ -633,21 +764,11 @@ class IdentityStore:
     @telemetry.table_operation("clear_pending")
     async def clear_pending(self, record: IdentityRecord) -> bool:
         """Unblock the user after a revoke completed, unless a newer request replaced this one."""
-        try:
-            await self.table.update_entity(
-                {
-                    "PartitionKey": record.user_key,
-                    "RowKey": keys.IDENTITY_ROW,
-                    "pending": "",
-                    "pendingId": "",
-                },
-                mode=UpdateMode.MERGE,
-                etag=record.etag,
-                match_condition=MatchConditions.IfNotModified,
-            )
-        except (ResourceModifiedError, ResourceNotFoundError):
-            return False
-        return True
+        unblocked = {"pending": "", "pendingId": ""}
+        return (
+            await self._merge_if_unchanged(record.user_key, keys.IDENTITY_ROW, record.etag, unblocked)
+            is not None
+        )
 
     # ---- retention -----------------------------------------------------------------------------
 
@@ -663,6 +784,8 @@ class IdentityStore:
                 user_key=entity["userKey"],
                 communication_user_id=entity["communicationUserId"],
                 graph_row=entity.get("graphRow", ""),
+                etag=entity.metadata.get("etag"),
+                lease_until=entity.get("leaseUntil"),
             )
 
     @telemetry.table_operation("refile")
@@ -673,9 +796,19 @@ class IdentityStore:
         await self._upsert_together(self._filed_rows(record))
         await self._delete(keys.INDEX_PARTITION, filed.row_key)
 
+    @telemetry.table_operation("claim_sweep")
+    async def claim_sweep(self, filed: Filed, lease_until: dt.datetime) -> bool:
+        """A lease on an unmapped identity's retention row, so that of two cleanup runs at once one
+        deletes it; False when another run has it, or it is gone (retired meanwhile)."""
+        leased = {"leaseUntil": lease_until}
+        return (
+            await self._merge_if_unchanged(keys.INDEX_PARTITION, filed.row_key, filed.etag, leased)
+            is not None
+        )
+
     @telemetry.table_operation("drop_retention_row")
-    async def drop_retention_row(self, filed: Filed) -> None:
-        await self._delete(keys.INDEX_PARTITION, filed.row_key)
+    async def drop_retention_row(self, filed: Filed | str) -> None:
+        await self._delete(keys.INDEX_PARTITION, filed if isinstance(filed, str) else filed.row_key)
 
     # ---- events --------------------------------------------------------------------------------
 

@@ -1,10 +1,12 @@
 """The token service: get-or-create the caller's ACS identity and issue tokens for it.
 
 Cost per request is the floor ACS and Table Storage set: a repeated issue or a refresh is one
-point read and one ACS call (plus, once a day per user, a last-use write); a first issue is one
-read, one create-and-issue, one entity-group transaction filing the identity's index rows (the
-reverse lookup, the day's last-use row and, only for Entra users keyed by `sub`, the Graph lookup),
-then the mapping insert (`make bench` counts them; README, Performance).
+point read and one ACS call (plus, once a day per user, a last-use write); a first issue is a
+point read, a query for sessions an event ended, one create-and-issue, one entity-group transaction
+filing the identity's index rows (the reverse lookup, the day's last-use row and, only for Entra
+users keyed by `sub`, the Graph lookup), the mapping insert, and the query again (an event may
+have ended the user while the identity was being created) (`make bench` counts them; README,
+Performance).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from azure.core.exceptions import ResourceExistsError
+from azure.core.exceptions import HttpResponseError, ResourceExistsError
 
 from . import telemetry
 from .acs import AcsGateway, IssuedToken
@@ -24,6 +26,7 @@ from .clock import Clock, utcnow
 from .errors import Conflict, NotFound, ServiceError, SessionEnded, Unavailable
 from .keys import user_key
 from .policy import TokenRequest
+from .revocation import RevocationService
 from .store import IdentityRecord, IdentityStore
 
 log = logging.getLogger("acs_token_service.tokens")
@@ -52,6 +55,10 @@ IDENTITY_GONE = "identity_gone"  # shared/acs.py: ACS says it does not own (any 
 GONE_BUDGET = 5
 GONE_WINDOW_SECONDS = 600
 
+# A use this close to retention's cutoff (days) is written before the token is issued, and must
+# land: were it best effort, a failed write would let retention take an identity in use.
+AT_RISK_DAYS = 2
+
 # A bearer without `iat` is refused this long after an event ended its user's sessions: longer than
 # any access token should live (Entra's default is 60 to 90 minutes; a day is the usual maximum).
 NO_IAT_GRACE = dt.timedelta(hours=24)
@@ -71,10 +78,20 @@ DELETION_DETAIL = {
 
 
 class TokenService:
-    def __init__(self, store: IdentityStore, acs: AcsGateway, clock: Clock = utcnow) -> None:
+    def __init__(
+        self,
+        store: IdentityStore,
+        acs: AcsGateway,
+        clock: Clock = utcnow,
+        *,
+        revocation: RevocationService | None = None,
+        retention_days: int | None = None,
+    ) -> None:
         self.store = store
         self.acs = acs
         self.clock = clock
+        self.revocation = revocation or RevocationService(store, acs)
+        self.retention_days = retention_days
         self._gone: list[float] = []  # when ACS last said a mapped identity does not exist
         self._creating = asyncio.Semaphore(CREATIONS_IN_FLIGHT)
 
@@ -172,6 +189,7 @@ class TokenService:
         return NotFound(detail, code="identity_deleted")
 
     async def _issue_existing(self, record: IdentityRecord, request: TokenRequest) -> TokenResult:
+        record = await self._in_use(record)
         if record.pending:
             # No token may outlive a revocation or deletion that ACS has not confirmed yet.
             raise Conflict(
@@ -188,6 +206,30 @@ class TokenService:
                 log.warning("could not record last use: %s", type(err).__name__)
         return TokenResult(record.communication_user_id, token, request.scopes, identity_created=False)
 
+    async def _in_use(self, record: IdentityRecord) -> IdentityRecord:
+        """A use wins over retention: a claimed identity (`pending="retire"`), or one near the
+        retention cutoff, has its use written before its token is issued, etag-guarded, so either
+        retention's commit fails or this sees the delete committed (shared/cleanup.py). Other uses
+        are written after the token, best effort, once a day."""
+        if record.pending in ("revoke", "delete"):
+            return record  # refused by the caller
+        now = self.clock()
+        if record.pending != "retire" and (
+            record.last_used_on == now.date().isoformat()
+            or self.retention_days is None
+            or record.last_used_on
+            > (now - dt.timedelta(days=self.retention_days - AT_RISK_DAYS)).date().isoformat()
+        ):
+            return record
+        kept = await self.store.keep_in_use(record, now)
+        if kept is None:  # deleted or replaced since it was read
+            raise Conflict(
+                "Your ACS identity changed during this request; retry.",
+                code="identity_changed",
+                retry_after=1,
+            )
+        return kept
+
     async def _create(
         self, caller: Caller, key: str, request: TokenRequest, *, sessions_ended_at: dt.datetime | None = None
     ) -> TokenResult:
@@ -197,7 +239,10 @@ class TokenService:
         # nothing. SECURITY.md states what a crash leaks, measured.
         async with self._creating:
             record, token = await self._create_filed(caller, key, request, sessions_ended_at)
-        return await self._map(record, token, request)
+        result = await self._map(record, token, request)
+        if result.communication_user_id == record.communication_user_id:
+            await self._recheck_sessions(caller, record)
+        return result
 
     async def _create_filed(
         self, caller: Caller, key: str, request: TokenRequest, sessions_ended_at: dt.datetime | None
@@ -244,11 +289,18 @@ class TokenService:
         ours = record.communication_user_id
         try:
             current = await self.store.get(record.user_key)
-        except Exception:  # noqa: BLE001 - unknown: keep the identity; if unmapped, cleanup sweeps it
+        except Exception:  # noqa: BLE001 - unknown: the timer settles it from the mapping
+            await self._leave_for_timer(record)
             raise err from None
         if current is not None and current.communication_user_id == ours:
             log.info("identity created")
             return TokenResult(ours, token, request.scopes, identity_created=True)
+        if current is None and not _refused(err):
+            # The insert's outcome is unknown (a timeout, 500 OperationTimedOut): it may still land,
+            # after this look. Discarding the identity now would leave a mapping naming a deleted
+            # one; the timer settles it from the mapping once a late write can no longer land.
+            await self._leave_for_timer(record)
+            raise err
         # Not ours: delete our identity, and only then its rows, which until then let cleanup find it.
         if await self._discard(ours):
             await self.store.forget_lost(record, user_mapped=current is not None)
@@ -259,6 +311,28 @@ class TokenService:
                 "Your identity changed while it was being created; retry.", code="identity_conflict"
             )
         raise err
+
+    async def _leave_for_timer(self, record: IdentityRecord) -> None:
+        try:
+            await self.store.queue_settle(record, self.clock())
+        except Exception as store_err:  # noqa: BLE001 - its retention row still finds it later
+            log.error("unsettled ACS identity not queued: %s; retention sweeps it", type(store_err).__name__)
+
+    async def _recheck_sessions(self, caller: Caller, record: IdentityRecord) -> None:
+        """An event that ended the user while their first identity was being created found no
+        mapping to act on: it wrote its rows (shared/webhook.py) before it looked, and this looks
+        after the insert, so one of the two sees the other. A bearer older than the event does not
+        keep what it created: the new identity, which nothing has used yet, is deleted."""
+        ended = await self.store.sessions_ended(record.user_key, caller.tenant_id, caller.object_id)
+        if ended is None or ended == record.sessions_ended_at:
+            return
+        try:
+            self._check_session(caller, ended)
+        except SessionEnded:
+            log.info("an event ended the user while their identity was created: it is deleted")
+            await self.revocation.delete(record, source="event")
+            raise
+        await self.store.end_sessions(ended, "recheck", user_keys=[], mapped=[record])
 
     async def _discard(self, communication_user_id: str) -> bool:
         """Delete an ACS identity nobody maps to, or queue that for the timer; False if neither."""
@@ -273,3 +347,10 @@ class TokenService:
         except Exception as store_err:  # noqa: BLE001 - its retention row still finds it later
             log.error("unmapped ACS identity not queued: %s; retention sweeps it", type(store_err).__name__)
             return False
+
+
+def _refused(err: Exception) -> bool:
+    """A clear no from the Table service (4xx, 409 included): that write will never land. Anything
+    else (a timeout, a lost connection, 500 OperationTimedOut) may have committed, or still may."""
+    status = getattr(err, "status_code", None) if isinstance(err, HttpResponseError) else None
+    return status is not None and 400 <= status < 500 and status != 408

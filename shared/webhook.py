@@ -126,8 +126,12 @@ async def _act(clients: Clients, action: Action, budget: _Budget) -> list[str]:
     changed in between, and one that keeps failing does not stop the others. Marking after acting
     means a mark that fails to land repeats that identity's action, never skips it. An identity
     the delivery's budget has no ACS call left for stays unmarked, for the retry (`_Deferred`)."""
+    # Ended before looking: a first issue of this user still creating its identity either sees
+    # this when it looks again after its mapping insert (shared/tokens.py), or is seen here.
+    await _end_sessions(clients, action, [])
     records = await _records_for(clients, action)
-    await _end_sessions(clients, action, records)
+    if records:  # by their app keys too, and on each mapping a revoke keeps
+        await _end_sessions(clients, action, records)
     if not records:
         return ["unknown_user"]  # no identity to act on; the sessions are ended all the same
     graph = bool(action.target.tenant_id and action.target.object_id)

@@ -60,6 +60,7 @@ def request(
     raw: bytes | None = None,
     headers: dict | None = None,
     route_params: dict | None = None,
+    params: dict | None = None,
 ) -> func.HttpRequest:
     all_headers = dict(headers or {})
     if token is not None:
@@ -70,7 +71,7 @@ def request(
         method=method,
         url=f"http://localhost/api/{route}",
         headers=all_headers,
-        params={},
+        params=params or {},
         route_params=route_params or {},
         body=raw,
     )
@@ -123,3 +124,41 @@ class HostLog:
         assert logged.count("Executed 'Functions.") >= invocations, logged[-2000:]
         for sign in (" ERROR ", "Traceback", 'File "'):
             assert sign not in logged, logged[-3000:]
+
+
+async def retention_runs() -> dict:
+    """Two cleanup runs as the timer makes them: one claims stale identities, one past the claims'
+    grace commits them (shared/cleanup.py, RETIRE_GRACE); their counts added up."""
+    import datetime as dt
+    from collections import Counter
+
+    from shared.cleanup import RETIRE_GRACE
+    from shared.clients import get_clients
+
+    cleanup = get_clients().cleanup
+    first = await cleanup.run(ignore_backoff=True)
+    real = cleanup.clock
+    cleanup.clock = lambda: real() + RETIRE_GRACE + dt.timedelta(minutes=1)
+    try:
+        second = await cleanup.run(ignore_backoff=True)
+    finally:
+        cleanup.clock = real
+    return dict(Counter(first) + Counter(second))
+
+
+async def drain_cleanup() -> None:
+    """Let the timer finish what earlier tests left (the table is the session's), so that a run's
+    counts are the calling test's alone."""
+    import datetime as dt
+
+    from shared.cleanup import MAX_BACKOFF, RETIRE_GRACE
+    from shared.clients import get_clients
+
+    await retention_runs()
+    cleanup = get_clients().cleanup
+    real = cleanup.clock
+    cleanup.clock = lambda: real() + RETIRE_GRACE + MAX_BACKOFF + dt.timedelta(minutes=1)
+    try:
+        await cleanup.run(ignore_backoff=True)
+    finally:
+        cleanup.clock = real

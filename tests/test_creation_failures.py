@@ -20,7 +20,7 @@ from shared.clients import get_clients
 from shared.errors import Unavailable
 from shared.policy import TokenRequest
 from shared.store import IdentityRecord
-from tests.service_helpers import body_of, graph_rows, request, retention_rows
+from tests.service_helpers import body_of, graph_rows, request, retention_rows, retention_runs
 
 
 async def _post_token(users, user: str):
@@ -61,7 +61,11 @@ async def test_a_mapping_insert_that_landed_but_failed_to_say_so_keeps_its_ident
     assert await store.owner_of(issued["communicationUserId"]) == keys.user_key(service.stack["issuer"], user)
 
 
-async def test_a_mapping_insert_that_failed_deletes_the_new_identity(service, emulator, monkeypatch):
+async def test_a_mapping_insert_without_an_answer_leaves_the_identity_for_the_timer(
+    service, emulator, monkeypatch
+):
+    """A connection lost mid-insert may have committed it (issue 16, item 3): the identity is kept
+    until no late write can land, then the timer deletes it if nothing maps it."""
     clients = get_clients()
     table = clients.store.table
 
@@ -69,24 +73,55 @@ async def test_a_mapping_insert_that_failed_deletes_the_new_identity(service, em
         raise ServiceResponseError(message="storage went away")
 
     live = _live(emulator)
+    then = dt.datetime.now(dt.UTC) - dt.timedelta(days=120)
     with monkeypatch.context() as patch:
         patch.setattr(table, "create_entity", refused)
-        patch.setattr(clients.tokens, "clock", lambda: dt.datetime.now(dt.UTC) - dt.timedelta(days=120))
+        patch.setattr(clients.tokens, "clock", lambda: then)
         response = await _post_token(service, "insert-failed")
     assert response.status_code == 503 and body_of(response)["code"] == "dependency_unavailable"
-    assert _live(emulator) == live
+    assert _live(emulator) == live + 1  # kept: the insert may still land
     key = keys.user_key(service.stack["issuer"], "insert-failed")
     [filed] = await retention_rows(table, key)
-    assert await clients.store.owner_of(filed["communicationUserId"]) is None
-    # The Graph row may be a concurrent first request's by now: it stays, named by the retention
-    # row, until cleanup finds the user still unmapped past the retention period.
+    assert await clients.store.owner_of(filed["communicationUserId"]) == key
+    [settle] = [w async for w in clients.store.pending_work() if w.user_key == key]
+    assert settle.op == "settle" and settle.communication_user_id == filed["communicationUserId"]
     claims = jwt.decode(service.token("insert-failed"), options={"verify_signature": False})
     assert len(await graph_rows(table, claims["tid"], claims["oid"])) == 1
-    report = await clients.cleanup.run(ignore_backoff=True)
+
+    with monkeypatch.context() as patch:  # a run right then, within the grace: not yet
+        patch.setattr(clients.cleanup, "clock", lambda: then + dt.timedelta(minutes=5))
+        report = await clients.cleanup.run(ignore_backoff=True)
+    assert report.get("settled_discarded", 0) == 0 and _live(emulator) == live + 1, report
+    report = await retention_runs()
+    assert report["settled_discarded"] == 1, report
+    assert await clients.store.owner_of(filed["communicationUserId"]) is None
+    # The retention row, past the retention period here, is swept with the Graph row it names.
     assert report["retention_unmapped_deleted"] >= 1, report
     assert await retention_rows(table, key) == []
     assert await graph_rows(table, claims["tid"], claims["oid"]) == []
     assert _live(emulator) == live
+
+
+async def test_a_mapping_insert_the_service_refused_deletes_the_new_identity(service, emulator, monkeypatch):
+    """A 4xx answer is a clear no: nothing can land later, so the identity goes at once."""
+    from azure.core.exceptions import HttpResponseError
+
+    clients = get_clients()
+    table = clients.store.table
+
+    async def refused(_entity, **_kwargs):
+        err = HttpResponseError(message="The property value exceeds the maximum allowed size.")
+        err.status_code = 400
+        raise err
+
+    live = _live(emulator)
+    with monkeypatch.context() as patch:
+        patch.setattr(table, "create_entity", refused)
+        response = await _post_token(service, "insert-refused")
+    assert response.status_code == 503 and body_of(response)["code"] == "dependency_failed"
+    assert _live(emulator) == live
+    key = keys.user_key(service.stack["issuer"], "insert-refused")
+    assert [w async for w in clients.store.pending_work() if w.user_key == key] == []
 
 
 async def test_a_lost_race_whose_discard_failed_stays_on_file_and_is_swept(service, emulator, monkeypatch):

@@ -61,7 +61,7 @@ def test_the_host_loads_every_function():
     metadata = metadata_of(function_app.app, str(REPO_ROOT))
     functions = _indexed(metadata)
     assert functions.errors == {} and functions.skipped == {}
-    assert len(metadata) == 13 and {f.name for f in functions.loaded} == {m.name for m in metadata}
+    assert len(metadata) == 14 and {f.name for f in functions.loaded} == {m.name for m in metadata}
     registered = {path for _method, path in _registered()}
     assert "/manage/identities/{communicationUserId}/revoke" in registered
 

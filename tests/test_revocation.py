@@ -12,7 +12,7 @@ import pytest
 import function_app
 from shared.clients import get_clients
 from shared.keys import retention_row, user_key
-from tests.service_helpers import body_of, request, retention_rows
+from tests.service_helpers import body_of, drain_cleanup, request, retention_rows, retention_runs
 
 ADMIN = ("TokenService.Admin",)
 
@@ -205,6 +205,7 @@ async def test_failed_attempts_back_off(service, emulator):
 
 
 async def test_retention_deletes_exactly_the_stale_identities(service, emulator):
+    await drain_cleanup()
     clients = get_clients()
     with _days_ago(120):
         stale = [await _token(service, f"stale-{i}") for i in range(3)]
@@ -213,18 +214,20 @@ async def test_retention_deletes_exactly_the_stale_identities(service, emulator)
     await _token(service, "stale-but-back")  # used today: the daily touch moves it forward
     live = emulator.stats()["liveIdentities"]
 
-    report = await _cleanup()
-    assert report["retention_deleted"] == 3 and report["retention_refiled"] == 1
+    report = await retention_runs()
+    assert report["retention_claimed"] == 3 and report["retention_refiled"] == 1, report
+    assert report["retention_deleted"] == 3, report
     assert emulator.stats()["liveIdentities"] == live - 3
     for issued in stale:
         assert emulator.verify(issued["token"])["reason"] == "identity deleted"
         assert await clients.store.owner_of(issued["communicationUserId"]) is None
     for issued in (revived, fresh):
         assert await clients.store.owner_of(issued["communicationUserId"]) is not None
-    assert (await _cleanup()).get("retention_deleted", 0) == 0
+    assert (await retention_runs()).get("retention_deleted", 0) == 0
 
 
 async def test_retention_retires_an_identity_filed_twice_once_and_drops_both_rows(service, emulator):
+    await drain_cleanup()
     # Two rows for one identity: a refile that wrote the new row and crashed before dropping the old.
     clients = get_clients()
     with _days_ago(120) as old:
@@ -236,13 +239,14 @@ async def test_retention_retires_an_identity_filed_twice_once_and_drops_both_row
     moved = retention_row(older, key, record.communication_user_id)
     await clients.store.table.upsert_entity({**row, "RowKey": moved})
 
-    report = await _cleanup()
-    assert report["retention_deleted"] == 1 and report.get("retention_failed", 0) == 0
+    report = await retention_runs()
+    assert report["retention_deleted"] == 1 and report.get("retention_failed", 0) == 0, report
     assert emulator.verify(issued["token"])["reason"] == "identity deleted"
     assert await retention_rows(clients.store.table, key) == []
 
 
 async def test_retention_deletes_an_identity_a_crash_left_unmapped(service, emulator, monkeypatch):
+    await drain_cleanup()
     from azure.communication.identity import CommunicationIdentityClient
 
     from shared.store import IdentityRecord
