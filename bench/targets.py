@@ -135,8 +135,10 @@ def evaluate(results: dict) -> list[dict]:
                 c["table_reads"] == 3
                 and c["table"].get("query ended sessions") == 2
                 and c["acs_calls"] == 1
-                and set(writes) == {"insert mapping", *batches}
+                and set(writes) == {"insert mapping", "update mapping", *batches}
                 and writes["insert mapping"] == 1
+                # The mapping marked checked once that second query found no event (issue #16).
+                and writes["update mapping"] == 1
                 and all(writes[k] == 1 for k in batches)
                 and sorted(rows) == sorted(expected_rows)
             )
@@ -146,7 +148,7 @@ def evaluate(results: dict) -> list[dict]:
                 f"{shape(op)} requests: the mapping insert, and one index transaction of "
                 f"{len(rows)} rows: {carried}",
                 "1 read (the miss) + 2 ended-sessions queries (before ACS, #15; after the insert, #16) "
-                "+ 1 ACS + 1 insert + the "
+                "+ 1 ACS + 1 insert + 1 update (marked checked) + the "
                 "reverse-lookup insert (one entity-group transaction: "
                 + " + ".join(INDEX_ROWS[r] for r in expected_rows)
                 + ")",

@@ -52,6 +52,11 @@ RETIRE_GRACE = dt.timedelta(minutes=10)
 # service gives up on a write after at most 30 s ("Setting timeouts for Table service operations",
 # Microsoft Learn), and the SDK's retries of it land within minutes.
 LATE_WRITE_GRACE = dt.timedelta(minutes=10)
+# Retention's ACS delete is given up on after this, well inside LEASE: the run that holds the work
+# is done with ACS before another run may take it over.
+ACS_DELETE_DEADLINE = dt.timedelta(seconds=60)
+# ACS answers that say it did not act (shared/acs.py): a retirement may give way to a use then.
+ACS_REFUSALS = ("acs_throttled", "acs_auth_failed", "acs_rejected")
 # Event Grid redelivers for at most 24 hours; remembering ids for a week is ample.
 EVENT_MEMORY = dt.timedelta(days=7)
 TIMER_OPTIONS = {"retry_total": 1, "retry_backoff_factor": 0.2}
@@ -221,6 +226,10 @@ class Cleanup:
             await self.store.finish(work)
             counts["revoked_identity_gone"] += 1
             return
+        if record.pending != "revoke":  # its block never landed; retention's claim stays its own
+            await self.store.finish(work)
+            counts["revoked"] += 1
+            return
         if not await self.store.clear_pending(record):
             # Blocked again (or touched) since it was read: keep the work, the next run sees why.
             await self.store.retry_later(work, self.clock())
@@ -303,20 +312,25 @@ class Cleanup:
             record is not None
             and record.communication_user_id == work.communication_user_id
             and record.pending_id == work.pending_id
-            and record.pending in ("retire", "delete")
+            and record.pending in ("retire", "retiring")
         )
         if not ours:
             await self.store.finish(work)
             counts["retention_cancelled"] += 1
             return
+        if record.pending == "retiring" and not await self._still_in_acs(record):
+            await self._forget_retired(work, record, counts)  # an earlier attempt's delete landed
+            return
+        # Claimed, or committed by an earlier attempt that got no answer from ACS (and the identity
+        # is still there): a use since wins, one while it was blocked included (409, shared/tokens.py).
+        if record.last_used_on >= self._cutoff():
+            if await self.store.clear_pending(record):
+                await self.store.finish(work)
+                counts["retention_cancelled"] += 1
+            else:
+                await self.store.retry_later(work, self.clock())
+            return
         if record.pending == "retire":
-            if record.last_used_on >= self._cutoff():  # used, but its write did not clear the claim
-                if await self.store.clear_pending(record):
-                    await self.store.finish(work)
-                    counts["retention_cancelled"] += 1
-                else:
-                    await self.store.retry_later(work, self.clock())
-                return
             committed = await self.store.commit_retirement(record)
             if committed is None:  # changed since it was read: judged again by the next run
                 await self.store.retry_later(work, self.clock())
@@ -324,23 +338,63 @@ class Cleanup:
                 return
             record = committed
         # Committed, now or by a run that stopped before ACS answered: no use can cancel it now.
-        # Its retention rows go first, so that another run's scan never sweeps it as unmapped
-        # too; the queued work, not the rows, carries it until it is done.
+        # Its rows are held, so that another run's scan does not sweep it as unmapped meanwhile,
+        # and the work's lease renewed to outlast the ACS call, so that no other run reopens the
+        # claim while this one's delete may still land; a run that lost the lease stops here.
+        lease = self.clock() + LEASE
         own_row = retention_row(record.last_used_on, record.user_key, record.communication_user_id)
-        for row in dict.fromkeys(filter(None, (own_row, work.retention_row))):
-            await self.store.drop_retention_row(row)
-        try:
-            await self.acs.delete(record.communication_user_id, **TIMER_OPTIONS)
-        except Exception as err:  # noqa: BLE001 - throttled, failing, or no answer
-            # Back to a claim a use may cancel: a returning user must not wait for ACS to recover.
-            # (Had ACS deleted it after all, that user's next request finds it gone and heals.)
-            await self.store.reopen_retirement(record)
-            await self.store.retry_later(work, self.clock() + backoff(work.attempts))
-            counts["retry_retire"] += 1
-            reason = err.code if isinstance(err, ServiceError) else type(err).__name__
-            log.info("cleanup retire retry attempts=%d reason=%s", work.attempts + 1, reason)
+        await self.store.lease_retention_rows([r for r in (own_row, work.retention_row) if r], lease)
+        held = await self.store.claim(work, lease)
+        if held is None:
+            counts["skipped_claimed_elsewhere"] += 1
             return
-        await self.store.remove(record, reason="retired")
+        try:
+            async with asyncio.timeout(ACS_DELETE_DEADLINE.total_seconds()):
+                await self.acs.delete(record.communication_user_id, **TIMER_OPTIONS)
+        except Exception as err:  # noqa: BLE001 - throttled, failing, or no answer
+            await self._retirement_failed(held, record, err, counts)
+            return
+        await self._forget_retired(held, record, counts)
+
+    async def _still_in_acs(self, record: IdentityRecord) -> bool:
+        """Did an earlier attempt's delete land? ACS has no read of an identity; issuing a token
+        for it (never handed out) tells: it fails once the identity is gone. Asked at least
+        backoff(0) after that attempt gave up, by when ACS has long finished with it."""
+        try:
+            async with asyncio.timeout(ACS_DELETE_DEADLINE.total_seconds()):
+                await self.acs.issue(record.communication_user_id, ("chat",), 60)
+        except NotFound as err:
+            if err.code == "identity_gone":
+                return False
+            raise
+        return True
+
+    async def _retirement_failed(
+        self, work: PendingWork, record: IdentityRecord, err: Exception, counts: Counter
+    ) -> None:
+        """ACS did not delete. A clear refusal (throttled, forbidden) reverts to a claim, so that a
+        returning user is not kept waiting for ACS to recover. Without a clear answer the delete
+        may still land: the user stays refused (409) until the next attempt gets an answer."""
+        refused = isinstance(err, ServiceError) and err.code in ACS_REFUSALS
+        if refused:
+            await self.store.reopen_retirement(record)
+        await self.store.retry_later(work, self.clock() + (backoff(work.attempts) if refused else backoff(0)))
+        counts["retry_retire"] += 1
+        reason = err.code if isinstance(err, ServiceError) else type(err).__name__
+        log.info("cleanup retire retry attempts=%d reason=%s", work.attempts + 1, reason)
+
+    async def _forget_retired(self, work: PendingWork, record: IdentityRecord, counts: Counter) -> None:
+        """ACS deleted it: drop the mapping while it is still this retirement's (a request's own
+        revoke or delete may have replaced it, and its work then finds the identity gone), and
+        the rows, the judged one too if a crash mid-refile left it on another day."""
+        current = await self.store.get(record.user_key)
+        if current is not None and current.communication_user_id == record.communication_user_id:
+            if current.pending == "retiring" and current.pending_id == record.pending_id:
+                await self.store.remove(current, reason="retired")
+        else:
+            await self.store.remove(record, reason="retired")  # its rows (the mapping is gone already)
+        if work.retention_row:
+            await self.store.drop_retention_row(work.retention_row)
         await self.store.finish(work)
         counts["retention_deleted"] += 1
 
@@ -356,7 +410,7 @@ class Cleanup:
             async for work in self.store.pending_work()
             if work.op == "retire"
         }
-        listed: list[dict] = []
+        listed: list[dict] = []  # committed first: their rows are held, not dropped
         seen: set[str] = set()
         truncated = False
 
@@ -380,7 +434,7 @@ class Cleanup:
                 record is not None
                 and record.communication_user_id == communication_user_id
                 and record.pending_id == work.pending_id
-                and record.pending == "delete"
+                and record.pending == "retiring"
             ):
                 add(communication_user_id, key, record.last_used_on, "deleting", work.next_attempt_at)
         async for filed in self.store.filed_before(cutoff):
@@ -392,7 +446,7 @@ class Cleanup:
             record = await self.store.get(filed.user_key)
             if record is None or record.communication_user_id != filed.communication_user_id:
                 add(filed.communication_user_id, filed.user_key, None, "unmapped", now)
-            elif record.last_used_on >= cutoff or record.pending in ("revoke", "delete"):
+            elif record.last_used_on >= cutoff or record.pending in ("revoke", "delete", "retiring"):
                 continue  # used since (the row moves forward), or a request's work, not retention's
             elif record.pending == "retire" and (
                 work := retiring.get((filed.user_key, filed.communication_user_id))

@@ -184,7 +184,7 @@ async def _manage_delete(clients: Clients, caller: Caller, req: func.HttpRequest
 async def _manage_retention(clients: Clients, caller: Caller, req: func.HttpRequest) -> func.HttpResponse:
     _require_admin(caller)
     raw = req.params.get("limit", str(RETENTION_PREVIEW_DEFAULT))
-    if not raw.isdigit() or not 1 <= int(raw) <= RETENTION_PREVIEW_MAX:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= RETENTION_PREVIEW_MAX:
         raise BadRequest(
             f"limit must be a whole number from 1 to {RETENTION_PREVIEW_MAX}.", code="invalid_limit"
         )

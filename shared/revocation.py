@@ -49,7 +49,9 @@ class RevocationService:
 
     @telemetry.counts_revocations("revoke")
     async def revoke(self, record: IdentityRecord, *, source: str) -> Outcome:
-        if record.pending in ("revoke", "delete"):  # a delete revokes too; a revoke covers this one
+        # A request's pending delete revokes too, and a pending revoke covers this one; retention's
+        # claim or commit ("retire", "retiring") is not a revocation: this one goes ahead.
+        if record.pending in ("revoke", "delete"):
             return Outcome("pending", record.communication_user_id)
         try:
             await self.acs.revoke(record.communication_user_id, **REQUEST_PATH_OPTIONS)
@@ -66,7 +68,8 @@ class RevocationService:
 
     @telemetry.counts_revocations("delete")
     async def delete(self, record: IdentityRecord, *, source: str) -> Outcome:
-        """A retention claim on the identity (`pending="retire"`) gives way to it."""
+        """Retention's claim or commit on the identity ("retire", "retiring") gives way to it: the
+        mapping is marked for this delete, which ACS's answer to retention no longer undoes."""
         if record.pending == "delete":
             return Outcome("pending", record.communication_user_id)
         # Durable before ACS is asked: queued and blocked first, so that a crash after ACS deleted

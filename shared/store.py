@@ -58,6 +58,7 @@ from .clock import utcnow
 
 log = logging.getLogger("acs_token_service.store")
 RELEASED = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)  # a lease time that has always passed
+BLOCKING = ("revoke", "delete", "retiring")  # pending states that refuse new tokens (409)
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,13 @@ class IdentityRecord:
     last_issued_at: dt.datetime
     object_id: str | None = None
     tenant_id: str | None = None
-    pending: str = ""  # "", "revoke" or "delete"
+    # "", "revoke", "delete" (a request's: blocks), "retire" (retention's claim: never blocks) or
+    # "retiring" (retention committed: blocks; any request's revoke or delete replaces it)
+    pending: str = ""
     pending_id: str = ""
     sessions_ended_at: dt.datetime | None = None  # an event ended the user's sessions then
+    # False from the mapping insert until its first issue looked for an event that came meanwhile
+    sessions_checked: bool = True
     etag: str | None = None
 
     def to_entity(self) -> dict:
@@ -95,6 +100,8 @@ class IdentityRecord:
             entity["tid"] = self.tenant_id
         if self.sessions_ended_at:
             entity["sessionsEndedAt"] = self.sessions_ended_at
+        if not self.sessions_checked:
+            entity["sessionsUnchecked"] = True
         return entity
 
     @classmethod
@@ -112,6 +119,7 @@ class IdentityRecord:
             pending=entity.get("pending", ""),
             pending_id=entity.get("pendingId", ""),
             sessions_ended_at=entity.get("sessionsEndedAt") or None,
+            sessions_checked=not entity.get("sessionsUnchecked", False),
             etag=entity.metadata.get("etag") if hasattr(entity, "metadata") else None,
         )
 
@@ -186,7 +194,7 @@ class PendingWork:
     lease_until: dt.datetime | None
     etag: str
     requested_at: dt.datetime | None = None
-    retention_row: str = ""  # retire: the retention row the pass judged (drop it with the identity)
+    retention_row: str = ""  # retire: the retention row the pass judged (dropped with the identity)
 
 
 class IdentityStore:
@@ -378,6 +386,21 @@ class IdentityStore:
             mode=UpdateMode.MERGE,
         )
 
+    @telemetry.table_operation("note_use")
+    async def note_use(self, record: IdentityRecord, now: dt.datetime) -> None:
+        """Record a use that got no token (its identity was blocked): the day only."""
+        try:
+            await self.table.update_entity(
+                {
+                    "PartitionKey": record.user_key,
+                    "RowKey": keys.IDENTITY_ROW,
+                    "lastUsedOn": now.date().isoformat(),
+                },
+                mode=UpdateMode.MERGE,
+            )
+        except ResourceNotFoundError:
+            pass
+
     @telemetry.table_operation("owner_of")
     async def owner_of(self, communication_user_id: str) -> str | None:
         entity = await self._get(keys.INDEX_PARTITION, keys.owner_row(communication_user_id))
@@ -494,6 +517,21 @@ class IdentityStore:
         ]
         return max(found) if found else None
 
+    @telemetry.table_operation("sessions_checked")
+    async def sessions_checked(self, record: IdentityRecord, ended_at: dt.datetime | None) -> None:
+        """Mark a new mapping checked for events that ended its user's sessions (and when the
+        latest did, if its bearer is newer); a mapping deleted meanwhile stays deleted."""
+        values: dict = {"sessionsUnchecked": False}
+        if ended_at is not None:
+            values["sessionsEndedAt"] = ended_at
+        try:
+            await self.table.update_entity(
+                {"PartitionKey": record.user_key, "RowKey": keys.IDENTITY_ROW, **values},
+                mode=UpdateMode.MERGE,
+            )
+        except ResourceNotFoundError:
+            pass
+
     @telemetry.table_operation("note_deletion")
     async def note_deletion(self, user_key: str, reason: str, when: dt.datetime) -> None:
         await self.table.upsert_entity(
@@ -563,7 +601,7 @@ class IdentityStore:
     ) -> bool:
         """Retention's claim on a stale identity: `pending="retire"` on the mapping, but only as it
         was judged (its etag), so that a use in between (the user's last-use write), or another
-        pass, wins; and queued work for a later run. A use cancels the claim (`cancel_retirement`)
+        pass, wins; and queued work for a later run. A use cancels the claim (`keep_in_use`)
         and never waits for it. False when the mapping changed since it was judged."""
         pending_id = uuid.uuid4().hex
         claim = {"pending": "retire", "pendingId": pending_id}
@@ -596,7 +634,7 @@ class IdentityStore:
         for _ in range(5):
             if current is None or current.communication_user_id != record.communication_user_id:
                 return None
-            if current.pending in ("revoke", "delete"):
+            if current.pending in BLOCKING:
                 return current
             try:
                 metadata = await self.table.update_entity(
@@ -629,29 +667,41 @@ class IdentityStore:
 
     @telemetry.table_operation("commit_retirement")
     async def commit_retirement(self, record: IdentityRecord) -> IdentityRecord | None:
-        """Retention's point of no return: the claim becomes a pending delete, etag-guarded on the
-        mapping as just judged still claimed and stale. A use that landed first has won (None);
-        from here on the identity is deleted, and a request meanwhile gets 409 delete_pending."""
+        """Retention's point of no return: the claim becomes `retiring`, etag-guarded on the mapping
+        as just judged still claimed and stale. A use that landed first has won (None); from here
+        on a request gets 409 delete_pending, and a request's own revoke or delete replaces it."""
         etag = await self._merge_if_unchanged(
-            record.user_key, keys.IDENTITY_ROW, record.etag, {"pending": "delete"}
+            record.user_key, keys.IDENTITY_ROW, record.etag, {"pending": "retiring"}
         )
-        return replace(record, pending="delete", etag=etag) if etag else None
+        return replace(record, pending="retiring", etag=etag) if etag else None
 
     @telemetry.table_operation("reopen_retirement")
     async def reopen_retirement(self, record: IdentityRecord) -> None:
-        """ACS did not delete (throttled, failing): back to a claim a use may cancel, on file."""
+        """ACS refused the delete (throttled): back to a claim a use may cancel."""
         current = await self.get(record.user_key)
-        if current is None or current.communication_user_id != record.communication_user_id:
-            return
-        if current.pending == "delete" and current.pending_id == record.pending_id:
-            reopened = {"pending": "retire"}
-            if (
-                await self._merge_if_unchanged(record.user_key, keys.IDENTITY_ROW, current.etag, reopened)
-                is None
-            ):
-                return  # someone else's request now: theirs stands
-            # The commit dropped its retention row: a user who cancels the claim must stay on file.
-            await self._upsert_together(self._filed_rows(current))
+        if (
+            current is not None
+            and current.communication_user_id == record.communication_user_id
+            and current.pending == "retiring"
+            and current.pending_id == record.pending_id
+        ):
+            # Anything else is someone else's request by now: theirs stands.
+            await self._merge_if_unchanged(
+                record.user_key, keys.IDENTITY_ROW, current.etag, {"pending": "retire"}
+            )
+
+    @telemetry.table_operation("lease_retention_rows")
+    async def lease_retention_rows(self, rows: list[str], lease_until: dt.datetime) -> None:
+        """Hold an identity's retention rows while retention deletes it, so that another run's scan,
+        which may find its mapping gone before the rows, does not sweep it again."""
+        for row in dict.fromkeys(rows):
+            try:
+                await self.table.update_entity(
+                    {"PartitionKey": keys.INDEX_PARTITION, "RowKey": row, "leaseUntil": lease_until},
+                    mode=UpdateMode.MERGE,
+                )
+            except ResourceNotFoundError:
+                pass
 
     async def _queue(
         self,

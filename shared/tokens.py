@@ -15,7 +15,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from azure.core.exceptions import HttpResponseError, ResourceExistsError
 
@@ -27,7 +27,7 @@ from .errors import Conflict, NotFound, ServiceError, SessionEnded, Unavailable
 from .keys import user_key
 from .policy import TokenRequest
 from .revocation import RevocationService
-from .store import IdentityRecord, IdentityStore
+from .store import BLOCKING, IdentityRecord, IdentityStore
 
 log = logging.getLogger("acs_token_service.tokens")
 
@@ -100,7 +100,7 @@ class TokenService:
         key = user_key(caller.issuer, caller.subject)
         record = await self.store.get(key)
         if record is not None:
-            self._check_session(caller, record.sessions_ended_at)
+            record = await self._checked(caller, record)
             try:
                 return await self._issue_existing(record, request)
             except NotFound as err:
@@ -119,7 +119,7 @@ class TokenService:
         record = await self.store.get(key)
         if record is None:
             raise await self._missing(caller, key)
-        self._check_session(caller, record.sessions_ended_at)
+        record = await self._checked(caller, record)
         try:
             return await self._issue_existing(record, request)
         except NotFound as err:
@@ -157,8 +157,16 @@ class TokenService:
         record = await self.store.get(key)
         if record is None:
             raise await self._missing(caller, key)
+        return await self._checked(caller, record)
+
+    async def _checked(self, caller: Caller, record: IdentityRecord) -> IdentityRecord:
+        """The caller's mapping, if their sessions were not ended since their bearer was issued.
+        One whose first issue never got to look again for an event (a crash, a failure between
+        the insert and the look) is looked at now, and on every request until a look succeeds."""
         self._check_session(caller, record.sessions_ended_at)
-        return record
+        if record.sessions_checked:
+            return record
+        return await self._recheck_sessions(caller, record)
 
     def _check_session(self, caller: Caller, ended_at: dt.datetime | None) -> None:
         """Refuse a bearer issued before an event ended the user's sessions (see README: "Users an
@@ -190,11 +198,14 @@ class TokenService:
 
     async def _issue_existing(self, record: IdentityRecord, request: TokenRequest) -> TokenResult:
         record = await self._in_use(record)
-        if record.pending:
+        if record.pending in BLOCKING:
+            if record.pending == "retiring":
+                await self._note_blocked_use(record)
             # No token may outlive a revocation or deletion that ACS has not confirmed yet.
+            kind = "revoke" if record.pending == "revoke" else "delete"  # retiring: retention's delete
             raise Conflict(
-                f"A {record.pending} of your ACS identity is pending; try again later.",
-                code=f"{record.pending}_pending",
+                f"A {kind} of your ACS identity is pending; try again later.",
+                code=f"{kind}_pending",
                 retry_after=30,
             )
         token = await self.acs.issue(record.communication_user_id, request.scopes, request.minutes)
@@ -211,7 +222,7 @@ class TokenService:
         retention cutoff, has its use written before its token is issued, etag-guarded, so either
         retention's commit fails or this sees the delete committed (shared/cleanup.py). Other uses
         are written after the token, best effort, once a day."""
-        if record.pending in ("revoke", "delete"):
+        if record.pending in BLOCKING:
             return record  # refused by the caller
         now = self.clock()
         if record.pending != "retire" and (
@@ -229,6 +240,17 @@ class TokenService:
                 retry_after=1,
             )
         return kept
+
+    async def _note_blocked_use(self, record: IdentityRecord) -> None:
+        """Retention committed, and ACS has not answered its delete yet: should the identity turn
+        out not deleted, the timer finds this use and gives the identity back (shared/cleanup.py)."""
+        now = self.clock()
+        if record.last_used_on == now.date().isoformat():
+            return
+        try:
+            await self.store.note_use(record, now)
+        except Exception as err:  # noqa: BLE001 - the answer is 409 either way
+            log.warning("could not record a blocked use: %s", type(err).__name__)
 
     async def _create(
         self, caller: Caller, key: str, request: TokenRequest, *, sessions_ended_at: dt.datetime | None = None
@@ -261,6 +283,7 @@ class TokenService:
             object_id=caller.object_id,
             tenant_id=caller.tenant_id,
             sessions_ended_at=sessions_ended_at,  # older bearers stay refused on the new identity too
+            sessions_checked=False,  # until it looked for an event that came meanwhile (_recheck_sessions)
         )
         try:
             await self.store.file_new(record)
@@ -318,21 +341,30 @@ class TokenService:
         except Exception as store_err:  # noqa: BLE001 - its retention row still finds it later
             log.error("unsettled ACS identity not queued: %s; retention sweeps it", type(store_err).__name__)
 
-    async def _recheck_sessions(self, caller: Caller, record: IdentityRecord) -> None:
+    async def _recheck_sessions(self, caller: Caller, record: IdentityRecord) -> IdentityRecord:
         """An event that ended the user while their first identity was being created found no
         mapping to act on: it wrote its rows (shared/webhook.py) before it looked, and this looks
         after the insert, so one of the two sees the other. A bearer older than the event does not
-        keep what it created: the new identity, which nothing has used yet, is deleted."""
+        keep what it created: the new identity, which nothing has used yet, is deleted. The
+        mapping is inserted marked unchecked, and the mark goes only once a look succeeded."""
         ended = await self.store.sessions_ended(record.user_key, caller.tenant_id, caller.object_id)
-        if ended is None or ended == record.sessions_ended_at:
-            return
+        if ended is not None and ended != record.sessions_ended_at:
+            try:
+                self._check_session(caller, ended)
+            except SessionEnded:
+                log.info("an event ended the user while their identity was created: it is deleted")
+                await self.revocation.delete(record, source="event")
+                raise
+        newer = (
+            ended
+            if ended and (record.sessions_ended_at is None or ended > record.sessions_ended_at)
+            else None
+        )
         try:
-            self._check_session(caller, ended)
-        except SessionEnded:
-            log.info("an event ended the user while their identity was created: it is deleted")
-            await self.revocation.delete(record, source="event")
-            raise
-        await self.store.end_sessions(ended, "recheck", user_keys=[], mapped=[record])
+            await self.store.sessions_checked(record, newer)
+        except Exception as err:  # noqa: BLE001 - still unchecked: the next request looks again
+            log.warning("could not mark a mapping checked: %s", type(err).__name__)
+        return replace(record, sessions_checked=True, sessions_ended_at=newer or record.sessions_ended_at)
 
     async def _discard(self, communication_user_id: str) -> bool:
         """Delete an ACS identity nobody maps to, or queue that for the timer; False if neither."""

@@ -46,11 +46,12 @@ def test_bench_runs_end_to_end_in_a_quick_configuration(stack, emulator, tmp_pat
     # user needs no Graph lookup row; keyed by sub, one; a user with no oid/tid, none.
     index = "batch [upsert owner, upsert retention, upsert graph]"
     assert calls["first issue"]["table"]["insert mapping"] == 1
+    assert calls["first issue"]["table"]["update mapping"] == 1  # marked checked for events (#16)
     assert calls["first issue"]["table"][index] == 1, calls["first issue"]
-    assert (calls["first issue"]["table_writes"], calls["first issue"]["table_entities_written"]) == (2, 4)
+    assert (calls["first issue"]["table_writes"], calls["first issue"]["table_entities_written"]) == (3, 5)
     for op in ("first issue, AUTH_USER_CLAIM=oid", "first issue, no oid/tid"):
         assert calls[op]["table"]["batch [upsert owner, upsert retention]"] == 1, calls[op]
-        assert (calls[op]["table_writes"], calls[op]["table_entities_written"]) == (2, 3), calls[op]
+        assert (calls[op]["table_writes"], calls[op]["table_entities_written"]) == (3, 4), calls[op]
     # Every Table answer is recorded: no count hides a retried failure.
     assert calls["refresh"]["table_statuses"] == {"read mapping 200": 1}, calls["refresh"]
     assert calls["first issue"]["table_statuses"]["read mapping 404"] == 1  # the miss

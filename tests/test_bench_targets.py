@@ -14,14 +14,20 @@ from bench.counting import summarize
 ENDED = "query ended sessions"
 
 
-def _verdict(op: str, table: dict[str, int], acs: int = 1, ended: int = 2) -> str:
-    calls = summarize(Counter({ENDED: ended, **table}), Counter({"createIdentity": acs}), 1)
+CHECKED = "update mapping"  # issue #16: the new mapping marked checked for events, once it looked
+
+
+def _verdict(op: str, table: dict[str, int], acs: int = 1, ended: int = 2, checked: int = 1) -> str:
+    counted = Counter({ENDED: ended, **table})
+    if checked:
+        counted[CHECKED] = checked
+    calls = summarize(counted, Counter({"createIdentity": acs}), 1)
     [verdict] = [t for t in targets.evaluate({"calls": {op: calls}}) if t["target"] == f"{op} calls"]
     return verdict["status"]
 
 
-def _first_issue(table: dict[str, int], acs: int = 1, ended: int = 2) -> str:
-    return _verdict("first issue", table, acs, ended)
+def _first_issue(table: dict[str, int], acs: int = 1, ended: int = 2, checked: int = 1) -> str:
+    return _verdict("first issue", table, acs, ended, checked)
 
 
 INDEX = "batch [upsert owner, upsert retention, upsert graph]"
@@ -62,6 +68,11 @@ def test_a_first_issue_that_does_not_check_for_ended_sessions_fails():
         assert _first_issue({"read mapping": 1, "insert mapping": 1, INDEX: 1}, ended=ended) == "FAIL"
 
 
+def test_a_first_issue_that_does_not_mark_its_mapping_checked_once_fails():
+    for checked in (0, 2):
+        assert _first_issue({"read mapping": 1, "insert mapping": 1, INDEX: 1}, checked=checked) == "FAIL"
+
+
 def test_a_graph_row_the_configuration_does_not_need_fails():
     for op in ("first issue, AUTH_USER_CLAIM=oid", "first issue, no oid/tid"):
         assert _verdict(op, {"read mapping": 1, "insert mapping": 1, INDEX: 1}) == "FAIL"
@@ -74,7 +85,7 @@ def test_a_second_acs_call_or_none_fails():
 
 def test_a_count_the_run_did_not_make_fails():
     calls = summarize(
-        Counter({"read mapping": 1, ENDED: 2, "insert mapping": 1, INDEX: 1}),
+        Counter({"read mapping": 1, ENDED: 2, "insert mapping": 1, CHECKED: 1, INDEX: 1}),
         Counter({"createIdentity": 1}),
         1,
     )

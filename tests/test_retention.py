@@ -112,7 +112,9 @@ LATER = cleanup_module.RETIRE_GRACE + dt.timedelta(minutes=1)
 
 async def test_a_user_returning_while_retention_runs_keeps_their_identity(service, emulator, monkeypatch):
     """The review's sequence: a user 91 days stale refreshes, ACS slow (800 ms), while cleanup runs
-    both of retention's steps. Before: 200 with a token, then the identity and mapping deleted."""
+    both of retention's steps. Before: 200 with a token, then the identity and mapping deleted.
+    Now the refresh writes its use before it asks ACS, so retention, running while the refresh is
+    in ACS, finds the identity used (the other orders: the tests below)."""
     await drain_cleanup()
     stale = await _stale_user(service, "back-in-acs")
     emulator.faults(latencyMs=800)
@@ -196,16 +198,26 @@ async def test_a_user_arriving_after_retention_committed_gets_no_token_for_the_d
     assert again.status_code == 200 and body_of(again)["identityCreated"] is True, again
 
 
-async def test_two_retention_passes_at_once_claim_and_delete_each_identity_once(service, emulator):
+async def test_two_retention_passes_at_once_claim_and_delete_each_identity_once(
+    service, emulator, monkeypatch
+):
+    """One pass judged a row and is held before its claim; another pass claims everything; the
+    first's claim then fails on the changed mapping. Before: both acted on every stale row."""
     await drain_cleanup()
     users = [f"two-passes-{i}" for i in range(4)]
     for user in users:
         await _stale_user(service, user)
     cleanup = get_clients().cleanup
-    claims = Counter()
-    for report in await asyncio.gather(*(cleanup.run(ignore_backoff=True) for _ in range(2))):
-        claims.update(report)
-    assert claims["retention_claimed"] == len(users), claims
+    held = Pause(monkeypatch, get_clients().store, "claim_retirement")
+    first = asyncio.create_task(cleanup.run(ignore_backoff=True))
+    await held.wait()
+    second = await cleanup.run(ignore_backoff=True)
+    held.release()
+    first_report = await first
+    assert second["retention_claimed"] == len(users), second
+    assert first_report.get("retention_claimed", 0) == 0, first_report
+    assert first_report["retention_used_meanwhile"] == 1, first_report  # the row it was holding
+
     deletes_before = emulator.stats()["calls"]["deleteIdentity"]
     done = Counter()
     for report in await asyncio.gather(*(_run_at(LATER) for _ in range(2))):
@@ -253,24 +265,148 @@ async def test_a_throttled_retention_delete_gives_way_to_the_returning_user(serv
     assert kept.pending == "" and kept.last_used_on == dt.datetime.now(dt.UTC).date().isoformat()
 
 
-async def test_a_user_returning_while_acs_still_fails_is_not_retired_once_it_recovers(service, emulator):
-    """ "Even while ACS is failing": the refresh itself fails (ACS is down), but the use was
-    recorded before ACS was asked, so the retention delete, retried later, finds it."""
+async def test_a_user_returning_to_a_claim_while_acs_is_down_keeps_their_identity(service, emulator):
+    """ "Even while ACS is failing": the refresh fails (ACS is down), but its use was written
+    before ACS was asked, so the commit, a run later, finds the claim gone."""
     await drain_cleanup()
     stale = await _stale_user(service, "back-during-outage")
-    await get_clients().cleanup.run(ignore_backoff=True)
+    await get_clients().cleanup.run(ignore_backoff=True)  # the claim
     emulator.faults(down=True)
     try:
-        report = await _run_at(LATER)
-        assert report["retry_retire"] == 1, report
         failed = await _post(service, "token/refresh", "back-during-outage")
         assert failed.status_code == 503, failed
+        report = await _run_at(LATER)
     finally:
         emulator.faults(down=False)
-    report = await _run_at(LATER + cleanup_module.MAX_BACKOFF)
     assert report["retention_cancelled"] == 1 and report.get("retention_deleted", 0) == 0, report
     again = await _post(service, "token/refresh", "back-during-outage")
     assert again.status_code == 200 and body_of(again)["communicationUserId"] == stale["communicationUserId"]
+
+
+async def test_a_delete_acs_did_not_answer_blocks_until_acs_says_whether_it_happened(service, emulator):
+    """No answer (the connection dropped) may still mean deleted: the user is refused (409) rather
+    than handed a token that may die, and the use is noted. Once ACS answers again, the timer
+    asks it whether the identity is still there: it is, and it was used, so it stays."""
+    await drain_cleanup()
+    stale = await _stale_user(service, "no-answer")
+    await get_clients().cleanup.run(ignore_backoff=True)  # the claim
+    emulator.faults(down=True)
+    try:
+        report = await _run_at(LATER)  # the commit; ACS hangs up
+        assert report["retry_retire"] == 1, report
+        blocked = await _post(service, "token/refresh", "no-answer")
+    finally:
+        emulator.faults(down=False)
+    assert blocked.status_code == 409 and body_of(blocked)["code"] == "delete_pending", blocked
+    assert (await _mapping(service, "no-answer")).last_used_on == dt.datetime.now(dt.UTC).date().isoformat()
+    report = await _run_at(LATER + cleanup_module.MAX_BACKOFF)
+    assert report["retention_cancelled"] == 1 and report.get("retention_deleted", 0) == 0, report
+    again = await _post(service, "token/refresh", "no-answer")
+    assert again.status_code == 200 and body_of(again)["communicationUserId"] == stale["communicationUserId"]
+
+
+async def test_a_delete_acs_carried_out_without_answering_is_finished_by_the_timer(
+    service, emulator, monkeypatch
+):
+    """The other outcome: ACS deleted it, and the answer was lost. The timer's question finds it
+    gone and forgets it; nobody was handed a token meanwhile."""
+    await drain_cleanup()
+    stale = await _stale_user(service, "deleted-no-answer")
+    await get_clients().cleanup.run(ignore_backoff=True)
+    gateway = get_clients().cleanup.acs
+    real_delete = gateway.delete
+
+    async def deleted_then_lost(communication_user_id, **options):
+        await real_delete(communication_user_id, **options)
+        raise TimeoutError  # the answer never came
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gateway, "delete", deleted_then_lost)
+        report = await _run_at(LATER)
+    assert report["retry_retire"] == 1, report
+    blocked = await _post(service, "token/refresh", "deleted-no-answer")
+    assert blocked.status_code == 409, blocked
+    report = await _run_at(LATER + cleanup_module.MAX_BACKOFF)
+    assert report["retention_deleted"] == 1, report
+    assert emulator.verify(stale["token"])["reason"] == "identity deleted"
+    assert await _mapping(service, "deleted-no-answer") is None
+
+
+async def test_a_run_that_lost_its_lease_never_asks_acs_to_delete(service, emulator, monkeypatch):
+    """A slow run (its Table calls outlasting the lease) and a second run that took the work over
+    and gave the identity back to its returning user: the first must not delete it after all."""
+    await drain_cleanup()
+    stale = await _stale_user(service, "slow-commit")
+    await get_clients().cleanup.run(ignore_backoff=True)  # the claim
+    store = get_clients().store
+    slow = Pause(monkeypatch, store, "lease_retention_rows")
+    first = asyncio.create_task(_run_at(LATER))
+    await slow.wait()  # committed; about to take ACS's turn
+    blocked = await _post(service, "token/refresh", "slow-commit")
+    assert blocked.status_code == 409, blocked  # noted as a use
+    second = await _run_at(LATER + cleanup_module.LEASE + dt.timedelta(minutes=1))
+    assert second["retention_cancelled"] == 1, second
+    served = await _post(service, "token/refresh", "slow-commit")
+    assert served.status_code == 200, served
+    deletes = emulator.stats()["calls"]["deleteIdentity"]
+    slow.release()
+    assert (await first).get("retention_deleted", 0) == 0
+    assert emulator.stats()["calls"]["deleteIdentity"] == deletes
+    assert emulator.verify(body_of(served)["token"])["valid"] and emulator.verify(stale["token"])["valid"]
+
+
+async def test_an_admin_delete_during_a_committed_retirement_keeps_its_strength(
+    service, emulator, monkeypatch
+):
+    """Retention committed, ACS throttled: an admin's delete (202) replaces retention's, so ACS's
+    refusal of retention's delete no longer gives the identity back; the admin's completes."""
+    await drain_cleanup()
+    stale = await _stale_user(service, "admin-during-retire")
+    await get_clients().cleanup.run(ignore_backoff=True)
+    in_delete = Pause(monkeypatch, get_clients().cleanup.acs, "delete")
+    run = asyncio.create_task(_run_at(LATER))
+    await in_delete.wait()
+    emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
+    try:
+        response = await function_app.manage_delete_identity(
+            request(
+                "DELETE",
+                f"manage/identities/{stale['communicationUserId']}",
+                token=service.token("retention-admin", roles=("TokenService.Admin",)),
+                route_params={"communicationUserId": stale["communicationUserId"]},
+            )
+        )
+        assert response.status_code == 202, response
+        in_delete.release()
+        assert (await run)["retry_retire"] == 1
+        refused = await _post(service, "token/refresh", "admin-during-retire")
+        assert refused.status_code == 409 and body_of(refused)["code"] == "delete_pending", refused
+    finally:
+        emulator.faults(throttleRate=0.0, retryAfterSeconds=1)
+    report = await _run_at(LATER + cleanup_module.MAX_BACKOFF)
+    assert report["deleted"] == 1 and report["retention_cancelled"] == 1, report
+    assert emulator.verify(stale["token"])["reason"] == "identity deleted"
+    assert await _mapping(service, "admin-during-retire") is None
+
+
+async def test_a_throttled_commit_keeps_the_identity_on_file(service, emulator):
+    """Its retention row stays through a refused delete: the identity a user takes back is
+    judged again one day, never forgotten by retention."""
+    from tests.service_helpers import retention_rows
+
+    await drain_cleanup()
+    await _stale_user(service, "kept-on-file")
+    key = user_key(service.stack["issuer"], "kept-on-file")
+    await get_clients().cleanup.run(ignore_backoff=True)
+    emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
+    try:
+        assert (await _run_at(LATER))["retry_retire"] == 1
+    finally:
+        emulator.faults(throttleRate=0.0, retryAfterSeconds=1)
+    assert len(await retention_rows(get_clients().store.table, key)) == 1
+    assert (await _post(service, "token/refresh", "kept-on-file")).status_code == 200
+    await _run_at(LATER + cleanup_module.MAX_BACKOFF)
+    assert len(await retention_rows(get_clients().store.table, key)) == 1
 
 
 async def test_a_users_own_delete_overrides_a_retention_claim(service, emulator):
@@ -425,6 +561,47 @@ async def test_a_user_deleted_event_during_the_first_issue_undoes_the_new_identi
     assert again.status_code == 401 and body_of(again)["code"] == "session_ended", again
 
 
+async def test_an_event_during_a_first_issue_whose_second_look_failed_is_caught_next_time(
+    service, emulator, monkeypatch
+):
+    """The first issue's look after the insert fails (a Table blip, or a crash): the mapping stays
+    marked unchecked, so the next request with the old bearer looks, and is refused."""
+    import time
+
+    import jwt
+    from azure.core.exceptions import ServiceResponseError
+
+    bearer = service.token("recheck-failed", now=time.time() - 60)
+    claims = jwt.decode(bearer, options={"verify_signature": False})
+    live = emulator.stats()["liveIdentities"]
+    store = get_clients().store
+    before_insert = Pause(monkeypatch, store, "insert")
+    first = asyncio.create_task(_post(service, "token", "recheck-failed", bearer=bearer))
+    await before_insert.wait()
+    assert (await _deliver(_user_deleted(claims))).status_code == 200
+    real_query = store.sessions_ended
+
+    async def blip(*_args, **_kwargs):
+        raise ServiceResponseError(message="storage went away")
+
+    monkeypatch.setattr(store, "sessions_ended", blip)
+    before_insert.release()
+    failed = await first
+    assert failed.status_code == 503, failed
+    assert (await _mapping(service, "recheck-failed")).sessions_checked is False
+    monkeypatch.setattr(store, "sessions_ended", real_query)
+
+    refused = await _post(service, "token/refresh", "recheck-failed", bearer=bearer)
+    assert refused.status_code == 401 and body_of(refused)["code"] == "session_ended", refused
+    assert emulator.stats()["liveIdentities"] == live
+    assert await _mapping(service, "recheck-failed") is None
+
+
+async def test_a_first_issue_marks_its_mapping_checked(service):
+    assert (await _post(service, "token", "checked-once")).status_code == 200
+    assert (await _mapping(service, "checked-once")).sessions_checked is True
+
+
 async def test_an_event_ends_sessions_before_it_looks_for_identities(service, emulator, monkeypatch):
     """The other half of the handshake: a first issue whose recheck ran before the event's rows
     landed had inserted its mapping before, so the event, which looks only after writing them,
@@ -481,7 +658,7 @@ async def test_the_dry_run_lists_what_retention_would_delete_and_changes_nothing
     assert len(one["identities"]) == 1 and one["truncated"] is True
 
 
-@pytest.mark.parametrize("limit", ["0", "1001", "ten", "-1", ""])
+@pytest.mark.parametrize("limit", ["0", "1001", "ten", "-1", "", "\u00b2", "\u0661\u0660", "1e3", " 5"])
 async def test_the_dry_run_refuses_a_bad_limit(service, limit):
     response = await _preview(service, limit=limit)
     assert response.status_code == 400 and body_of(response)["code"] == "invalid_limit", response

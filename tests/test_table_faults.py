@@ -273,7 +273,7 @@ async def test_a_timed_out_insert_that_committed_before_the_client_gave_up(stack
         started = time.monotonic()
         with pytest.raises(ServiceResponseError):
             await table.create_entity(entity)
-        assert 0.9 < time.monotonic() - started < 5
+        assert 0.9 < time.monotonic() - started < 30  # its read timeout, not the 60 s hold
     assert fault.attempts == 1  # azure-core does not retry a POST that got no answer
     assert await _exists(stack, table_name, entity)
     await fault.wait_client_gave_up(2)  # the proxy notices the closed connection within 50 ms
