@@ -173,6 +173,24 @@ class AcsGateway:
             raise translate(err) from None
         return IssuedToken(token.token, _parse_expiry(token.expires_on))
 
+    @telemetry.acs_operation("issueAccessToken")
+    async def exists(self, communication_user_id: str, **options) -> bool:
+        """Does ACS still have the identity? ACS has no read of one: issuing a token (never handed
+        out) tells, since it fails once the identity is gone. Asked once, without backing off."""
+        try:
+            await self.client.get_token(
+                CommunicationUserIdentifier(communication_user_id),
+                ["chat"],
+                token_expires_in=dt.timedelta(minutes=60),
+                **options,
+            )
+        except Exception as err:  # noqa: BLE001
+            translated = translate(err)
+            if isinstance(translated, NotFound) and translated.code == "identity_gone":
+                return False
+            raise translated from None
+        return True
+
     @telemetry.acs_operation("revokeAccessTokens")
     async def revoke(self, communication_user_id: str, **options) -> None:
         """Revoke every token of the identity. `options` are per-call azure-core settings."""

@@ -25,7 +25,7 @@ import datetime as dt
 import logging
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeIs
 
 from .acs import AcsGateway
 from .clock import Clock, utcnow
@@ -55,11 +55,15 @@ LATE_WRITE_GRACE = dt.timedelta(minutes=10)
 # Retention's ACS delete is given up on after this, well inside LEASE: the run that holds the work
 # is done with ACS before another run may take it over.
 ACS_DELETE_DEADLINE = dt.timedelta(seconds=60)
+PROBE_DEADLINE = dt.timedelta(seconds=15)  # asking ACS whether an identity is still there
 # ACS answers that say it did not act (shared/acs.py): a retirement may give way to a use then.
 ACS_REFUSALS = ("acs_throttled", "acs_auth_failed", "acs_rejected")
 # Event Grid redelivers for at most 24 hours; remembering ids for a week is ample.
 EVENT_MEMORY = dt.timedelta(days=7)
 TIMER_OPTIONS = {"retry_total": 1, "retry_backoff_factor": 0.2}
+# Whether an identity is still there is asked once: azure-core honours Retry-After uncapped, and a
+# throttled answer only defers the question to the next run.
+PROBE_OPTIONS = {"retry_total": 0}
 
 
 def backoff(attempts: int) -> dt.timedelta:
@@ -226,7 +230,12 @@ class Cleanup:
             await self.store.finish(work)
             counts["revoked_identity_gone"] += 1
             return
-        if record.pending != "revoke":  # its block never landed; retention's claim stays its own
+        if record.pending != "revoke":  # its block has not landed; retention's claim stays its own
+            if work.requested_at is not None and self.clock() - work.requested_at < BLOCK_GRACE:
+                # The block may still be on its way: finished now, it would land on nobody's work.
+                await self.store.retry_later(work, self.clock() + LEASE)
+                counts["waiting_for_block"] += 1
+                return
             await self.store.finish(work)
             counts["revoked"] += 1
             return
@@ -308,19 +317,20 @@ class Cleanup:
     ) -> None:
         """A claim's second step: delete only what is still claimed, by this claim, and still stale
         now. A use since, a user's or admin's request, or an event has replaced or cancelled it."""
-        ours = (
-            record is not None
-            and record.communication_user_id == work.communication_user_id
-            and record.pending_id == work.pending_id
-            and record.pending in ("retire", "retiring")
-        )
-        if not ours:
+        if not _claimed_by(record, work):
             await self.store.finish(work)
             counts["retention_cancelled"] += 1
             return
-        if record.pending == "retiring" and not await self._still_in_acs(record):
-            await self._forget_retired(work, record, counts)  # an earlier attempt's delete landed
-            return
+        if record.pending == "retiring":
+            if not await self._still_in_acs(record):
+                await self._forget_retired(work, record, counts)  # an earlier attempt's delete landed
+                return
+            # Read again: a use refused (409) while ACS was asked was noted on the mapping since.
+            record = await self.store.get(work.user_key)
+            if not _claimed_by(record, work):
+                await self.store.finish(work)
+                counts["retention_cancelled"] += 1
+                return
         # Claimed, or committed by an earlier attempt that got no answer from ACS (and the identity
         # is still there): a use since wins, one while it was blocked included (409, shared/tokens.py).
         if record.last_used_on >= self._cutoff():
@@ -357,17 +367,10 @@ class Cleanup:
         await self._forget_retired(held, record, counts)
 
     async def _still_in_acs(self, record: IdentityRecord) -> bool:
-        """Did an earlier attempt's delete land? ACS has no read of an identity; issuing a token
-        for it (never handed out) tells: it fails once the identity is gone. Asked at least
-        backoff(0) after that attempt gave up, by when ACS has long finished with it."""
-        try:
-            async with asyncio.timeout(ACS_DELETE_DEADLINE.total_seconds()):
-                await self.acs.issue(record.communication_user_id, ("chat",), 60)
-        except NotFound as err:
-            if err.code == "identity_gone":
-                return False
-            raise
-        return True
+        """Did an earlier attempt's delete land? Asked at least backoff(0) after that attempt gave
+        up, by when ACS has long finished with it; once, and briefly: a run has other work."""
+        async with asyncio.timeout(PROBE_DEADLINE.total_seconds()):
+            return await self.acs.exists(record.communication_user_id, **PROBE_OPTIONS)
 
     async def _retirement_failed(
         self, work: PendingWork, record: IdentityRecord, err: Exception, counts: Counter
@@ -410,7 +413,7 @@ class Cleanup:
             async for work in self.store.pending_work()
             if work.op == "retire"
         }
-        listed: list[dict] = []  # committed first: their rows are held, not dropped
+        listed: list[dict] = []
         seen: set[str] = set()
         truncated = False
 
@@ -428,15 +431,7 @@ class Cleanup:
                 }
             )
 
-        for (key, communication_user_id), work in retiring.items():  # committed: rows dropped already
-            record = await self.store.get(key)
-            if (
-                record is not None
-                and record.communication_user_id == communication_user_id
-                and record.pending_id == work.pending_id
-                and record.pending == "retiring"
-            ):
-                add(communication_user_id, key, record.last_used_on, "deleting", work.next_attempt_at)
+        # One read a retention row: a committed retirement's rows are held until ACS deleted it.
         async for filed in self.store.filed_before(cutoff):
             if filed.communication_user_id in seen:
                 continue
@@ -444,16 +439,23 @@ class Cleanup:
                 truncated = True
                 break
             record = await self.store.get(filed.user_key)
+            work = retiring.get((filed.user_key, filed.communication_user_id))
             if record is None or record.communication_user_id != filed.communication_user_id:
                 add(filed.communication_user_id, filed.user_key, None, "unmapped", now)
-            elif record.last_used_on >= cutoff or record.pending in ("revoke", "delete", "retiring"):
-                continue  # used since (the row moves forward), or a request's work, not retention's
-            elif record.pending == "retire" and (
-                work := retiring.get((filed.user_key, filed.communication_user_id))
-            ):
+            elif record.last_used_on >= cutoff:
+                continue  # used since: the row moves forward, or the timer gives the identity back
+            elif record.pending == "retiring" and work and work.pending_id == record.pending_id:
+                add(
+                    filed.communication_user_id,
+                    filed.user_key,
+                    record.last_used_on,
+                    "deleting",
+                    work.next_attempt_at,
+                )
+            elif record.pending == "retire" and work:
                 due = max(work.next_attempt_at, (work.requested_at or now) + RETIRE_GRACE)
                 add(filed.communication_user_id, filed.user_key, record.last_used_on, "claimed", due)
-            else:
+            elif record.pending in ("", "retire"):  # a claim whose queued work a crash lost: as stale
                 add(
                     filed.communication_user_id,
                     filed.user_key,
@@ -461,6 +463,7 @@ class Cleanup:
                     "stale",
                     now + RETIRE_GRACE,
                 )
+            # Otherwise a request's revoke or delete: its work, not retention's.
         return {
             "retentionDays": self.retention_days,
             "cutoff": cutoff,
@@ -468,6 +471,16 @@ class Cleanup:
             "identities": listed[:limit],
             "truncated": truncated or len(listed) > limit,
         }
+
+
+def _claimed_by(record: IdentityRecord | None, work: PendingWork) -> TypeIs[IdentityRecord]:
+    """The mapping still carries this retirement's claim or commit, not a request's block or a use."""
+    return (
+        record is not None
+        and record.communication_user_id == work.communication_user_id
+        and record.pending_id == work.pending_id
+        and record.pending in ("retire", "retiring")
+    )
 
 
 def _iso(value: dt.datetime) -> str:

@@ -22,7 +22,10 @@ from .settings import get_settings
 log = logging.getLogger("acs_token_service.endpoints")
 ADMIN_ROLE = "TokenService.Admin"
 MAX_ID_LENGTH = 256
-RETENTION_PREVIEW_DEFAULT, RETENTION_PREVIEW_MAX = 100, 1000  # each listed identity costs a read
+RETENTION_PREVIEW_DEFAULT, RETENTION_PREVIEW_MAX = (
+    100,
+    1000,
+)  # the dry run reads a mapping per row it lists or skips
 
 if TYPE_CHECKING:  # auth loads with the clients, on first use: importing function_app stays light
     from .auth import Caller

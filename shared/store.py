@@ -280,10 +280,11 @@ class IdentityStore:
         return [owner, *self._filed_rows(record)]
 
     @telemetry.table_operation("insert")
-    async def insert(self, record: IdentityRecord) -> None:
+    async def insert(self, record: IdentityRecord) -> IdentityRecord:
         """The mapping insert, which two racing first requests can't both win: ResourceExistsError.
         The index rows stay until the caller has deleted a loser's identity: `forget_lost`."""
-        await self.table.create_entity(record.to_entity())
+        metadata = await self.table.create_entity(record.to_entity())
+        return replace(record, etag=metadata["etag"])
 
     def _graph_row(self, record: IdentityRecord) -> str | None:
         """The user's Graph lookup row, when Graph events need one to find them."""
@@ -518,19 +519,32 @@ class IdentityStore:
         return max(found) if found else None
 
     @telemetry.table_operation("sessions_checked")
-    async def sessions_checked(self, record: IdentityRecord, ended_at: dt.datetime | None) -> None:
+    async def sessions_checked(
+        self, record: IdentityRecord, ended_at: dt.datetime | None
+    ) -> IdentityRecord | None:
         """Mark a new mapping checked for events that ended its user's sessions (and when the
-        latest did, if its bearer is newer); a mapping deleted meanwhile stays deleted."""
+        latest did, if its bearer is newer), only while it names the identity that was checked:
+        the mapping as marked, or None when it is gone or names another identity by now."""
         values: dict = {"sessionsUnchecked": False}
         if ended_at is not None:
             values["sessionsEndedAt"] = ended_at
-        try:
-            await self.table.update_entity(
-                {"PartitionKey": record.user_key, "RowKey": keys.IDENTITY_ROW, **values},
-                mode=UpdateMode.MERGE,
-            )
-        except ResourceNotFoundError:
-            pass
+        current: IdentityRecord | None = record
+        for _ in range(3):
+            if current is None or current.communication_user_id != record.communication_user_id:
+                return None
+            if current.etag is not None:
+                etag = await self._merge_if_unchanged(
+                    record.user_key, keys.IDENTITY_ROW, current.etag, values
+                )
+                if etag is not None:
+                    return replace(
+                        current,
+                        sessions_checked=True,
+                        sessions_ended_at=ended_at or current.sessions_ended_at,
+                        etag=etag,
+                    )
+            current = await self.get(record.user_key)  # changed since (a use, a block): look again
+        return None  # still unchecked: the next request looks again
 
     @telemetry.table_operation("note_deletion")
     async def note_deletion(self, user_key: str, reason: str, when: dt.datetime) -> None:
@@ -622,6 +636,20 @@ class IdentityStore:
         if queued is not None and queued.get("pendingId") == record.pending_id:
             return False
         await self._queue(record, "retire", now, grace, retention_row)
+        return True
+
+    @telemetry.table_operation("requeue_blocked")
+    async def requeue_blocked(self, record: IdentityRecord, now: dt.datetime) -> bool:
+        """A mapping blocked for a revoke or delete whose queued work is gone (its block landed
+        after the timer had finished the work): queue it again, so the user is not blocked for
+        good. True when it had to be queued."""
+        op = record.pending
+        queued = await self._get(
+            keys.PENDING_PARTITION, keys.pending_row(record.user_key, record.communication_user_id, op)
+        )
+        if queued is not None:
+            return False
+        await self._queue(record, op, now, dt.timedelta(0))
         return True
 
     @telemetry.table_operation("keep_in_use")

@@ -201,6 +201,8 @@ class TokenService:
         if record.pending in BLOCKING:
             if record.pending == "retiring":
                 await self._note_blocked_use(record)
+            else:
+                await self._requeue_if_lost(record)
             # No token may outlive a revocation or deletion that ACS has not confirmed yet.
             kind = "revoke" if record.pending == "revoke" else "delete"  # retiring: retention's delete
             raise Conflict(
@@ -241,6 +243,14 @@ class TokenService:
             )
         return kept
 
+    async def _requeue_if_lost(self, record: IdentityRecord) -> None:
+        """A block whose queued work is gone would refuse the user for good: queue it again."""
+        try:
+            if await self.store.requeue_blocked(record, self.clock()):
+                log.warning("a blocked mapping had no queued work: queued again")
+        except Exception as err:  # noqa: BLE001 - the answer is 409 either way; the next try looks again
+            log.warning("could not check a blocked mapping's work: %s", type(err).__name__)
+
     async def _note_blocked_use(self, record: IdentityRecord) -> None:
         """Retention committed, and ACS has not answered its delete yet: should the identity turn
         out not deleted, the timer finds this use and gives the identity back (shared/cleanup.py)."""
@@ -261,9 +271,9 @@ class TokenService:
         # nothing. SECURITY.md states what a crash leaks, measured.
         async with self._creating:
             record, token = await self._create_filed(caller, key, request, sessions_ended_at)
-        result = await self._map(record, token, request)
-        if result.communication_user_id == record.communication_user_id:
-            await self._recheck_sessions(caller, record)
+        inserted, result = await self._map(caller, record, token, request)
+        if inserted is not None:
+            await self._recheck_sessions(caller, inserted)
         return result
 
     async def _create_filed(
@@ -293,19 +303,28 @@ class TokenService:
             raise
         return record, token
 
-    async def _map(self, record: IdentityRecord, token: IssuedToken, request: TokenRequest) -> TokenResult:
-        """Insert the mapping of an identity already on file (outside the creation window)."""
-        communication_user_id = record.communication_user_id
+    async def _map(
+        self, caller: Caller, record: IdentityRecord, token: IssuedToken, request: TokenRequest
+    ) -> tuple[IdentityRecord | None, TokenResult]:
+        """Insert the mapping of an identity already on file (outside the creation window); the
+        mapping as inserted, when it is ours, is still to be checked for events (`_create`)."""
         try:
-            await self.store.insert(record)
+            inserted = await self.store.insert(record)
         except Exception as err:  # noqa: BLE001 - settled from the mapping itself
-            return await self._settle(record, token, request, err)
+            return await self._settle(caller, record, token, request, err)
         log.info("identity created")
-        return TokenResult(communication_user_id, token, request.scopes, identity_created=True)
+        return inserted, TokenResult(
+            record.communication_user_id, token, request.scopes, identity_created=True
+        )
 
     async def _settle(
-        self, record: IdentityRecord, token: IssuedToken, request: TokenRequest, err: Exception
-    ) -> TokenResult:
+        self,
+        caller: Caller,
+        record: IdentityRecord,
+        token: IssuedToken,
+        request: TokenRequest,
+        err: Exception,
+    ) -> tuple[IdentityRecord | None, TokenResult]:
         """The mapping insert failed: 409 when another request won the user, or when a retried
         insert finds its own first try landed; any other failure may hide a landed insert too.
         The mapping says which: ours stands, or theirs is used, or there is none."""
@@ -317,7 +336,7 @@ class TokenService:
             raise err from None
         if current is not None and current.communication_user_id == ours:
             log.info("identity created")
-            return TokenResult(ours, token, request.scopes, identity_created=True)
+            return current, TokenResult(ours, token, request.scopes, identity_created=True)
         if current is None and not _refused(err):
             # The insert's outcome is unknown (a timeout, 500 OperationTimedOut): it may still land,
             # after this look. Discarding the identity now would leave a mapping naming a deleted
@@ -327,8 +346,9 @@ class TokenService:
         # Not ours: delete our identity, and only then its rows, which until then let cleanup find it.
         if await self._discard(ours):
             await self.store.forget_lost(record, user_mapped=current is not None)
-        if current is not None:  # a concurrent first request mapped this user first: use its identity
-            return await self._issue_existing(current, request)
+        if current is not None:  # a concurrent first request mapped this user first: use its identity,
+            # checked as any mapping is: the winner may not have looked for an event yet.
+            return None, await self._issue_existing(await self._checked(caller, current), request)
         if isinstance(err, ResourceExistsError):  # mapped and deleted in between: safe to ask again
             raise NotFound(
                 "Your identity changed while it was being created; retry.", code="identity_conflict"
@@ -360,11 +380,13 @@ class TokenService:
             if ended and (record.sessions_ended_at is None or ended > record.sessions_ended_at)
             else None
         )
+        checked = replace(record, sessions_checked=True, sessions_ended_at=newer or record.sessions_ended_at)
         try:
-            await self.store.sessions_checked(record, newer)
+            marked = await self.store.sessions_checked(record, newer)
         except Exception as err:  # noqa: BLE001 - still unchecked: the next request looks again
             log.warning("could not mark a mapping checked: %s", type(err).__name__)
-        return replace(record, sessions_checked=True, sessions_ended_at=newer or record.sessions_ended_at)
+            return checked
+        return marked or checked
 
     async def _discard(self, communication_user_id: str) -> bool:
         """Delete an ACS identity nobody maps to, or queue that for the timer; False if neither."""
