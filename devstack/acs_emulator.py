@@ -1,7 +1,8 @@
 """The ACS Identity emulator's HTTP face: REST api-version 2023-10-01 plus `/_emulator/` hooks.
 
 Order of work for every API request: count it, apply faults (down, latency, limits, throttling,
-errors: all before any state changes), authenticate (HMAC or a managed-identity bearer token),
+errors: all before any state changes; the limits count create-and-issue apart from plain creates,
+as ACS does, so the body is read first), authenticate (HMAC or a managed-identity bearer token),
 validate, then act on the `AcsResource`.
 """
 
@@ -20,7 +21,14 @@ import jwt
 from aiohttp import web
 
 from . import hmac_auth
-from .acs_state import AcsError, AcsResource, check_expires_in, check_scopes, validation_error
+from .acs_state import (
+    CREATE_AND_ISSUE,
+    AcsError,
+    AcsResource,
+    check_expires_in,
+    check_scopes,
+    validation_error,
+)
 from .keys import SigningKey
 
 log = logging.getLogger("devstack.acs")
@@ -57,6 +65,20 @@ def _match(method: str, path: str) -> tuple[str, dict[str, str]] | None:
         if found and route_method == method:
             return operation, found.groupdict()
     return None
+
+
+def _limited_operation(operation: str, raw: bytes) -> str:
+    """The operation as ACS's service limits count it: a create that asks for a token
+    (`createTokenWithScopes` other than null or []) is create-and-issue, limited on its own."""
+    if operation != "createIdentity" or not raw:
+        return operation
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # a bad body is answered later, as a plain create
+        return operation
+    if isinstance(body, dict) and body.get("createTokenWithScopes") not in (None, []):
+        return CREATE_AND_ISSUE
+    return operation
 
 
 async def _json_body(raw: bytes) -> dict:
@@ -112,14 +134,14 @@ class AcsEmulator:
         if faults.latencyMs:
             await asyncio.sleep(faults.latencyMs / 1000)
         try:
-            self.resource.check_limit(operation)
+            raw = await request.read()
+            self.resource.check_limit(_limited_operation(operation, raw))
             if faults.throttleRate and random.random() < faults.throttleRate:
                 raise AcsError(
                     429, "TooManyRequests", "Too many requests.", retry_after=faults.retryAfterSeconds
                 )
             if faults.errorRate and random.random() < faults.errorRate:
                 raise AcsError(500, "InternalError", "An internal error occurred (injected fault).")
-            raw = await request.read()
             self._authenticate(request, raw)
             self._check_api_version(request)
             handler = self.OPERATIONS[operation]

@@ -24,19 +24,32 @@ SCOPES = ("chat", "voip", "chat.join", "chat.join.limited", "voip.join")
 MIN_MINUTES, MAX_MINUTES, DEFAULT_MINUTES = 60, 1440, 1440
 TEAMS_AUDIENCE = "https://auth.msft.communication.azure.com"
 
+# The API operations, as the stats hook counts them (create-and-issue counts as createIdentity).
+OPERATIONS = (
+    "createIdentity",
+    "issueAccessToken",
+    "revokeAccessTokens",
+    "deleteIdentity",
+    "exchangeTeamsToken",
+)
+# ACS limits a create that also issues a token (`createTokenWithScopes`) on its own, apart from
+# plain creates and issues (shared REFERENCE.md, service limits): the emulator's name for it.
+CREATE_AND_ISSUE = "createIdentityAndIssueAccessToken"
 # Per resource and 30 s window, from the ACS service limits page.
 LIMIT_WINDOW_SECONDS = 30.0
+MAX_LIMIT_WINDOW_SECONDS = 3600.0
 LIMITS = {
     "createIdentity": 1000,
     "issueAccessToken": 1000,
+    CREATE_AND_ISSUE: 1000,
     "revokeAccessTokens": 500,
     "deleteIdentity": 500,
     "exchangeTeamsToken": 500,
 }
-OPERATIONS = tuple(LIMITS)
 # ACS: revocation "can take up to 15 minutes to propagate"; the delay fault may simulate no more.
 MAX_REVOCATION_DELAY_SECONDS = 15 * 60
 Seconds = float  # a fault field kind: a non-negative number of seconds
+ServiceLimits = dict | bool  # a fault field kind: see `service_limits`
 
 
 class AcsError(Exception):
@@ -83,6 +96,39 @@ def _guid(value: object) -> uuid.UUID | None:
         return None
 
 
+def service_limits(value: object) -> dict | bool:
+    """The `limits` fault as the emulator keeps and reports it: False (off), or every limited
+    operation's limit plus `windowSeconds`. `true` is ACS's own numbers per 30 s; an object names
+    limits for some operations (positive integers) and optionally the window, and the operations it
+    does not name keep ACS's numbers. Anything else raises ValueError naming the field."""
+    if value is False:
+        return False
+    if value is True:
+        return {**LIMITS, "windowSeconds": LIMIT_WINDOW_SECONDS}
+    if not isinstance(value, dict):
+        raise ValueError("limits must be true, false or an object of per-operation limits")
+    effective: dict = {**LIMITS, "windowSeconds": LIMIT_WINDOW_SECONDS}
+    for name, limit in value.items():
+        if name == "windowSeconds":
+            if (
+                isinstance(limit, bool)
+                or not isinstance(limit, int | float)
+                or not 0 < limit <= MAX_LIMIT_WINDOW_SECONDS
+            ):
+                raise ValueError(
+                    "limits.windowSeconds must be a number of seconds greater than 0 "
+                    f"and at most {MAX_LIMIT_WINDOW_SECONDS:g}"
+                )
+            effective[name] = float(limit)
+        elif name in LIMITS:
+            if not _is_int(limit) or limit < 1:
+                raise ValueError(f"limits.{name} must be a positive integer")
+            effective[name] = limit
+        else:
+            raise ValueError(f"limits: unknown operation {name!r}; known: {', '.join(LIMITS)}, windowSeconds")
+    return effective
+
+
 def check_expires_in(value: object) -> int:
     if value is None:
         return DEFAULT_MINUTES
@@ -119,7 +165,8 @@ class Faults:
     retryAfterSeconds: int | None = 1
     errorRate: float = 0.0
     down: bool = False
-    limits: bool = False
+    # False, or the effective limits (`service_limits`): set from true, false or an object.
+    limits: ServiceLimits = False
     # How long a revocation takes to reach token verification (ACS: up to 15 minutes).
     revocationDelaySeconds: Seconds = 0.0
 
@@ -145,6 +192,8 @@ class Faults:
                 if not 0 <= value <= MAX_REVOCATION_DELAY_SECONDS:
                     raise ValueError(f"{name} must be from 0 to {MAX_REVOCATION_DELAY_SECONDS}")
                 value = float(value)
+            if kind == "ServiceLimits":
+                value = service_limits(value)
             if kind == "float":
                 if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
                     raise ValueError(f"{name} must be a number from 0 to 1")
@@ -179,21 +228,22 @@ class IssuedToken:
         return self.expires_on.isoformat()
 
 
-@dataclass
 class RateWindow:
-    """Sliding 30 s windows per operation, for the service limits when they are switched on."""
+    """Sliding windows, one per limited operation, for the service limits when they are on."""
 
-    events: dict[str, collections.deque] = field(
-        default_factory=lambda: collections.defaultdict(collections.deque)
-    )
+    def __init__(self, limits: dict | None = None) -> None:
+        # The effective limits it counts against (`service_limits`); new limits, new windows.
+        self.limits = limits if limits is not None else service_limits(True)
+        self.events: dict[str, collections.deque] = collections.defaultdict(collections.deque)
 
     def admit(self, operation: str, now: float) -> int | None:
-        """Record one call; return seconds to wait when the limit is already reached."""
+        """Record one call; return whole seconds to wait when the limit is already reached."""
+        span = self.limits["windowSeconds"]
         window = self.events[operation]
-        while window and window[0] <= now - LIMIT_WINDOW_SECONDS:
+        while window and window[0] <= now - span:
             window.popleft()
-        if len(window) >= LIMITS[operation]:
-            return max(1, int(window[0] + LIMIT_WINDOW_SECONDS - now) + 1)
+        if len(window) >= self.limits[operation]:
+            return max(1, int(window[0] + span - now) + 1)
         window.append(now)
         return None
 
@@ -243,9 +293,14 @@ class AcsResource:
             return {"calls": dict(self.calls), "liveIdentities": live}
 
     def check_limit(self, operation: str) -> None:
-        if not self.faults.limits:
+        """Count one call of a limited operation (`LIMITS`' names) against its window, when limits
+        are on; over the limit, a 429 whose Retry-After is when the window's oldest call leaves."""
+        limits = self.faults.limits
+        if not limits:
             return
         with self._lock:
+            if self.rate.limits is not limits:  # limits were set again: fresh windows
+                self.rate = RateWindow(limits)
             wait = self.rate.admit(operation, self.clock())
         if wait is not None:
             raise AcsError(

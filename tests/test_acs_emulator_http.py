@@ -285,6 +285,61 @@ def test_bad_fault_settings_are_refused(stack, emulator, bad):
     assert emulator.faults()["throttleRate"] == 0  # nothing applied
 
 
+def test_a_small_issue_limit_answers_429_past_it_while_creates_go_on(stack, emulator):
+    """Per-operation limits, counted as ACS counts them: the issue limit spends no create and no
+    create-and-issue; past it, the SDK sees a 429 whose Retry-After comes from the window."""
+    client = CommunicationIdentityClient.from_connection_string(stack["acs_connection_string"], retry_total=0)
+    user = client.create_user()
+    state = emulator.faults(limits={"issueAccessToken": 3, "windowSeconds": 20})
+    assert state["limits"]["issueAccessToken"] == 3 and state["limits"]["windowSeconds"] == 20
+    assert state["limits"]["createIdentity"] == 1000  # not named: ACS's own number
+    assert emulator.faults()["limits"] == state["limits"]  # reported as in effect
+    for _ in range(3):
+        client.get_token(user, [CommunicationTokenScope.CHAT])
+    with pytest.raises(HttpResponseError) as caught:
+        client.get_token(user, [CommunicationTokenScope.CHAT])
+    assert caught.value.status_code == 429
+    assert 1 <= int(caught.value.response.headers["Retry-After"]) <= 21
+    for _ in range(5):
+        client.create_user()
+        client.create_user_and_token([CommunicationTokenScope.VOIP])  # its own limit, not the issue one
+    with pytest.raises(HttpResponseError):
+        client.get_token(user, [CommunicationTokenScope.CHAT])  # still within the window
+    emulator.faults(limits={"issueAccessToken": 3, "windowSeconds": 20})  # set again: fresh windows
+    client.get_token(user, [CommunicationTokenScope.CHAT])
+
+
+def test_create_and_issue_has_a_limit_of_its_own(stack, emulator):
+    client = CommunicationIdentityClient.from_connection_string(stack["acs_connection_string"], retry_total=0)
+    emulator.faults(limits={"createIdentityAndIssueAccessToken": 1}, retryAfterSeconds=None)
+    client.create_user_and_token([CommunicationTokenScope.CHAT])
+    raw = _signed_post(stack, "/identities", json.dumps({"createTokenWithScopes": ["chat"]}))
+    assert raw.status_code == 429 and "Retry-After" not in raw.headers
+    for body in ("", "{}", json.dumps({"createTokenWithScopes": []})):  # plain creates
+        assert _signed_post(stack, "/identities", body).status_code == 201
+    user = client.create_user()
+    client.get_token(user, [CommunicationTokenScope.CHAT])
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        ({"issueToken": 5}, "unknown operation 'issueToken'"),
+        ({"issueAccessToken": 0}, "limits.issueAccessToken"),
+        ({"issueAccessToken": 2.5}, "limits.issueAccessToken"),
+        ({"windowSeconds": 0}, "limits.windowSeconds"),
+        ("on", "limits must be true, false or an object"),
+    ],
+)
+def test_bad_limits_are_refused_with_400_naming_the_field(stack, emulator, bad, field):
+    emulator.faults(limits={"issueAccessToken": 4})
+    before = emulator.faults()["limits"]
+    response = requests.post(stack["acs_emulator_hooks"] + "faults", json={"limits": bad}, timeout=10)
+    assert response.status_code == 400
+    assert _error(response)["code"] == "ValidationError" and field in _error(response)["message"]
+    assert emulator.faults()["limits"] == before
+
+
 def test_reset_clears_identities_and_faults(stack, emulator, client):
     client.create_user()
     emulator.faults(latencyMs=10)

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 
 import pytest
 
-from devstack.acs_state import LIMITS, AcsError, AcsResource, Faults, RateWindow, check_expires_in
+from devstack.acs_state import (
+    CREATE_AND_ISSUE,
+    LIMITS,
+    AcsError,
+    AcsResource,
+    Faults,
+    RateWindow,
+    check_expires_in,
+)
 from devstack.keys import SigningKey
 
 KEY = SigningKey.generate()
@@ -123,6 +132,123 @@ def test_limits_switch_answers_429_with_retry_after():
     with pytest.raises(AcsError) as caught:
         resource.check_limit("revokeAccessTokens")
     assert caught.value.status == 429 and caught.value.retry_after >= 1
+
+
+def _over_limit(resource: AcsResource, operation: str) -> AcsError:
+    with pytest.raises(AcsError) as caught:
+        resource.check_limit(operation)
+    assert caught.value.status == 429 and caught.value.code == "TooManyRequests"
+    return caught.value
+
+
+def test_limits_true_are_acs_own_numbers_per_30_seconds_and_false_switches_them_off():
+    faults = Faults()
+    faults.update({"limits": True})
+    assert faults.limits == {
+        "createIdentity": 1000,
+        "issueAccessToken": 1000,
+        CREATE_AND_ISSUE: 1000,
+        "revokeAccessTokens": 500,
+        "deleteIdentity": 500,
+        "exchangeTeamsToken": 500,
+        "windowSeconds": 30.0,
+    }
+    faults.update({"limits": False})
+    assert faults.limits is False
+
+
+def test_each_operation_counts_against_its_own_limit():
+    """As ACS counts them: create, issue, create-and-issue, revoke, delete and Teams exchange apart."""
+    clock = Clock()
+    resource = _resource(clock)
+    resource.faults.update(
+        {"limits": {"issueAccessToken": 2, "createIdentity": 3, CREATE_AND_ISSUE: 1, "windowSeconds": 10}}
+    )
+    # Operations the object does not name keep ACS's numbers; the window is the object's.
+    assert resource.faults.limits["deleteIdentity"] == 500 and resource.faults.limits["windowSeconds"] == 10
+    for _ in range(2):
+        resource.check_limit("issueAccessToken")
+    _over_limit(resource, "issueAccessToken")
+    for _ in range(3):
+        resource.check_limit("createIdentity")  # the issue limit does not touch creates
+    _over_limit(resource, "createIdentity")
+    resource.check_limit(CREATE_AND_ISSUE)  # nor create-and-issue, which is neither
+    _over_limit(resource, CREATE_AND_ISSUE)
+    for operation in ("revokeAccessTokens", "deleteIdentity", "exchangeTeamsToken"):
+        for _ in range(LIMITS[operation]):
+            resource.check_limit(operation)
+        _over_limit(resource, operation)
+
+
+def test_a_small_window_expires_and_retry_after_comes_from_it():
+    clock = Clock()
+    resource = _resource(clock)
+    resource.faults.update({"limits": {"issueAccessToken": 2, "windowSeconds": 10}})
+    resource.check_limit("issueAccessToken")
+    clock.now += 3
+    resource.check_limit("issueAccessToken")
+    clock.now += 1.5
+    assert _over_limit(resource, "issueAccessToken").retry_after == 6  # the first call leaves at +10
+    clock.now += 5.5  # the first call left the window; the second is still in it
+    resource.check_limit("issueAccessToken")
+    assert _over_limit(resource, "issueAccessToken").retry_after == 4
+    resource.faults.update({"retryAfterSeconds": None})
+    assert _over_limit(resource, "issueAccessToken").retry_after is None
+    resource.faults.update({"retryAfterSeconds": 1, "limits": {"issueAccessToken": 1, "windowSeconds": 0.25}})
+    resource.check_limit("issueAccessToken")
+    assert _over_limit(resource, "issueAccessToken").retry_after == 1  # never less than a second
+    clock.now += 0.25
+    resource.check_limit("issueAccessToken")
+
+
+def test_setting_limits_again_starts_fresh_windows():
+    resource = _resource()
+    resource.faults.update({"limits": {"revokeAccessTokens": 1}})
+    resource.check_limit("revokeAccessTokens")
+    _over_limit(resource, "revokeAccessTokens")
+    with pytest.raises(ValueError):
+        resource.faults.update({"limits": {"revokeAccessTokens": 0}})
+    _over_limit(resource, "revokeAccessTokens")  # a refused update changes nothing
+    resource.faults.update({"latencyMs": 0})
+    _over_limit(resource, "revokeAccessTokens")  # other faults leave the windows alone
+    resource.faults.update({"limits": resource.faults.limits})  # what the hook reports is accepted back
+    resource.check_limit("revokeAccessTokens")
+    _over_limit(resource, "revokeAccessTokens")
+
+
+@pytest.mark.parametrize(
+    ("limits", "field"),
+    [
+        ({"issueToken": 5}, "unknown operation 'issueToken'"),
+        ({"createUserAndToken": 5}, "unknown operation"),
+        ({"issueAccessToken": 0}, "limits.issueAccessToken must be a positive integer"),
+        ({"issueAccessToken": -3}, "limits.issueAccessToken"),
+        ({"deleteIdentity": 1.5}, "limits.deleteIdentity"),
+        ({"deleteIdentity": 2.0}, "limits.deleteIdentity"),
+        ({"exchangeTeamsToken": "5"}, "limits.exchangeTeamsToken"),
+        ({CREATE_AND_ISSUE: True}, f"limits.{CREATE_AND_ISSUE}"),
+        ({"revokeAccessTokens": None}, "limits.revokeAccessTokens"),
+        ({"windowSeconds": 0}, "limits.windowSeconds"),
+        ({"windowSeconds": -1}, "limits.windowSeconds"),
+        ({"windowSeconds": "10"}, "limits.windowSeconds"),
+        ({"windowSeconds": True}, "limits.windowSeconds"),
+        ({"windowSeconds": None}, "limits.windowSeconds"),
+        ({"windowSeconds": 3601}, "limits.windowSeconds"),
+        ({"windowSeconds": float("nan")}, "limits.windowSeconds"),
+        ({"windowSeconds": float("inf")}, "limits.windowSeconds"),
+        (1, "limits must be true, false or an object"),
+        ("on", "limits must be"),
+        ([], "limits must be"),
+        (None, "limits must be"),
+    ],
+)
+def test_bad_limits_are_refused_naming_the_field_and_change_nothing(limits, field):
+    faults = Faults()
+    faults.update({"limits": {"issueAccessToken": 7}})
+    before = faults.limits
+    with pytest.raises(ValueError, match=re.escape(field)):
+        faults.update({"latencyMs": 5, "limits": limits})
+    assert faults.limits is before and faults.latencyMs == 0
 
 
 def test_faults_update_is_all_or_nothing():
