@@ -49,8 +49,9 @@ $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund
 	@touch $@
 
+# No .pyi: protoc writes one that is not Python (a field named `in`), which mypy would read first.
 $(PROTO_STAMP): $(PROTOS) $(PY_STAMP)
-	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. $(PROTOS)
+	$(PY) -m grpc_tools.protoc -I . --python_out=. $(PROTOS)
 
 protos: $(PROTO_STAMP)
 

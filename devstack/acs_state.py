@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field, fields
+from typing import Literal, TypeIs
 
 import jwt
 
@@ -49,7 +50,7 @@ LIMITS = {
 # ACS: revocation "can take up to 15 minutes to propagate"; the delay fault may simulate no more.
 MAX_REVOCATION_DELAY_SECONDS = 15 * 60
 Seconds = float  # a fault field kind: a non-negative number of seconds
-ServiceLimits = dict | bool  # a fault field kind: see `service_limits`
+ServiceLimits = dict[str, float] | Literal[False]  # a fault field kind: see `service_limits`
 
 
 class AcsError(Exception):
@@ -82,7 +83,7 @@ def not_owned() -> AcsError:
     return AcsError(401, "IdentityNotOwned", "Provided identity doesn't belong to the resource.")
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeIs[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -96,7 +97,12 @@ def _guid(value: object) -> uuid.UUID | None:
         return None
 
 
-def service_limits(value: object) -> dict | bool:
+def acs_limits() -> dict[str, float]:
+    """ACS's own limits, each operation's per its window."""
+    return {**LIMITS, "windowSeconds": LIMIT_WINDOW_SECONDS}
+
+
+def service_limits(value: object) -> ServiceLimits:
     """The `limits` fault as the emulator keeps and reports it: False (off), or every limited
     operation's limit plus `windowSeconds`. `true` is ACS's own numbers per 30 s; an object names
     limits for some operations (positive integers) and optionally the window, and the operations it
@@ -104,10 +110,10 @@ def service_limits(value: object) -> dict | bool:
     if value is False:
         return False
     if value is True:
-        return {**LIMITS, "windowSeconds": LIMIT_WINDOW_SECONDS}
+        return acs_limits()
     if not isinstance(value, dict):
         raise ValueError("limits must be true, false or an object of per-operation limits")
-    effective: dict = {**LIMITS, "windowSeconds": LIMIT_WINDOW_SECONDS}
+    effective = acs_limits()
     for name, limit in value.items():
         if name == "windowSeconds":
             if (
@@ -231,9 +237,9 @@ class IssuedToken:
 class RateWindow:
     """Sliding windows, one per limited operation, for the service limits when they are on."""
 
-    def __init__(self, limits: dict | None = None) -> None:
+    def __init__(self, limits: dict[str, float] | None = None) -> None:
         # The effective limits it counts against (`service_limits`); new limits, new windows.
-        self.limits = limits if limits is not None else service_limits(True)
+        self.limits = limits or acs_limits()
         self.events: dict[str, collections.deque] = collections.defaultdict(collections.deque)
 
     def admit(self, operation: str, now: float) -> int | None:

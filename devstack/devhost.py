@@ -80,7 +80,10 @@ SCRIPT_FILE_SETTING = (
 
 
 def _routes_in_order(functions: list[HttpFunction]) -> list[HttpFunction]:
-    return sorted(functions, key=functools.cmp_to_key(lambda a, b: compare(a.route, b.route)))
+    def order(a: HttpFunction, b: HttpFunction) -> int:
+        return compare(a.route, b.route)
+
+    return sorted(functions, key=functools.cmp_to_key(order))
 
 
 def unavailable(error: BaseException) -> web.Response:

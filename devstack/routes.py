@@ -67,7 +67,8 @@ class RouteTemplate:
 
     @classmethod
     def parse(cls, template: str) -> RouteTemplate:
-        pattern, precedence, names, defaults, heads = "", [], [], {}, []
+        pattern, precedence, names, heads = "", [], [], []
+        defaults: dict[str, str] = {}
 
         def group(param: _Param) -> str:  # positional: a route param name need not be an identifier
             names.append(param.name)

@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -209,7 +210,7 @@ def build_env(
 ) -> dict:
     acs_endpoint = f"https://127.0.0.1:{ports.acs}/"
     az_ports = azurite.AzuritePorts(ports.blob, ports.queue, ports.table)
-    env = {
+    env: dict[str, Any] = {
         "acs_endpoint": acs_endpoint,
         "acs_connection_string": f"endpoint={acs_endpoint};accesskey={access_key}",
         "acs_resource_id": resource_id,
