@@ -21,7 +21,7 @@ from aiohttp import web
 
 from . import hmac_auth
 from .acs_state import AcsError, AcsResource, check_expires_in, check_scopes, validation_error
-from .keys import SigningKey
+from .signing import SigningKey
 
 log = logging.getLogger("devstack.acs")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 
 import jwt
 
-from .keys import SigningKey
+from .signing import SigningKey
 
 SCOPES = ("chat", "voip", "chat.join", "chat.join.limited", "voip.join")
 MIN_MINUTES, MAX_MINUTES, DEFAULT_MINUTES = 60, 1440, 1440

@@ -9,7 +9,7 @@ import azure.functions as func
 import jwt
 
 from devstack.issuer import mint_user_token
-from devstack.keys import SigningKey
+from devstack.signing import SigningKey
 
 
 class Users:

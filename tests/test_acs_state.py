@@ -8,7 +8,7 @@ import json
 import pytest
 
 from devstack.acs_state import LIMITS, AcsError, AcsResource, Faults, RateWindow, check_expires_in
-from devstack.keys import SigningKey
+from devstack.signing import SigningKey
 
 KEY = SigningKey.generate()
 

@@ -132,8 +132,8 @@ def test_dev_signin_is_off_unless_devstack_up_turns_it_on():
 
 def test_devstack_up_hands_the_host_a_key_path_not_the_key(tmp_path):
     from devstack import host_launcher
-    from devstack.keys import SigningKey
     from devstack.layout import DEV_SIGNIN_ENV
+    from devstack.signing import SigningKey
 
     key_file = tmp_path / "issuer-key.pem"
     SigningKey.generate().save(key_file)
