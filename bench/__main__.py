@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from devstack.layout import ISSUER_KEY_FILE
+
 from .stack import LocalStack, trust_new_ca
 
 HERE = Path(__file__).resolve().parent
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     with LocalStack(tls_dir) as stack:
         results = run(
             stack.env,
-            stack.state_dir / "issuer-key.pem",
+            stack.state_dir / ISSUER_KEY_FILE,
             tls_dir,
             config,
             stack_pid=stack.running.process.pid if stack.running else None,

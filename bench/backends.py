@@ -30,24 +30,13 @@ from azure.data.tables.aio import TableClient
 from azure.identity.aio import ManagedIdentityCredential
 
 from devstack.service_settings import settings_for_host
+from shared.settings import IDENTITY_TABLE, SETTING_NAMES, TOKEN_DEFAULT_MINUTES, TOKEN_DEFAULT_SCOPES
 
-SCOPES = ["chat", "voip"]  # the service's defaults, asked for by an empty body
-MINUTES = 60
-TABLE = "acsidentities"
-# Every setting the service reads that the stack's managed-identity settings might leave stale.
-SERVICE_SETTINGS = (
-    "ACS_CONNECTION_STRING",
-    "TABLES_CONNECTION_STRING",
-    "AZURE_CLIENT_ID",
-    "IDENTITY_TABLE",
-    "AUTH_MODE",
-    "AUTH_USER_CLAIM",
-    "TOKEN_ALLOWED_SCOPES",
-    "TOKEN_DEFAULT_SCOPES",
-    "TOKEN_DEFAULT_MINUTES",
-    "MSI_ENDPOINT",
-    "MSI_SECRET",
-)
+SCOPES = list(TOKEN_DEFAULT_SCOPES.default)  # the service's defaults, asked for by an empty body
+MINUTES = TOKEN_DEFAULT_MINUTES.default
+TABLE = IDENTITY_TABLE.default
+# Every app setting, and the managed-identity variables the stack's settings might leave stale.
+SERVICE_SETTINGS = (*SETTING_NAMES, "MSI_ENDPOINT", "MSI_SECRET")
 
 
 @contextmanager

@@ -17,6 +17,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from devstack.ca import TlsFiles
+
 _HOP_BY_HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 _POINT = re.compile(r"\(PartitionKey='(?P<pk>[^']*)',\s*RowKey='(?P<rk>[^']*)'\)$")
 _PART_REQUEST = re.compile(rb"^(?P<method>GET|POST|PUT|PATCH|MERGE|DELETE) (?P<url>\S+) HTTP/1\.1\r?$", re.M)
@@ -110,7 +112,8 @@ class TableCountingProxy:
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(self.tls_dir / "server.pem", self.tls_dir / "server-key.pem")
+        tls = TlsFiles.at(self.tls_dir)
+        context.load_cert_chain(tls.server_cert, tls.server_key)
         site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=context)
         await site.start()
         self.port = self.runner.addresses[0][1]

@@ -6,7 +6,7 @@ import uuid
 from pathlib import Path
 
 from devstack.issuer import mint_user_token
-from devstack.keys import SigningKey
+from devstack.signing import SigningKey
 from shared.keys import user_key
 
 

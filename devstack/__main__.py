@@ -71,7 +71,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     from .issuer import mint_user_token
-    from .keys import SigningKey
+    from .signing import SigningKey
 
     state_dir = _state_dir(args.state_dir)
     env = load_env(state_dir)

@@ -29,7 +29,7 @@ from .acs_state import (
     check_scopes,
     validation_error,
 )
-from .keys import SigningKey
+from .signing import SigningKey
 
 log = logging.getLogger("devstack.acs")
 

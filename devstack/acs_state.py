@@ -19,7 +19,7 @@ from typing import Literal, TypeIs
 
 import jwt
 
-from .keys import SigningKey
+from .signing import SigningKey
 
 SCOPES = ("chat", "voip", "chat.join", "chat.join.limited", "voip.join")
 MIN_MINUTES, MAX_MINUTES, DEFAULT_MINUTES = 60, 1440, 1440

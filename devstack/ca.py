@@ -24,6 +24,11 @@ class TlsFiles:
     server_cert: Path
     server_key: Path
 
+    @classmethod
+    def at(cls, folder: Path) -> TlsFiles:
+        """The files' names in `folder`: the stack writes and reuses them under these."""
+        return cls(folder / "ca.pem", folder / "server.pem", folder / "server-key.pem")
+
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name(
@@ -48,7 +53,7 @@ def load_or_create_tls_files(folder: Path) -> TlsFiles:
     Reusing lets a caller trust the CA before the stack starts (aiohttp reads SSL_CERT_FILE once,
     at import) or keep one CA in its trust store across restarts.
     """
-    files = TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server-key.pem")
+    files = TlsFiles.at(folder)
     if all(path.exists() for path in (files.ca_cert, files.server_cert, files.server_key)):
         return files
     return create_tls_files(folder)
@@ -114,7 +119,7 @@ def create_tls_files(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "local
         .sign(ca_key, hashes.SHA256())
     )
 
-    files = TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server-key.pem")
+    files = TlsFiles.at(folder)
     files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     files.server_key.write_bytes(_pem_key(server_key))

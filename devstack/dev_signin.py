@@ -27,8 +27,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from .issuer import mint_user_token
-from .keys import SigningKey
 from .layout import DEV_SIGNIN_ENV
+from .signing import SigningKey
 
 PATH = "/.devstack/token"
 TOKEN_MINUTES = 60

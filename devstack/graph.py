@@ -37,7 +37,7 @@ from urllib.parse import parse_qsl
 import jwt
 from aiohttp import web
 
-from .keys import SigningKey
+from .signing import SigningKey
 
 GRAPH_AUDIENCES = (
     "https://graph.microsoft.com",

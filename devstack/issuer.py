@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 import jwt
 from aiohttp import web
 
-from .keys import SigningKey
+from .signing import SigningKey
 
 # Stable, obviously fake namespace: the same USER always gets the same oid on every stack.
 _OBJECT_ID_NAMESPACE = uuid.UUID("5d1a4c8e-0b7e-4d8e-9a51-3f0c2c1d7e00")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import jwt
 from aiohttp import web
 
-from .keys import SigningKey
+from .signing import SigningKey
 
 API_VERSION = "2019-08-01"
 TOKEN_LIFETIME_SECONDS = 24 * 3600

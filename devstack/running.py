@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .ca import TlsFiles, create_tls_files
+from .layout import ENV_FILE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_SECONDS = 90.0
@@ -58,7 +59,7 @@ def start(
 
 def wait_for_env(process: subprocess.Popen, state_dir: Path, timeout: float = START_TIMEOUT_SECONDS) -> dict:
     """The env.json the stack writes once everything answers; raises with its stderr if it dies."""
-    env_path = state_dir / "env.json"
+    env_path = state_dir / ENV_FILE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-DEFAULT_CLEANUP_SCHEDULE = "0 */5 * * * *"  # the timer's own default, every 5 minutes
+from shared import settings as app
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The Functions host's own settings, which local.settings.json holds beside the app's (app.TABLE).
+HOST_SETTINGS = ("FUNCTIONS_WORKER_RUNTIME", "AzureWebJobsStorage")
 
 
 def read_local_settings(path: Path | None = None) -> dict:
@@ -34,30 +37,30 @@ def settings_for_host(
     """
     values = {k: str(v) for k, v in (local_settings or {}).get("Values", {}).items() if v not in ("", None)}
     stack_values = {
-        "AUTH_ISSUER": env["issuer"],
-        "AUTH_AUDIENCE": env["audience"],
+        app.AUTH_ISSUER.name: env["issuer"],
+        app.AUTH_AUDIENCE.name: env["audience"],
         "SSL_CERT_FILE": env["ca_bundle"],
         "REQUESTS_CA_BUNDLE": env["ca_bundle"],
         "AzureWebJobsStorage": env["storage_connection_string"],
         # The emulator accepts Teams tokens for this app only, as ACS does for the app you registered.
-        "TEAMS_CLIENT_APP_ID": env["teams_app_id"],
+        app.TEAMS_CLIENT_APP_ID.name: env["teams_app_id"],
     }
     if "graph_endpoint" in env:  # the Graph stand-in: the service renews its subscription there
-        stack_values["GRAPH_ENDPOINT"] = env["graph_endpoint"]
+        stack_values[app.GRAPH_ENDPOINT.name] = env["graph_endpoint"]
     if managed_identity:
         stack_values |= {
-            "ACS_ENDPOINT": env["acs_endpoint"],
-            "TABLES_ENDPOINT": env["tables_endpoint"],
+            app.ACS_ENDPOINT.name: env["acs_endpoint"],
+            app.TABLES_ENDPOINT.name: env["tables_endpoint"],
             "IDENTITY_ENDPOINT": env["identity_endpoint"],
             "IDENTITY_HEADER": env["identity_header"],
         }
-        for key in ("ACS_CONNECTION_STRING", "TABLES_CONNECTION_STRING"):
-            values.pop(key, None)
+        for key in (app.ACS_CONNECTION_STRING, app.TABLES_CONNECTION_STRING):
+            values.pop(key.name, None)
     else:
         stack_values |= {
-            "ACS_CONNECTION_STRING": env["acs_connection_string"],
-            "TABLES_CONNECTION_STRING": env["tables_connection_string"],
+            app.ACS_CONNECTION_STRING.name: env["acs_connection_string"],
+            app.TABLES_CONNECTION_STRING.name: env["tables_connection_string"],
         }
-    values.setdefault("CLEANUP_SCHEDULE", DEFAULT_CLEANUP_SCHEDULE)
-    values.setdefault("DEMO_PAGE_ENABLED", "true")  # a dev stack: GET /api/demo is on unless turned off
+    values.setdefault(app.CLEANUP_SCHEDULE.name, app.CLEANUP_SCHEDULE.default)  # the host needs one
+    values.setdefault(app.DEMO_PAGE_ENABLED.name, "true")  # a dev stack: the demo page is on unless off
     return values | stack_values

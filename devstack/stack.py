@@ -36,7 +36,6 @@ from .cors import CorsPolicy
 from .dev_signin import DevSignin
 from .graph import GraphStandIn
 from .issuer import DEV_TENANT_ID, DevIssuer
-from .keys import SigningKey
 from .layout import (  # noqa: F401  (re-exported: stack.Ports and friends are the stack's API)
     DEFAULT_AUDIENCE,
     DEFAULT_FUNCTION_APP,
@@ -50,6 +49,7 @@ from .layout import (  # noqa: F401  (re-exported: stack.Ports and friends are t
 )
 from .msi import ManagedIdentity, ManagedIdentityEndpoint
 from .service_settings import read_local_settings
+from .signing import SigningKey
 
 TEAMS_APP_ID = "1fd5118e-2576-4263-8130-9503064c837a"
 READY_TIMEOUT_SECONDS = 60.0

@@ -31,13 +31,13 @@ from .acs import TEAMS_APP_INVALID, TEAMS_APP_REJECTED, AcsGateway, IssuedToken
 from .auth import Caller, unverified_segment
 from .errors import BadRequest, Forbidden, ServiceError, SettingError
 from .policy import parse_json_object
-from .settings import Settings
+from .settings import TEAMS_CLIENT_APP_ID, Settings
 
 log = logging.getLogger("acs_token_service.teams")
 
 MAX_TEAMS_TOKEN_BYTES = 16 * 1024
 TEAMS_FIELDS = frozenset({"teamsAccessToken"})
-SETTING = "TEAMS_CLIENT_APP_ID"
+SETTING = TEAMS_CLIENT_APP_ID.name
 
 
 @dataclass(frozen=True)

@@ -9,33 +9,12 @@ import pytest
 
 from devstack.service_settings import settings_for_host
 from shared.clients import reset_clients
-from shared.settings import reset_settings
+from shared.settings import SETTING_NAMES, reset_settings
 from tests.service_helpers import Users
-
-SETTING_NAMES = (
-    "AUTH_MODE",
-    "AUTH_ISSUER",
-    "AUTH_AUDIENCE",
-    "ACS_ENDPOINT",
-    "ACS_CONNECTION_STRING",
-    "TABLES_ENDPOINT",
-    "TABLES_CONNECTION_STRING",
-    "TOKEN_ALLOWED_SCOPES",
-    "TOKEN_DEFAULT_SCOPES",
-    "TOKEN_DEFAULT_MINUTES",
-    "IDENTITY_TABLE",
-    "AZURE_CLIENT_ID",
-    "IDENTITY_RETENTION_DAYS",
-    "EVENTS_REVOKE_ON_USER_UPDATED",
-    "EVENTS_USER_DELETED_TYPES",
-    "EVENTS_CREDENTIALS_CHANGED_TYPES",
-    "RATE_LIMIT_PER_MINUTE",
-    "TEAMS_CLIENT_APP_ID",
-    "DEMO_PAGE_ENABLED",
-)
 
 
 async def configure(monkeypatch, stack, *, managed_identity: bool, **extra: str) -> None:
+    """The service's settings for the stack and `extra`, none left over from the environment."""
     for name in SETTING_NAMES:
         monkeypatch.delenv(name, raising=False)
     for name, value in settings_for_host(stack.env, managed_identity=managed_identity).items():

@@ -9,7 +9,8 @@ import azure.functions as func
 import jwt
 
 from devstack.issuer import mint_user_token
-from devstack.keys import SigningKey
+from devstack.layout import HOST_LOG_FILE, ISSUER_KEY_FILE
+from devstack.signing import SigningKey
 
 
 class Users:
@@ -17,7 +18,7 @@ class Users:
 
     def __init__(self, stack) -> None:
         self.stack = stack
-        self.key = SigningKey.load(stack.state_dir / "issuer-key.pem")
+        self.key = SigningKey.load(stack.state_dir / ISSUER_KEY_FILE)
 
     def token(self, user: str, *, roles: tuple[str, ...] = (), **overrides) -> str:
         args = {
@@ -107,7 +108,7 @@ class HostLog:
     window shows that every answer in it was a mapped problem, not a caught crash."""
 
     def __init__(self, stack) -> None:
-        self.path = stack.state_dir / "host.log"
+        self.path = stack.state_dir / HOST_LOG_FILE
         self.offset = self.path.stat().st_size
 
     def since(self) -> str:

@@ -446,7 +446,7 @@ def test_teams_exchange_validation_errors_are_recorded_400s(stack, emulator, cli
 @pytest.mark.parametrize("case", ["empty_token", "invalid_token", "expired_token", "forged_token"])
 def test_teams_exchange_checks_the_token_before_the_fields(stack, emulator, client, case):
     """Recorded: an empty token with an empty userId is 401 InvalidAccessToken, not a 400."""
-    from devstack.keys import SigningKey
+    from devstack.signing import SigningKey
 
     token = {
         "empty_token": "",

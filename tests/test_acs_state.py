@@ -17,7 +17,7 @@ from devstack.acs_state import (
     RateWindow,
     check_expires_in,
 )
-from devstack.keys import SigningKey
+from devstack.signing import SigningKey
 
 KEY = SigningKey.generate()
 

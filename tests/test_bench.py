@@ -13,6 +13,7 @@ import pytest
 
 from bench import chart, report, targets
 from bench.run import Config, run
+from devstack.layout import ISSUER_KEY_FILE
 
 
 @pytest.mark.slow
@@ -20,7 +21,7 @@ def test_bench_runs_end_to_end_in_a_quick_configuration(stack, emulator, tmp_pat
     config = Config.quick_config()
     results = run(
         stack.env,
-        stack.state_dir / "issuer-key.pem",
+        stack.state_dir / ISSUER_KEY_FILE,
         Path(stack["ca_bundle"]).parent,
         config,
         stack_pid=stack.process.pid,

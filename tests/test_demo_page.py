@@ -132,10 +132,10 @@ def test_dev_signin_is_off_unless_devstack_up_turns_it_on():
 
 def test_devstack_up_hands_the_host_a_key_path_not_the_key(tmp_path):
     from devstack import host_launcher
-    from devstack.keys import SigningKey
-    from devstack.layout import DEV_SIGNIN_ENV
+    from devstack.layout import DEV_SIGNIN_ENV, ISSUER_KEY_FILE
+    from devstack.signing import SigningKey
 
-    key_file = tmp_path / "issuer-key.pem"
+    key_file = tmp_path / ISSUER_KEY_FILE
     SigningKey.generate().save(key_file)
     env = {"issuer": "http://127.0.0.1:1", "audience": "api://x", "tenant_id": "t"}
     config = DevSignin.config(key_file=key_file, env=env)

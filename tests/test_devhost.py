@@ -30,6 +30,7 @@ import requests
 
 from devstack.cors import CorsPolicy
 from devstack.host_config import parse_timespan
+from devstack.layout import HOST_LOG_FILE
 from devstack.ncrontab import CronSchedule, resolve_settings
 from devstack.routes import RouteTemplate, compare, kestrel_decoded_path
 from tests.conftest import REPO_ROOT, start_stack, wait_for_env
@@ -830,7 +831,7 @@ def test_up_runs_the_host_and_writes_api_and_keys(stack):
         assert response.json()["code"] == "host_import_failed"
     else:
         assert response.status_code == 404
-    host_log = (stack.state_dir / "host.log").read_text()
+    host_log = (stack.state_dir / HOST_LOG_FILE).read_text()
     assert "devhost: listening on" in host_log
     assert "azure-functions-runtime" in host_log and "function is in error" not in host_log
     for key in keys:
@@ -850,7 +851,8 @@ def test_the_service_answers_through_the_worker(stack):
             == 404
         )
     assert (
-        "Executed 'Functions.manage_delete_identity' (Succeeded" in (stack.state_dir / "host.log").read_text()
+        "Executed 'Functions.manage_delete_identity' (Succeeded"
+        in (stack.state_dir / HOST_LOG_FILE).read_text()
     )
 
 
@@ -877,7 +879,7 @@ def test_up_with_a_broken_app_still_comes_up_and_its_host_dies_with_it(tmp_path)
     env = wait_for_env(process, state)
     response = requests.post(f"{env['api']}/token", timeout=10)
     assert response.status_code == 503 and response.json()["code"] == "host_import_failed"
-    assert "ModuleNotFoundError" in (state / "host.log").read_text()
+    assert "ModuleNotFoundError" in (state / HOST_LOG_FILE).read_text()
     process.kill()  # no chance to clean up: the parent-death signal must stop the host
     out, err = process.communicate(timeout=10)
     assert _port_closes(env["ports"]["host"]), "the dev host outlived its parent"
@@ -920,7 +922,7 @@ def test_up_no_host_leaves_the_host_port_alone(tmp_path):
     try:
         env = wait_for_env(process, tmp_path / "s")
         assert "api" not in env and "function_key" not in env and "host" not in env["ports"]
-        assert not (tmp_path / "s" / "host.log").exists()
+        assert not (tmp_path / "s" / HOST_LOG_FILE).exists()
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(15)

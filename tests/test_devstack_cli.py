@@ -14,6 +14,7 @@ import jwt
 import pytest
 import requests
 
+from devstack.layout import ENV_FILE
 from tests.conftest import REPO_ROOT, start_stack, stop_stack, wait_for_env
 
 
@@ -104,7 +105,7 @@ def test_up_prints_no_secret_and_stops_every_child(tmp_path):
     for port in env["ports"].values():
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    assert not (tmp_path / "s" / "env.json").exists()
+    assert not (tmp_path / "s" / ENV_FILE).exists()
 
 
 @pytest.mark.slow
@@ -169,8 +170,8 @@ def test_two_stacks_coexist(stack, tmp_path):
 
 
 def test_env_json_is_private(stack):
-    assert (stack.state_dir / "env.json").stat().st_mode & 0o077 == 0
-    assert json.loads((stack.state_dir / "env.json").read_text())["pid"] == stack.process.pid
+    assert (stack.state_dir / ENV_FILE).stat().st_mode & 0o077 == 0
+    assert json.loads((stack.state_dir / ENV_FILE).read_text())["pid"] == stack.process.pid
 
 
 def _make_venv(tmp_path, *args: str, path: str) -> subprocess.CompletedProcess:

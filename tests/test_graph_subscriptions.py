@@ -34,7 +34,7 @@ from shared import graph as graph_module
 from shared.clients import get_clients, reset_clients
 from shared.errors import BadRequest
 from shared.events import EventTypes, parse_delivery
-from shared.settings import reset_settings
+from shared.settings import IDENTITY_TABLE, reset_settings
 from tests.service_fixtures import configure
 from tests.service_helpers import body_of, request
 
@@ -150,7 +150,8 @@ def dev_host_record(stack):
     from azure.data.tables import TableClient
 
     yield
-    with TableClient.from_connection_string(stack["tables_connection_string"], "acsidentities") as table:
+    connection_string = stack["tables_connection_string"]
+    with TableClient.from_connection_string(connection_string, IDENTITY_TABLE.default) as table:
         table.delete_entity("graph-subscription", "current")
 
 

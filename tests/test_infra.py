@@ -2,7 +2,7 @@
 
 No Bicep compiler can be installed from the registries this project may use (PyPI, npm, Debian;
 `az bicep install` and the npm `bicep-node` wrapper download the binary from GitHub), so these tests
-read the files: the settings contract against shared/settings.py, keyless configuration, the role
+read the files: the settings contract against shared/settings.py's table, keyless configuration, the role
 assignments, the Flex Consumption shape, and the wiring between Bicep modules (every module
 parameter declared, every required one given, every output used exists). Where a Bicep compiler or
 the pycep-parser package is present they also build/parse every file.
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from shared import settings
+
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
 MAIN = INFRA / "main.bicep"
@@ -28,16 +30,12 @@ HOOK_SH = INFRA / "hooks" / "postdeploy.sh"
 HOOK_PS1 = INFRA / "hooks" / "postdeploy.ps1"
 
 # Settings that hold keys: never part of the deployment (the service uses endpoints + identity).
-KEY_SETTINGS = {"ACS_CONNECTION_STRING", "TABLES_CONNECTION_STRING"}
-# Host-level values of local.settings.sample.json that Azure sets differently: the Flex plan takes
-# the runtime from functionAppConfig (FUNCTIONS_WORKER_RUNTIME is not allowed there), and
-# AzureWebJobsStorage is identity-based (AzureWebJobsStorage__*).
-HOST_SETTINGS = {"FUNCTIONS_WORKER_RUNTIME", "AzureWebJobsStorage"}
+KEY_SETTINGS = {settings.ACS_CONNECTION_STRING.name, settings.TABLES_CONNECTION_STRING.name}
 # Set by the platform, never by infra: App Service injects WEBSITE_AUTH_ENABLED=True while
 # Authentication is on, and the service trusts Easy Auth's principal header only then.
-PLATFORM_SETTINGS = {"WEBSITE_AUTH_ENABLED"}
+PLATFORM_SETTINGS = {settings.PLATFORM_AUTH_SETTING}
 # The system-assigned identity needs no client id; setting one would select a user-assigned identity.
-UNSET_IN_AZURE = {"AZURE_CLIENT_ID"}
+UNSET_IN_AZURE = {settings.AZURE_CLIENT_ID.name}
 
 # Azure built-in role ids (MicrosoftDocs/azure-docs articles/role-based-access-control/built-in-roles),
 # by the key infra/app/rbac.bicep files them under.
@@ -175,17 +173,6 @@ def app_setting_keys() -> dict[str, list[Path]]:
     return keys
 
 
-def service_settings() -> set[str]:
-    """Every app setting the service reads: shared/settings.py helpers, the sample, %NAME% bindings."""
-    names = set(
-        re.findall(r"\b_\w+\(\s*env\s*,\s*\"([A-Za-z0-9_]+)\"", (ROOT / "shared/settings.py").read_text())
-    )
-    sample = json.loads((ROOT / "local.settings.sample.json").read_text())
-    names |= set(sample["Values"])
-    names |= set(re.findall(r"%([A-Za-z0-9_]+)%", (ROOT / "function_app.py").read_text()))
-    return names
-
-
 # ---- azure.yaml ----------------------------------------------------------------------------------
 
 
@@ -240,7 +227,9 @@ def test_azure_yaml_names_the_api_service_infra_and_hook():
 
 
 def test_every_setting_the_service_reads_is_set_by_infra():
-    wanted = service_settings() - KEY_SETTINGS - HOST_SETTINGS - UNSET_IN_AZURE - PLATFORM_SETTINGS
+    # Every app setting the service reads is in the table (test_settings_table.py holds the sample
+    # and function_app.py's %NAME% bindings to it).
+    wanted = set(settings.SETTING_NAMES) - KEY_SETTINGS - UNSET_IN_AZURE
     assert {"AUTH_ISSUER", "ACS_ENDPOINT", "TABLES_ENDPOINT", "CLEANUP_SCHEDULE"} <= wanted
     missing = sorted(wanted - set(app_setting_keys()))
     assert not missing, f"add these app settings to infra/main.bicep (serviceSettings): {missing}"
@@ -296,6 +285,7 @@ def test_issuer_and_audience_are_required_only_for_jwt_mode():
 
 def test_no_key_setting_and_no_key_anywhere_in_infra():
     keys = app_setting_keys()
+    # Host storage is identity-based in Azure (AzureWebJobsStorage__*), never a connection string.
     for name in KEY_SETTINGS | UNSET_IN_AZURE | {"AzureWebJobsStorage"}:
         assert name not in keys, f"{name} must not be an app setting in Azure"
     for path in [*infra_text_files(), ROOT / "azure.yaml"]:
@@ -767,7 +757,8 @@ def test_infra_tells_the_app_where_graph_delivers():
         "EventGrid:?azuresubscriptionid=${subscription().subscriptionId}&resourcegroup=${rg.name}"
         "&partnertopic=${graphPartnerTopic}&location=${location}"
     )
-    from shared.settings import SettingError, load
+    from shared.errors import SettingError
+    from shared.settings import load
 
     # What infra builds, with values filled in, is what the service accepts.
     base = {

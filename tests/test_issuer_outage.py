@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from devstack.layout import HOST_LOG_FILE
 from devstack.running import RunningStack
 from shared.auth import KEYS_MIN_TTL_SECONDS, REFRESH_TIMEOUT_SECONDS
 from tests.conftest import TLS_DIR
@@ -195,5 +196,5 @@ def test_unknown_kids_during_an_outage_refetch_at_most_once_a_minute(outage):
 def test_the_host_log_has_no_traceback_from_the_outage(outage):
     """Every failure above was a problem answer: none reached the log as an unexpected error."""
     stack, _issuer = outage
-    logged = (stack.state_dir / "host.log").read_text()
+    logged = (stack.state_dir / HOST_LOG_FILE).read_text()
     assert " ERROR " not in logged and "Traceback" not in logged, logged[-3000:]

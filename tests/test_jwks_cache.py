@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from devstack.keys import SigningKey
+from devstack.signing import SigningKey
 from shared.auth import (
     KEYS_MAX_STALE_SECONDS,
     KEYS_MIN_TTL_SECONDS,

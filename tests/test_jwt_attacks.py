@@ -18,7 +18,7 @@ import requests
 from cryptography.hazmat.primitives import serialization
 
 import function_app
-from devstack.keys import SigningKey
+from devstack.signing import SigningKey
 from shared.clients import get_clients
 from tests.service_helpers import HostLog, Users, body_of, request
 

@@ -15,6 +15,7 @@ import pytest
 
 import function_app
 from devstack.acs_state import TEAMS_AUDIENCE
+from devstack.layout import HOST_LOG_FILE
 from shared.clients import SDK_LOGGERS, get_clients, reset_clients
 from shared.settings import reset_settings
 from tests.service_fixtures import configure
@@ -268,7 +269,7 @@ def test_dev_host_log_has_no_secret_and_no_acs_id(stack, emulator):
     Azure's does: host.log holds what Application Insights would get."""
     import requests
 
-    api, log = stack["api"], stack.state_dir / "host.log"
+    api, log = stack["api"], stack.state_dir / HOST_LOG_FILE
     secrets = {stack["function_key"], stack["host_key"], stack["master_key"], *_secrets_of(stack)}
     ids: set[str] = set()
 

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import pytest
 
 import function_app
+from devstack.layout import HOST_LOG_FILE
 from shared.clients import get_clients
 from shared.keys import retention_row, user_key
 from tests.service_helpers import body_of, drain_cleanup, request, retention_rows, retention_runs
@@ -337,7 +338,7 @@ def test_the_dev_host_schedules_the_cleanup_timer_from_settings_and_runs_it_in_i
     )
     response = requests.post(run_now, json={}, headers={"x-functions-key": stack["master_key"]}, timeout=10)
     assert response.status_code == 202
-    log = stack.state_dir / "host.log"
+    log = stack.state_dir / HOST_LOG_FILE
     deadline = time.monotonic() + 30
     while "Executed 'Functions.cleanup' (Succeeded" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)

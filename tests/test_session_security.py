@@ -22,6 +22,7 @@ from azure.core.credentials import AzureKeyCredential
 from azure.core.messaging import CloudEvent
 from azure.eventgrid import EventGridEvent, EventGridPublisherClient
 
+from shared.settings import IDENTITY_TABLE
 from tests.service_helpers import Users
 
 GRAPH_SOURCE = "/tenants/{tid}/applications/00000000-0000-0000-0000-000000000000"
@@ -265,7 +266,7 @@ def test_a_worker_killed_amid_first_issues_leaks_at_most_the_creations_in_flight
     emulator.faults(latencyMs=0)
     time.sleep(1)  # ACS finishes what it was asked
     created = emulator.stats()["calls"]["createIdentity"] - before
-    table = TableClient.from_connection_string(stack["tables_connection_string"], "acsidentities")
+    table = TableClient.from_connection_string(stack["tables_connection_string"], IDENTITY_TABLE.default)
     filed = [
         row
         for row in table.query_entities(

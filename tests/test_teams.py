@@ -19,7 +19,7 @@ import requests
 import function_app
 from devstack.acs_state import TEAMS_AUDIENCE
 from devstack.issuer import object_id_for
-from devstack.keys import SigningKey
+from devstack.signing import SigningKey
 from shared.clients import get_clients
 from shared.errors import BadRequest, Forbidden, PayloadTooLarge
 from shared.teams import MAX_TEAMS_TOKEN_BYTES, teams_token_request, unverified_claims

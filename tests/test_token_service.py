@@ -10,7 +10,7 @@ import time
 import pytest
 
 import function_app
-from devstack.keys import SigningKey
+from devstack.signing import SigningKey
 from shared.clients import get_clients, reset_clients
 from shared.settings import reset_settings
 from tests.service_fixtures import configure as _configure
