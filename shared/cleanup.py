@@ -397,7 +397,7 @@ class Cleanup:
     async def _forget_retired(self, work: PendingWork, record: IdentityRecord, counts: Counter) -> None:
         """ACS deleted it: drop the mapping while it is still this retirement's (a request's own
         revoke or delete may have replaced it, and its work then finds the identity gone), and
-        the rows, the judged one too if a crash mid-refile left it on another day."""
+        the rows, the judged one too if a crash mid-move left it on another day."""
         current = await self.store.identities.get(record.user_key)
         if current is not None and current.communication_user_id == record.communication_user_id:
             if current.pending == "retiring" and current.pending_id == record.pending_id:

@@ -233,7 +233,7 @@ class TokenService:
             > (now - dt.timedelta(days=self.retention_days - AT_RISK_DAYS)).date().isoformat()
         ):
             return record
-        kept = await self.store.identities.keep_in_use(record, now)
+        kept = await self.store.retention.keep_in_use(record, now)
         if kept is None:  # deleted or replaced since it was read
             raise Conflict(
                 "Your ACS identity changed during this request; retry.",

@@ -106,7 +106,7 @@ class _Deferred(Exception):
 async def _records_for(clients: Clients, action: Action) -> list[IdentityRecord]:
     target, store = action.target, clients.store
     if target.tenant_id and target.object_id:
-        return await store.identities.graph_users(target.tenant_id, target.object_id)
+        return await store.lookups.graph_users(target.tenant_id, target.object_id)
     if target.issuer and target.subject:
         record = await store.identities.get(keys.user_key(target.issuer, target.subject))
         return [record] if record is not None else []

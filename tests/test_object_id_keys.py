@@ -152,7 +152,7 @@ async def test_a_redelivery_after_a_partial_failure_acts_only_on_the_identities_
     claims, identities = await _two_app_keys(service, "two-apps-retried")
     clients = get_clients()
     # The first one acted on fails: the other still gets its turn.
-    records = await clients.store.identities.graph_users(claims["tid"], claims["oid"])
+    records = await clients.store.lookups.graph_users(claims["tid"], claims["oid"])
     failed, done = [r.communication_user_id for r in records]
     failing = {failed}
     real_revoke = clients.revocation.revoke
@@ -210,7 +210,7 @@ async def test_a_redelivery_does_not_act_again_on_an_identity_done_though_the_ot
     # redelivers, so the redelivery finds a single identity, the one already done.
     claims, identities = await _two_app_keys(service, "two-apps-one-gone")
     clients = get_clients()
-    records = await clients.store.identities.graph_users(claims["tid"], claims["oid"])
+    records = await clients.store.lookups.graph_users(claims["tid"], claims["oid"])
     failed, done = records
     real_revoke = clients.revocation.revoke
 

@@ -145,7 +145,7 @@ async def test_a_claim_made_between_a_users_read_and_their_use_is_cancelled_by_t
     await drain_cleanup()
     stale = await _stale_user(service, "claimed-mid-read")
     store = get_clients().store
-    before_use = Pause(monkeypatch, store.identities, "keep_in_use")
+    before_use = Pause(monkeypatch, store.retention, "keep_in_use")
     refresh = asyncio.create_task(_post(service, "token/refresh", "claimed-mid-read"))
     await before_use.wait()
     claimed = await get_clients().cleanup.run(ignore_backoff=True)
@@ -613,7 +613,7 @@ async def test_an_event_ends_sessions_before_it_looks_for_identities(service, em
     bearer = service.token("ended-before-lookup", now=time.time() - 60)
     claims = jwt.decode(bearer, options={"verify_signature": False})
     store = get_clients().store
-    lookup = Pause(monkeypatch, store.identities, "graph_users")
+    lookup = Pause(monkeypatch, store.lookups, "graph_users")
     delivery = asyncio.create_task(_deliver(_user_deleted(claims)))
     await lookup.wait()
     key = user_key(service.stack["issuer"], "ended-before-lookup")
@@ -641,7 +641,7 @@ async def test_the_dry_run_lists_what_retention_would_delete_and_changes_nothing
     store = get_clients().store
     await get_clients().cleanup.run(ignore_backoff=True)  # claims both
     fresh_claim = await store.identities.get(user_key(service.stack["issuer"], "preview-stale"))
-    await store.identities.keep_in_use(fresh_claim, _stale_day())  # unclaimed again, still stale
+    await store.retention.keep_in_use(fresh_claim, _stale_day())  # unclaimed again, still stale
     response = await _preview(service)
     assert response.status_code == 200, response
     preview = body_of(response)

@@ -228,7 +228,7 @@ async def test_retention_deletes_exactly_the_stale_identities(service, emulator)
 
 async def test_retention_retires_an_identity_filed_twice_once_and_drops_both_rows(service, emulator):
     await drain_cleanup()
-    # Two rows for one identity: a refile that wrote the new row and crashed before dropping the old.
+    # Two rows for one identity: a move forward that wrote the new row and crashed before dropping the old.
     clients = get_clients()
     with _days_ago(120) as old:
         issued = await _token(service, "filed-twice")

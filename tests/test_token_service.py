@@ -118,9 +118,7 @@ async def test_twenty_concurrent_first_requests_make_one_identity(service, emula
     retention = [e["communicationUserId"] for e in await retention_rows(store.table.client, key)]
     assert retention == [bodies[0]["communicationUserId"]]
     record = await store.identities.get(key)
-    assert [r.user_key for r in await store.identities.graph_users(record.tenant_id, record.object_id)] == [
-        key
-    ]
+    assert [r.user_key for r in await store.lookups.graph_users(record.tenant_id, record.object_id)] == [key]
 
 
 async def test_managed_identity_path_issues_tokens_with_no_key_in_settings(keyless_service, emulator):

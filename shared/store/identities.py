@@ -17,17 +17,19 @@ import datetime as dt
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from .. import telemetry
 from ..clock import Clock, utcnow
 from . import keys
 from .errors import AlreadyExists, Changed, Missing, Refused
-from .lookups import Lookups
-from .pending import Pending, PendingOp
-from .retention import Retention
 from .table import Entity, Table
+
+if TYPE_CHECKING:  # the stores this one works with import the record from here: types only
+    from .lookups import Lookups
+    from .pending import Pending, PendingOp
+    from .retention import Retention
 
 log = logging.getLogger("acs_token_service.store")
 
@@ -112,6 +114,13 @@ def owner_entity(record: IdentityRecord) -> Entity:
     }
 
 
+@telemetry.table_operation("get")
+async def read_mapping(table: Table, user_key: str) -> IdentityRecord | None:
+    """The user's mapping, None when they have none: the one read every store here shares."""
+    entity = await table.get(user_key, keys.IDENTITY_ROW)
+    return IdentityRecord.from_entity(entity) if entity is not None else None
+
+
 class Identities:
     def __init__(self, table: Table, lookups: Lookups, retention: Retention, pending: Pending) -> None:
         self.table = table
@@ -119,10 +128,8 @@ class Identities:
         self.retention = retention
         self.pending = pending
 
-    @telemetry.table_operation("get")
     async def get(self, user_key: str) -> IdentityRecord | None:
-        entity = await self.table.get(user_key, keys.IDENTITY_ROW)
-        return IdentityRecord.from_entity(entity) if entity is not None else None
+        return await read_mapping(self.table, user_key)
 
     # ---- creation --------------------------------------------------------------------------------
 
@@ -238,37 +245,6 @@ class Identities:
         except Missing:
             pass
 
-    @telemetry.table_operation("keep_in_use")
-    async def keep_in_use(self, record: IdentityRecord, now: dt.datetime) -> IdentityRecord | None:
-        """Record a use before a token is issued, cancelling retention's claim: one etag-guarded
-        write, so that either it lands before retention commits (`commit_retirement` then fails) or
-        it finds the delete committed. The mapping as it now is (a pending revoke or delete left as
-        it was, for the caller to refuse), or None when it no longer names this identity."""
-        current: IdentityRecord | None = record
-        day = now.date().isoformat()
-        used = {"pending": "", "pendingId": "", "lastUsedOn": day, "lastIssuedAt": now}
-        for _ in range(5):
-            if current is None or current.communication_user_id != record.communication_user_id:
-                return None
-            if current.pending in BLOCKING:
-                return current
-            try:
-                etag = await self.table.merge(record.user_key, keys.IDENTITY_ROW, used, etag=current.etag)
-            except Missing:
-                return None
-            except Changed:
-                current = await self.get(record.user_key)
-                continue
-            return replace(
-                current,
-                pending="",
-                pending_id="",
-                last_used_on=day,
-                last_issued_at=now,
-                etag=etag,
-            )
-        raise Changed("The identity mapping keeps changing; try again.")
-
     @telemetry.table_operation("sessions_checked")
     async def sessions_checked(self, record: IdentityRecord, ended_at: dt.datetime | None) -> None:
         """Mark a new mapping checked for events that ended its user's sessions (and when the
@@ -368,28 +344,3 @@ class Identities:
         if graph_row := self.lookups.graph_row(record):
             await self.lookups.forget_graph_row(record.user_key, graph_row)
         await self.retention.forget(record)
-
-    # ---- Microsoft Graph events --------------------------------------------------------------------
-
-    @telemetry.table_operation("graph_users")
-    async def graph_users(self, tenant_id: str, object_id: str) -> list[IdentityRecord]:
-        """The mappings of the Entra user a Microsoft Graph event names: one per app user key."""
-        object_id_issuer = self.lookups.object_id_issuer
-        if object_id_issuer is None:
-            user_keys = await self.lookups.graph_user_keys(tenant_id, object_id)
-            found = await asyncio.gather(*(self.get(key) for key in user_keys))
-            # A row is a hint: act only on a mapping recorded for this very Entra user.
-            return [
-                record
-                for record in found
-                if record is not None
-                and (record.tenant_id or "").lower() == tenant_id.lower()
-                and (record.object_id or "").lower() == object_id.lower()
-            ]
-        # Object ids are GUIDs: tokens and Graph both write them in lower case, but be lenient.
-        for candidate in dict.fromkeys((object_id, object_id.lower())):
-            record = await self.get(keys.user_key(object_id_issuer, candidate))
-            if record is not None:
-                # Object ids are unique across tenants; checking the tenant costs nothing.
-                return [record] if (record.tenant_id or "").lower() == tenant_id.lower() else []
-        return []

@@ -6,7 +6,8 @@
 - graph `RK=graph_row(tid, oid, user_key)`: Entra (tenant, object id) -> app user, for Microsoft
   Graph events, which name users that way; one row per app user key, so a person who signed in
   to two apps (two `sub`s) is found under both, by one key-range query. Not written when users
-  are keyed by object id (`Settings.object_id_issuer`): the event then names the mapping itself.
+  are keyed by object id (`Settings.object_id_issuer`): the event then names the mapping itself
+  (`graph_users` answers the mappings either way).
   It goes once the user has no mapping: with `Identities.remove`, or, after a first issue that
   never got its mapping, with cleanup's sweep (the retention entry names it), never in the hot
   window where a concurrent first request of the same user may need it.
@@ -17,16 +18,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import telemetry
 from . import keys
 from .errors import Changed, Missing
+from .identities import IdentityRecord, read_mapping
 from .table import Entity, Table
-
-if TYPE_CHECKING:  # identities.py builds on this module: the record is a type here, never called
-    from .identities import IdentityRecord
 
 
 def graph_entity(graph_row: str, user_key: str) -> Entity:
@@ -65,6 +65,29 @@ class Lookups:
         query = "PartitionKey eq @p and RowKey ge @lo and RowKey lt @hi"
         params = {"p": keys.INDEX_PARTITION, "lo": prefix, "hi": keys.prefix_end(prefix)}
         return [row["userKey"] async for row in self.table.query(query, params, select=["userKey"])]
+
+    @telemetry.table_operation("graph_users")
+    async def graph_users(self, tenant_id: str, object_id: str) -> list[IdentityRecord]:
+        """The mappings of the Entra user a Microsoft Graph event names: one per app user key."""
+        object_id_issuer = self.object_id_issuer
+        if object_id_issuer is None:
+            user_keys = await self.graph_user_keys(tenant_id, object_id)
+            found = await asyncio.gather(*(read_mapping(self.table, key) for key in user_keys))
+            # A row is a hint: act only on a mapping recorded for this very Entra user.
+            return [
+                record
+                for record in found
+                if record is not None
+                and (record.tenant_id or "").lower() == tenant_id.lower()
+                and (record.object_id or "").lower() == object_id.lower()
+            ]
+        # Object ids are GUIDs: tokens and Graph both write them in lower case, but be lenient.
+        for candidate in dict.fromkeys((object_id, object_id.lower())):
+            record = await read_mapping(self.table, keys.user_key(object_id_issuer, candidate))
+            if record is not None:
+                # Object ids are unique across tenants; checking the tenant costs nothing.
+                return [record] if (record.tenant_id or "").lower() == tenant_id.lower() else []
+        return []
 
     @telemetry.table_operation("forget_graph_row")
     async def forget_graph_row(self, user_key: str, graph_row: str) -> None:

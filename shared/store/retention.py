@@ -19,17 +19,14 @@ import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from .. import telemetry
 from . import keys
-from .errors import Missing
+from .errors import Changed, Missing
+from .identities import BLOCKING, IdentityRecord, read_mapping
 from .lookups import Lookups, graph_entity
 from .pending import Pending
 from .table import Entity, Table
-
-if TYPE_CHECKING:  # identities.py builds on this module: the record is a type here, never called
-    from .identities import IdentityRecord
 
 
 @dataclass(frozen=True)
@@ -130,7 +127,7 @@ class Retention:
         """Retention's claim on a stale identity: `pending="retire"` on the mapping, but only as it
         was judged (its etag), so that a use in between (the user's last-use write), or another
         pass, wins; and queued work for a later run. A use cancels the claim
-        (`Identities.keep_in_use`) and never waits for it. False when the mapping changed since."""
+        (`keep_in_use`) and never waits for it. False when the mapping changed since."""
         pending_id = uuid.uuid4().hex
         claim = {"pending": "retire", "pendingId": pending_id}
         if (
@@ -168,6 +165,37 @@ class Retention:
             retry_in=grace,
             retention_row=retention_row,
         )
+
+    @telemetry.table_operation("keep_in_use")
+    async def keep_in_use(self, record: IdentityRecord, now: dt.datetime) -> IdentityRecord | None:
+        """Record a use before a token is issued, cancelling retention's claim: one etag-guarded
+        write, so that either it lands before retention commits (`commit_retirement` then fails) or
+        it finds the delete committed. The mapping as it now is (a pending revoke or delete left as
+        it was, for the caller to refuse), or None when it no longer names this identity."""
+        current: IdentityRecord | None = record
+        day = now.date().isoformat()
+        used = {"pending": "", "pendingId": "", "lastUsedOn": day, "lastIssuedAt": now}
+        for _ in range(5):
+            if current is None or current.communication_user_id != record.communication_user_id:
+                return None
+            if current.pending in BLOCKING:
+                return current
+            try:
+                etag = await self.table.merge(record.user_key, keys.IDENTITY_ROW, used, etag=current.etag)
+            except Missing:
+                return None
+            except Changed:
+                current = await read_mapping(self.table, record.user_key)
+                continue
+            return replace(
+                current,
+                pending="",
+                pending_id="",
+                last_used_on=day,
+                last_issued_at=now,
+                etag=etag,
+            )
+        raise Changed("The identity mapping keeps changing; try again.")
 
     @telemetry.table_operation("commit_retirement")
     async def commit_retirement(self, record: IdentityRecord) -> IdentityRecord | None:
