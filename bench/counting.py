@@ -54,7 +54,7 @@ def classify(method: str, path: str, headers, body: bytes, query: str = "") -> s
             return f"read {row_kind(point['pk'], point['rk'])}"
         from urllib.parse import unquote
 
-        # shared/store.py sessions_ended: the index rows of users an event ended (keys.ended_*_row)
+        # shared/store/lookups.py sessions_ended: the index rows of users an event ended (keys.ended_*_row)
         return "query ended sessions" if "'x-u-" in unquote(query) else "query"
     if method == "POST":
         try:

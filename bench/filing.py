@@ -5,7 +5,7 @@ The service files an identity's index rows (owner, retention and, for Entra user
 Graph) in one transaction: one request, all or nothing. azure-core builds and parses the
 transaction's multipart body with the standard library's `email` package, which costs CPU; this
 measures how much, directly with the aio SDK, in rounds that alternate the two ways. The rows are
-the store's own (`IdentityStore.index_rows`), moved to a partition of the bench's own.
+the store's own (`Identities.index_rows`), moved to a partition of the bench's own.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import uuid
 from azure.data.tables import UpdateMode
 from azure.data.tables.aio import TableClient
 
-from shared import keys
-from shared.store import IdentityRecord, IdentityStore
+from shared.store import keys
+from shared.store.identities import Identities, IdentityRecord
+from shared.store.stores import Stores
 
 from .load import closed_loop
 
@@ -30,7 +31,7 @@ WAYS = ("transaction", "single upserts")
 NOW = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
 
 
-def _rows(store: IdentityStore, partition: str, i: int) -> list[dict]:
+def _rows(identities: Identities, partition: str, i: int) -> list[dict]:
     record = IdentityRecord(
         user_key=keys.user_key("https://login.microsoftonline.com/tenant/v2.0", f"bench-user-{i}"),
         communication_user_id=f"8:acs:00000000-0000-0000-0000-000000000000_{uuid.uuid4()}",
@@ -42,7 +43,7 @@ def _rows(store: IdentityStore, partition: str, i: int) -> list[dict]:
         object_id=str(uuid.uuid4()),
         tenant_id="0f3c8f5e-5a7b-4b0e-9d0a-2d7d6c1b9a11",
     )
-    return [{**row, "PartitionKey": partition} for row in store.index_rows(record)]
+    return [{**row, "PartitionKey": partition} for row in identities.index_rows(record)]
 
 
 async def _file(table: TableClient, way: str, rows: list[dict]) -> None:
@@ -55,13 +56,13 @@ async def _file(table: TableClient, way: str, rows: list[dict]) -> None:
 async def filing_cost(table: TableClient, *, ops: int, concurrency: int, rounds: int) -> dict:
     """CPU of this process and throughput per filing, median over rounds, for each way."""
     partition = f"bench-filing-{uuid.uuid4().hex[:8]}"
-    store = IdentityStore(table)  # builds rows only: the table is the bench's client
+    identities = Stores(table).identities  # builds rows only: the table is the bench's client
     measured: dict[str, dict[str, list[float]]] = {way: {"cpu_ms": [], "per_s": []} for way in WAYS}
     try:
         for n in range(rounds + 1):  # round 0 warms both ways up
             for way in WAYS if n % 2 else reversed(WAYS):
                 base = (2 * n + WAYS.index(way)) * ops
-                rows = [_rows(store, partition, base + i) for i in range(ops)]  # built before timing
+                rows = [_rows(identities, partition, base + i) for i in range(ops)]  # built before timing
 
                 def op(i: int, way=way, rows=rows):
                     return _file(table, way, rows[i])
@@ -80,7 +81,7 @@ async def filing_cost(table: TableClient, *, ops: int, concurrency: int, rounds:
             log.warning("bench filing rows not dropped: %s", type(err).__name__)
     out = {
         way: {
-            "requests": 1 if way == "transaction" else len(_rows(store, partition, 0)),
+            "requests": 1 if way == "transaction" else len(_rows(identities, partition, 0)),
             "cpu_ms_per_filing": round(statistics.median(m["cpu_ms"]), 2),
             "throughput": round(statistics.median(m["per_s"]), 1),
         }

@@ -10,7 +10,7 @@ E2E_REFRESH_RATIO = 0.5
 IMPORT_OVERHEAD_MS = 100.0
 
 # What each Table write of a first issue is for (row kinds from bench/counting.py): the mapping
-# insert, and one entity-group transaction filing the index rows (shared/store.py).
+# insert, and one entity-group transaction filing the index rows (shared/store/identities.py).
 INDEX_ROWS = {
     "upsert owner": "reverse lookup",  # ACS id -> user: manage/ routes and events
     "upsert retention": "last use",  # the first day's row of the last-use index cleanup scans

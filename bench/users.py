@@ -7,7 +7,7 @@ from pathlib import Path
 
 from devstack.issuer import mint_user_token
 from devstack.signing import SigningKey
-from shared.keys import user_key
+from shared.store.keys import user_key
 
 
 class Users:

@@ -30,8 +30,11 @@ from typing import TYPE_CHECKING, TypeIs
 from .acs import AcsGateway
 from .clock import Clock, utcnow
 from .errors import NotFound, ServiceError
-from .keys import retention_row
-from .store import Filed, IdentityRecord, IdentityStore, PendingWork
+from .store.identities import IdentityRecord
+from .store.keys import retention_row
+from .store.pending import PendingWork
+from .store.retention import RetentionEntry
+from .store.stores import Stores
 
 if TYPE_CHECKING:
     from .graph import GraphSubscriptions
@@ -85,7 +88,7 @@ class Budget:
 class Cleanup:
     def __init__(
         self,
-        store: IdentityStore,
+        store: Stores,
         acs: AcsGateway,
         *,
         retention_days: int,
@@ -109,7 +112,7 @@ class Cleanup:
         try:
             await self._pending(counts, budget, deadline, ignore_backoff)
             await self._retention(counts, budget, deadline)
-            forgotten = await self.store.forget_events_before(self.clock() - EVENT_MEMORY)
+            forgotten = await self.store.marks.forget_before(self.clock() - EVENT_MEMORY)
             if forgotten:
                 counts["event_ids_forgotten"] = forgotten
         finally:
@@ -139,7 +142,7 @@ class Cleanup:
 
     async def _pending(self, counts: Counter, budget: Budget, deadline: float, ignore_backoff: bool) -> None:
         now = self.clock()
-        due = [work async for work in self.store.pending_work() if _due(work, now, ignore_backoff)]
+        due = [work async for work in self.store.pending.pending_work() if _due(work, now, ignore_backoff)]
         counts["pending_due"] += len(due)
         gate = asyncio.Semaphore(CONCURRENCY)
 
@@ -161,23 +164,23 @@ class Cleanup:
         await asyncio.gather(*(one(work) for work in due))
 
     async def _complete(self, work: PendingWork, counts: Counter, budget: Budget) -> None:
-        claimed = await self.store.claim(work, self.clock() + LEASE)
+        claimed = await self.store.pending.claim(work, self.clock() + LEASE)
         if claimed is None:
             counts["skipped_claimed_elsewhere"] += 1
             return
-        record = await self.store.get(work.user_key) if work.user_key else None
+        record = await self.store.identities.get(work.user_key) if work.user_key else None
         op = work.op
         if op == "retire":
             try:
                 await self._commit_retirement(claimed, record, counts)
             except Exception as err:  # noqa: BLE001 - its lease lapses; a later run judges it again
-                await self.store.retry_later(claimed, self.clock() + backoff(work.attempts))
+                await self.store.pending.retry_later(claimed, self.clock() + backoff(work.attempts))
                 counts["retry_retire"] += 1
                 log.info("cleanup retire retry attempts=%d reason=%s", work.attempts + 1, type(err).__name__)
             return
         if op == "settle":  # a mapping insert without a clear answer: did it land?
             if record is not None and record.communication_user_id == work.communication_user_id:
-                await self.store.finish(claimed)
+                await self.store.pending.finish(claimed)
                 counts["settled_mapped"] += 1
                 return
             op = "discard"  # nobody maps it, and no late insert can land any more
@@ -186,19 +189,19 @@ class Cleanup:
             now = self.clock()
             if mapped and op == "revoke" and not record.pending:
                 if work.requested_at is not None and now - work.requested_at < BLOCK_GRACE:
-                    await self.store.retry_later(claimed, now + LEASE)  # its block may be on its way
+                    await self.store.pending.retry_later(claimed, now + LEASE)  # its block may be on its way
                     counts["waiting_for_block"] += 1
                     return
             # A revoke is done once the user is unblocked; a delete once the identity is unmapped.
             if not mapped or (op == "revoke" and not record.pending):
-                await self.store.finish(claimed)  # done already, or the user has another identity
+                await self.store.pending.finish(claimed)  # done already, or the user has another identity
                 counts["dropped_stale"] += 1
                 return
             # Whichever request blocked the mapping last (racing requests may cross their ids), do
             # the stronger of the two, so that no blocked user waits for work nobody will do.
             if op == "revoke" and record.pending == "delete":
                 if not budget.take("delete"):
-                    await self.store.retry_later(claimed, now)
+                    await self.store.pending.retry_later(claimed, now)
                     counts["deferred_budget"] += 1
                     return
                 op = "delete"
@@ -207,18 +210,18 @@ class Cleanup:
                 await self._revoke(claimed, record, counts)
             elif op == "delete":
                 await self.acs.delete(work.communication_user_id, **TIMER_OPTIONS)
-                await self.store.remove(record)
-                await self.store.finish(claimed)
+                await self.store.identities.remove(record)
+                await self.store.pending.finish(claimed)
                 counts["deleted"] += 1
             else:
                 await self.acs.delete(work.communication_user_id, **TIMER_OPTIONS)
                 if work.op == "settle":  # its retention row stays: the sweep drops it with the Graph row
-                    await self.store.forget_owner(work.communication_user_id)
-                await self.store.finish(claimed)
+                    await self.store.lookups.forget_owner(work.communication_user_id)
+                await self.store.pending.finish(claimed)
                 counts["settled_discarded" if work.op == "settle" else "discarded"] += 1
         except Exception as err:  # noqa: BLE001 - one failed item must not stop the run
             reason = err.code if isinstance(err, ServiceError) else type(err).__name__
-            await self.store.retry_later(claimed, self.clock() + backoff(work.attempts))
+            await self.store.pending.retry_later(claimed, self.clock() + backoff(work.attempts))
             counts[f"retry_{work.op}"] += 1
             log.info("cleanup %s retry attempts=%d reason=%s", work.op, work.attempts + 1, reason)
 
@@ -226,25 +229,27 @@ class Cleanup:
         try:
             await self.acs.revoke(work.communication_user_id, **TIMER_OPTIONS)
         except NotFound:
-            await self.store.remove(record, reason="gone")  # the identity is gone: so are its tokens
-            await self.store.finish(work)
+            await self.store.identities.remove(
+                record, reason="gone"
+            )  # the identity is gone: so are its tokens
+            await self.store.pending.finish(work)
             counts["revoked_identity_gone"] += 1
             return
         if record.pending != "revoke":  # its block has not landed; retention's claim stays its own
             if work.requested_at is not None and self.clock() - work.requested_at < BLOCK_GRACE:
                 # The block may still be on its way: finished now, it would land on nobody's work.
-                await self.store.retry_later(work, self.clock() + LEASE)
+                await self.store.pending.retry_later(work, self.clock() + LEASE)
                 counts["waiting_for_block"] += 1
                 return
-            await self.store.finish(work)
+            await self.store.pending.finish(work)
             counts["revoked"] += 1
             return
-        if not await self.store.clear_pending(record):
+        if not await self.store.identities.clear_pending(record):
             # Blocked again (or touched) since it was read: keep the work, the next run sees why.
-            await self.store.retry_later(work, self.clock())
+            await self.store.pending.retry_later(work, self.clock())
             counts["revoked_still_blocked"] += 1
             return
-        await self.store.finish(work)
+        await self.store.pending.finish(work)
         counts["revoked"] += 1
 
     # ---- retention -----------------------------------------------------------------------------------
@@ -255,29 +260,33 @@ class Cleanup:
 
     async def _retention(self, counts: Counter, budget: Budget, deadline: float) -> None:
         cutoff = self._cutoff()
-        async for filed in self.store.filed_before(cutoff):
+        async for entry in self.store.retention.entries_before(cutoff):
             if time.monotonic() > deadline:
                 counts["deferred_deadline"] += 1
                 return
             try:
-                if not await self._file_or_claim(filed, cutoff, counts, budget):
+                if not await self._move_or_claim(entry, cutoff, counts, budget):
                     counts["deferred_budget"] += 1
                     return
             except Exception as err:  # noqa: BLE001 - the row stays: the next run tries again
                 counts["retention_failed"] += 1
                 log.warning("retention step failed: %s", type(err).__name__)
 
-    async def _file_or_claim(self, filed: Filed, cutoff: str, counts: Counter, budget: Budget) -> bool:
+    async def _move_or_claim(
+        self, entry: RetentionEntry, cutoff: str, counts: Counter, budget: Budget
+    ) -> bool:
         """One retention row; False when the run's budget is spent. A stale identity is only
         claimed here: `_commit_retirement`, a later run, deletes it if nobody used it meanwhile."""
-        record = await self.store.get(filed.user_key)
-        if record is not None and filed.communication_user_id == record.communication_user_id:
+        record = await self.store.identities.get(entry.user_key)
+        if record is not None and entry.communication_user_id == record.communication_user_id:
             if record.last_used_on >= cutoff:
-                await self.store.refile(filed, record)
+                await self.store.retention.move_forward(entry, record)
                 counts["retention_refiled"] += 1
                 return True
             if record.pending == "retire":  # claimed by an earlier run; its work may have been lost
-                if await self.store.queue_retirement(record, self.clock(), RETIRE_GRACE, filed.row_key):
+                if await self.store.retention.queue_retirement(
+                    record, self.clock(), RETIRE_GRACE, entry.row_key
+                ):
                     counts["retention_requeued"] += 1
                 return True
             if record.pending:
@@ -285,31 +294,31 @@ class Cleanup:
                 return True
             if not budget.take("claim"):
                 return False
-            if await self.store.claim_retirement(record, self.clock(), RETIRE_GRACE, filed.row_key):
+            if await self.store.retention.claim_retirement(record, self.clock(), RETIRE_GRACE, entry.row_key):
                 counts["retention_claimed"] += 1
             else:
                 counts["retention_used_meanwhile"] += 1  # or another run claimed it first
             return True
-        if filed.lease_until is not None and filed.lease_until > self.clock():
+        if entry.lease_until is not None and entry.lease_until > self.clock():
             counts["retention_claimed_elsewhere"] += 1
             return True
         if not budget.take("delete"):
             return False
-        if not await self.store.claim_sweep(filed, self.clock() + LEASE):
+        if not await self.store.retention.claim_sweep(entry, self.clock() + LEASE):
             counts["retention_claimed_elsewhere"] += 1  # or retired meanwhile: its row is gone
             return True
-        await self._sweep(filed, counts)
+        await self._sweep(entry, counts)
         return True
 
-    async def _sweep(self, filed: Filed, counts: Counter) -> None:
+    async def _sweep(self, entry: RetentionEntry, counts: Counter) -> None:
         """Its user maps to another identity, or to none: this one was deleted, or a crash (or a lost
         race whose cleanup failed) left it unmapped. Deleting it again is harmless: ACS says so.
         A retention row is older than any mapping insert still on its way (`tokens._settle`)."""
-        await self.acs.delete(filed.communication_user_id, **TIMER_OPTIONS)
-        await self.store.forget_owner(filed.communication_user_id)
-        if filed.graph_row:  # a first issue that never got its mapping filed one
-            await self.store.forget_graph_row(filed.user_key, filed.graph_row)
-        await self.store.drop_retention_row(filed)
+        await self.acs.delete(entry.communication_user_id, **TIMER_OPTIONS)
+        await self.store.lookups.forget_owner(entry.communication_user_id)
+        if entry.graph_row:  # a first issue that never got its mapping filed one
+            await self.store.lookups.forget_graph_row(entry.user_key, entry.graph_row)
+        await self.store.retention.drop_entry(entry.row_key)
         counts["retention_unmapped_deleted"] += 1
 
     async def _commit_retirement(
@@ -318,7 +327,7 @@ class Cleanup:
         """A claim's second step: delete only what is still claimed, by this claim, and still stale
         now. A use since, a user's or admin's request, or an event has replaced or cancelled it."""
         if not _claimed_by(record, work):
-            await self.store.finish(work)
+            await self.store.pending.finish(work)
             counts["retention_cancelled"] += 1
             return
         if record.pending == "retiring":
@@ -326,24 +335,24 @@ class Cleanup:
                 await self._forget_retired(work, record, counts)  # an earlier attempt's delete landed
                 return
             # Read again: a use refused (409) while ACS was asked was noted on the mapping since.
-            record = await self.store.get(work.user_key)
+            record = await self.store.identities.get(work.user_key)
             if not _claimed_by(record, work):
-                await self.store.finish(work)
+                await self.store.pending.finish(work)
                 counts["retention_cancelled"] += 1
                 return
         # Claimed, or committed by an earlier attempt that got no answer from ACS (and the identity
         # is still there): a use since wins, one while it was blocked included (409, shared/tokens.py).
         if record.last_used_on >= self._cutoff():
-            if await self.store.clear_pending(record):
-                await self.store.finish(work)
+            if await self.store.identities.clear_pending(record):
+                await self.store.pending.finish(work)
                 counts["retention_cancelled"] += 1
             else:
-                await self.store.retry_later(work, self.clock())
+                await self.store.pending.retry_later(work, self.clock())
             return
         if record.pending == "retire":
-            committed = await self.store.commit_retirement(record)
+            committed = await self.store.retention.commit_retirement(record)
             if committed is None:  # changed since it was read: judged again by the next run
-                await self.store.retry_later(work, self.clock())
+                await self.store.pending.retry_later(work, self.clock())
                 counts["retention_changed"] += 1
                 return
             record = committed
@@ -353,8 +362,8 @@ class Cleanup:
         # claim while this one's delete may still land; a run that lost the lease stops here.
         lease = self.clock() + LEASE
         own_row = retention_row(record.last_used_on, record.user_key, record.communication_user_id)
-        await self.store.lease_retention_rows([r for r in (own_row, work.retention_row) if r], lease)
-        held = await self.store.claim(work, lease)
+        await self.store.retention.lease_entries([r for r in (own_row, work.retention_row) if r], lease)
+        held = await self.store.pending.claim(work, lease)
         if held is None:
             counts["skipped_claimed_elsewhere"] += 1
             return
@@ -380,8 +389,10 @@ class Cleanup:
         may still land: the user stays refused (409) until the next attempt gets an answer."""
         refused = isinstance(err, ServiceError) and err.code in ACS_REFUSALS
         if refused:
-            await self.store.reopen_retirement(record)
-        await self.store.retry_later(work, self.clock() + (backoff(work.attempts) if refused else backoff(0)))
+            await self.store.retention.reopen_retirement(record)
+        await self.store.pending.retry_later(
+            work, self.clock() + (backoff(work.attempts) if refused else backoff(0))
+        )
         counts["retry_retire"] += 1
         reason = err.code if isinstance(err, ServiceError) else type(err).__name__
         log.info("cleanup retire retry attempts=%d reason=%s", work.attempts + 1, reason)
@@ -389,16 +400,18 @@ class Cleanup:
     async def _forget_retired(self, work: PendingWork, record: IdentityRecord, counts: Counter) -> None:
         """ACS deleted it: drop the mapping while it is still this retirement's (a request's own
         revoke or delete may have replaced it, and its work then finds the identity gone), and
-        the rows, the judged one too if a crash mid-refile left it on another day."""
-        current = await self.store.get(record.user_key)
+        the rows, the judged one too if a crash mid-move left it on another day."""
+        current = await self.store.identities.get(record.user_key)
         if current is not None and current.communication_user_id == record.communication_user_id:
             if current.pending == "retiring" and current.pending_id == record.pending_id:
-                await self.store.remove(current, reason="retired")
+                await self.store.identities.remove(current, reason="retired")
         else:
-            await self.store.remove(record, reason="retired")  # its rows (the mapping is gone already)
+            await self.store.identities.remove(
+                record, reason="retired"
+            )  # its rows (the mapping is gone already)
         if work.retention_row:
-            await self.store.drop_retention_row(work.retention_row)
-        await self.store.finish(work)
+            await self.store.retention.drop_entry(work.retention_row)
+        await self.store.pending.finish(work)
         counts["retention_deleted"] += 1
 
     # ---- what retention would do next ------------------------------------------------------------------
@@ -410,7 +423,7 @@ class Cleanup:
         now, cutoff = self.clock(), self._cutoff()
         retiring = {
             (work.user_key, work.communication_user_id): work
-            async for work in self.store.pending_work()
+            async for work in self.store.pending.pending_work()
             if work.op == "retire"
         }
         listed: list[dict] = []
@@ -432,33 +445,33 @@ class Cleanup:
             )
 
         # One read a retention row: a committed retirement's rows are held until ACS deleted it.
-        async for filed in self.store.filed_before(cutoff):
-            if filed.communication_user_id in seen:
+        async for entry in self.store.retention.entries_before(cutoff):
+            if entry.communication_user_id in seen:
                 continue
             if len(listed) >= limit:
                 truncated = True
                 break
-            record = await self.store.get(filed.user_key)
-            work = retiring.get((filed.user_key, filed.communication_user_id))
-            if record is None or record.communication_user_id != filed.communication_user_id:
-                add(filed.communication_user_id, filed.user_key, None, "unmapped", now)
+            record = await self.store.identities.get(entry.user_key)
+            work = retiring.get((entry.user_key, entry.communication_user_id))
+            if record is None or record.communication_user_id != entry.communication_user_id:
+                add(entry.communication_user_id, entry.user_key, None, "unmapped", now)
             elif record.last_used_on >= cutoff:
                 continue  # used since: the row moves forward, or the timer gives the identity back
             elif record.pending == "retiring" and work and work.pending_id == record.pending_id:
                 add(
-                    filed.communication_user_id,
-                    filed.user_key,
+                    entry.communication_user_id,
+                    entry.user_key,
                     record.last_used_on,
                     "deleting",
                     work.next_attempt_at,
                 )
             elif record.pending == "retire" and work:
                 due = max(work.next_attempt_at, (work.requested_at or now) + RETIRE_GRACE)
-                add(filed.communication_user_id, filed.user_key, record.last_used_on, "claimed", due)
+                add(entry.communication_user_id, entry.user_key, record.last_used_on, "claimed", due)
             elif record.pending in ("", "retire"):  # a claim whose queued work a crash lost: as stale
                 add(
-                    filed.communication_user_id,
-                    filed.user_key,
+                    entry.communication_user_id,
+                    entry.user_key,
                     record.last_used_on,
                     "stale",
                     now + RETIRE_GRACE,

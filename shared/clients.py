@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .graph import GraphSubscriptions
     from .ratelimit import RateLimiter
     from .revocation import RevocationService
-    from .store import IdentityStore
+    from .store.stores import Stores
     from .teams import TeamsExchange
     from .tokens import TokenService
 
@@ -56,7 +56,7 @@ class Clients:
     tokens: TokenService
     revocation: RevocationService
     cleanup: Cleanup
-    store: IdentityStore
+    store: Stores
     limiter: RateLimiter | None
     closers: tuple
     teams: TeamsExchange | None = None
@@ -117,7 +117,7 @@ def build(settings: Settings) -> Clients:
     from .graph import GraphSubscriptions
     from .ratelimit import MANAGE_PER_MINUTE, REVOCATIONS_PER_MINUTE, RateLimiter
     from .revocation import RevocationService
-    from .store import IdentityStore
+    from .store.stores import Stores
     from .teams import TeamsExchange
     from .tokens import TokenService
 
@@ -150,7 +150,7 @@ def build(settings: Settings) -> Clients:
     else:
         jwks = JwksCache(settings.issuer)
         authenticator = JwtAuthenticator(settings, jwks)
-    store = IdentityStore(table, object_id_issuer=settings.object_id_issuer)
+    store = Stores(table, object_id_issuer=settings.object_id_issuer)
     gateway = AcsGateway(acs)
     revocation = RevocationService(store, gateway)
     # Graph takes no key: with connection strings for ACS and Storage it makes the credential

@@ -107,7 +107,7 @@ async def health(_req: func.HttpRequest) -> func.HttpResponse:
         return json_response({"status": "degraded", "checks": checks}, status=503)
     clients = get_clients()
     try:
-        await clients.store.ping()
+        await clients.store.table.ping()
         checks["storage"] = "ok"
     except Exception as err:  # noqa: BLE001
         checks["storage"] = f"unavailable ({type(err).__name__})"
@@ -167,8 +167,8 @@ async def _managed_record(clients: Clients, caller: Caller, req: func.HttpReques
     communication_user_id = req.route_params.get("communicationUserId", "")
     if not communication_user_id or len(communication_user_id) > MAX_ID_LENGTH:
         raise BadRequest("communicationUserId is missing or too long.", code="invalid_identity_id")
-    user_key = await clients.store.owner_of(communication_user_id)
-    record = await clients.store.get(user_key) if user_key else None
+    user_key = await clients.store.lookups.owner_of(communication_user_id)
+    record = await clients.store.identities.get(user_key) if user_key else None
     if record is None or record.communication_user_id != communication_user_id:
         raise NotFound("No app user maps to that ACS identity.", code="identity_not_found")
     return record

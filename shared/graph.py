@@ -16,7 +16,7 @@ storage lock), so two instances never create two subscriptions.
 
 Calls use the worker's one credential (an app token for Graph; the identity needs the application
 permission User.Read.All, which Graph's subscription docs list for users) and one pipeline made on
-first use. What happened is recorded in Table Storage (`IdentityStore.graph_subscription`), which
+first use. What happened is recorded in Table Storage (`shared.store.subscription`), which
 /api/health reads: a failed renewal, or an expiry under 3 days, is "degraded". Logs carry outcome
 codes and the subscription id, never a token. A failure that a retry may fix (Graph throttled or
 down, no token) raises Unavailable, so the webhook answers 503 and Event Grid redelivers; one that
@@ -37,7 +37,8 @@ from urllib.parse import quote, urlparse
 from .clock import Clock, utcnow
 from .errors import Unavailable
 from .events import MISSED, Lifecycle, SubscriptionSeen
-from .store import GraphSubscriptionState, IdentityStore
+from .store.stores import Stores
+from .store.subscription import GraphSubscriptionState
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -92,7 +93,7 @@ class GraphSubscriptions:
 
     def __init__(
         self,
-        store: IdentityStore,
+        store: Stores,
         settings: Settings,
         *,
         credential: Any | None,
@@ -191,7 +192,7 @@ class GraphSubscriptions:
         on record, while that one is fine, is logged only (a stale notification must not make
         health degraded).
         """
-        outcome = await self._renew(subscription_id, await self.store.graph_subscription(), reason)
+        outcome = await self._renew(subscription_id, await self.store.subscription.get(), reason)
         return "graph_renewed" if outcome == "ok" else "graph_renewal_failed"
 
     async def _renew(self, subscription_id: str, current: GraphSubscriptionState | None, reason: str) -> str:
@@ -208,7 +209,7 @@ class GraphSubscriptions:
         except _Retryable as err:
             log.warning("Graph subscription %s not renewed (%s): %s", subscription_id, reason, err.code)
             if previous is not None or current is None or current.outcome not in OK_OUTCOMES:
-                await self.store.save_graph_subscription(replace(base, outcome=err.code, attempted_at=now))
+                await self.store.subscription.save(replace(base, outcome=err.code, attempted_at=now))
             raise Unavailable(
                 "Microsoft Graph could not be reached to renew the subscription.",
                 code=err.code,
@@ -216,14 +217,14 @@ class GraphSubscriptions:
             ) from None
         if status == 200:
             expires = _expiry(body, now + RENEW_FOR)
-            await self.store.save_graph_subscription(
+            await self.store.subscription.save(
                 replace(base, expires_at=expires, outcome="ok", attempted_at=now, renewed_at=now)
             )
             log.info("Graph subscription %s renewed (%s) until %s", subscription_id, reason, _iso(expires))
             return "ok"
         outcome = self._failure(status, body)
         if previous is not None or current is None or current.outcome not in OK_OUTCOMES:
-            await self.store.save_graph_subscription(replace(base, outcome=outcome, attempted_at=now))
+            await self.store.subscription.save(replace(base, outcome=outcome, attempted_at=now))
         return outcome
 
     async def create(self, current: GraphSubscriptionState | None) -> str:
@@ -248,7 +249,7 @@ class GraphSubscriptions:
         if status == 201 and isinstance(subscription_id, str) and subscription_id:
             expires = _expiry(answer, now + RENEW_FOR)
             missed = current.missed_at if current is not None else None
-            await self.store.save_graph_subscription(
+            await self.store.subscription.save(
                 GraphSubscriptionState(subscription_id, expires, "ok", now, now, missed)
             )
             log.info("Graph subscription %s created until %s", subscription_id, _iso(expires))
@@ -261,7 +262,7 @@ class GraphSubscriptions:
     ) -> None:
         """A creation that failed leaves no subscription: the record says so, and why."""
         missed = current.missed_at if current is not None else None
-        await self.store.save_graph_subscription(GraphSubscriptionState("", None, outcome, now, None, missed))
+        await self.store.subscription.save(GraphSubscriptionState("", None, outcome, now, None, missed))
 
     # ---- what the webhook and the timer call -------------------------------------------------------
 
@@ -270,9 +271,9 @@ class GraphSubscriptions:
         404 tells the timer to create a new one), or record a "missed" one for health."""
         if notice.lifecycle_event == MISSED:
             now = self.clock()
-            state = await self.store.graph_subscription()
+            state = await self.store.subscription.get()
             base = state or GraphSubscriptionState(notice.subscription_id, notice.expires_at, "observed")
-            await self.store.save_graph_subscription(replace(base, missed_at=now))
+            await self.store.subscription.save(replace(base, missed_at=now))
             log.warning(
                 "Microsoft Graph missed change notifications for subscription %s: users deleted or "
                 "disabled meanwhile may keep ACS access; revoke them with /api/manage",
@@ -286,22 +287,22 @@ class GraphSubscriptions:
         record (so health shows its expiry, and the timer renews it in time), and the expiry of the
         one on record when Graph reports it later than we knew."""
         for sighting in seen:
-            state = await self.store.graph_subscription()
+            state = await self.store.subscription.get()
             if state is None:
-                await self.store.save_graph_subscription(
+                await self.store.subscription.save(
                     GraphSubscriptionState(sighting.subscription_id, sighting.expires_at, "observed")
                 )
             elif state.subscription_id == sighting.subscription_id and (
                 state.expires_at is None or sighting.expires_at > state.expires_at
             ):
-                await self.store.save_graph_subscription(replace(state, expires_at=sighting.expires_at))
+                await self.store.subscription.save(replace(state, expires_at=sighting.expires_at))
 
     async def maintain(self) -> dict[str, int]:
         """The timer's turn: create the subscription if there is none (and GRAPH_NOTIFICATION_URL
         says where), renew it when under RENEW_WITHIN of its expiry or after a failure (at most
         every RETRY_AFTER_FAILURE). Raises Unavailable like `renew`."""
         now = self.clock()
-        state = await self.store.graph_subscription()
+        state = await self.store.subscription.get()
         failed = state is not None and state.outcome not in OK_OUTCOMES
         waiting = failed and state.attempted_at is not None and now - state.attempted_at < RETRY_AFTER_FAILURE
         if state is None or not state.subscription_id:
@@ -323,7 +324,7 @@ class GraphSubscriptions:
     async def health(self) -> tuple[str, bool] | None:
         """The `graphSubscription` health check: (text, healthy), or None when Graph is not in use
         (no subscription on record and none to create). Times and codes only, no secret."""
-        state = await self.store.graph_subscription()
+        state = await self.store.subscription.get()
         if state is None:
             if self.notification_url is None:
                 return None

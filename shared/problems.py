@@ -9,6 +9,7 @@ import traceback
 import azure.functions as func
 
 from .errors import ServiceError, Unavailable
+from .store.errors import BUSY, StoreError, Unreachable
 
 log = logging.getLogger("acs_token_service.http")
 PROBLEM_TYPE = "urn:acs-token-service:problem:"  # + code; documented in README
@@ -47,6 +48,19 @@ def from_unexpected(err: BaseException) -> func.HttpResponse:
     """The last resort. Storage and network failures are dependencies being down, not our bug."""
     from azure.core.exceptions import AzureError, HttpResponseError, ServiceRequestError, ServiceResponseError
 
+    if isinstance(err, StoreError):  # Table Storage's failures, as the store names them
+        if isinstance(err, Unreachable):
+            log.warning("a backing service cannot be reached: %s", type(err).__name__)
+            return from_error(
+                Unavailable("A backing service cannot be reached.", code="dependency_unavailable")
+            )
+        if (err.status_code or 0) in BUSY:
+            log.warning("a backing service answered %s (%s)", err.status_code, type(err).__name__)
+            return from_error(
+                Unavailable("A backing service is busy or failing.", code="dependency_unavailable")
+            )
+        log.error("backing service error: %s", type(err).__name__)
+        return from_error(Unavailable("A backing service failed.", code="dependency_failed"))
     if isinstance(err, ServiceRequestError | ServiceResponseError):
         log.warning("a backing service cannot be reached: %s", type(err).__name__)
         return from_error(Unavailable("A backing service cannot be reached.", code="dependency_unavailable"))

@@ -15,7 +15,8 @@ from . import telemetry
 from .acs import AcsGateway
 from .clock import Clock, utcnow
 from .errors import NotFound, Unavailable
-from .store import IdentityRecord, IdentityStore
+from .store.identities import IdentityRecord
+from .store.stores import Stores
 
 log = logging.getLogger("acs_token_service.revocation")
 
@@ -42,7 +43,7 @@ def _ref(record: IdentityRecord) -> str:
 
 
 class RevocationService:
-    def __init__(self, store: IdentityStore, acs: AcsGateway, clock: Clock = utcnow) -> None:
+    def __init__(self, store: Stores, acs: AcsGateway, clock: Clock = utcnow) -> None:
         self.store = store
         self.acs = acs
         self.clock = clock
@@ -57,10 +58,10 @@ class RevocationService:
             await self.acs.revoke(record.communication_user_id, **REQUEST_PATH_OPTIONS)
         except NotFound:
             log.info("revoke found the identity gone source=%s user=%s", source, _ref(record))
-            await self.store.remove(record, reason="gone")
+            await self.store.identities.remove(record, reason="gone")
             return Outcome("revoked", record.communication_user_id)
         except Unavailable as err:
-            await self.store.mark_pending(record, "revoke", self.clock(), FIRST_RETRY)
+            await self.store.identities.mark_pending(record, "revoke", self.clock(), FIRST_RETRY)
             log.info("revoke pending source=%s user=%s reason=%s", source, _ref(record), err.code)
             return Outcome("pending", record.communication_user_id)
         log.info("revoke done source=%s user=%s", source, _ref(record))
@@ -75,15 +76,17 @@ class RevocationService:
         # Durable before ACS is asked: queued and blocked first, so that a crash after ACS deleted
         # the identity leaves work the timer completes (ACS's 404 then counts as done), never a
         # mapping that names an identity ACS no longer has.
-        await self.store.mark_pending(record, "delete", self.clock(), FIRST_RETRY)
+        await self.store.identities.mark_pending(record, "delete", self.clock(), FIRST_RETRY)
         try:
             await self.acs.delete(record.communication_user_id, **REQUEST_PATH_OPTIONS)
         except Unavailable as err:
             log.info("delete pending source=%s user=%s reason=%s", source, _ref(record), err.code)
             return Outcome("pending", record.communication_user_id)
         try:
-            await self.store.remove(record, reason=source if source in ("user", "admin") else "event")
-            await self.store.forget_pending(record, "delete")
+            await self.store.identities.remove(
+                record, reason=source if source in ("user", "admin") else "event"
+            )
+            await self.store.pending.forget(record.user_key, record.communication_user_id, "delete")
         except Exception as err:  # noqa: BLE001 - ACS is done; let the timer tidy the rows
             log.warning(
                 "delete left rows behind source=%s user=%s error=%s", source, _ref(record), type(err).__name__

@@ -196,7 +196,7 @@ def _table_span(operation: str):
 
 
 def table_operation(operation: str) -> Callable:
-    """Decorate an IdentityStore method (coroutine or async generator) with a CLIENT span."""
+    """Decorate a store method (coroutine or async generator) with a CLIENT span."""
 
     def decorate(call: Callable) -> Callable:
         attributes = {"db.system": "azure_table", "db.operation.name": operation}

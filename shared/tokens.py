@@ -17,17 +17,16 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
-from azure.core.exceptions import HttpResponseError, ResourceExistsError
-
 from . import telemetry
 from .acs import AcsGateway, IssuedToken
 from .auth import Caller
 from .clock import Clock, utcnow
 from .errors import Conflict, NotFound, ServiceError, SessionEnded, Unavailable
-from .keys import user_key
 from .policy import TokenRequest
 from .revocation import RevocationService
-from .store import BLOCKING, IdentityRecord, IdentityStore
+from .store.identities import BLOCKING, IdentityRecord
+from .store.keys import user_key
+from .store.stores import Stores
 
 log = logging.getLogger("acs_token_service.tokens")
 
@@ -63,7 +62,7 @@ AT_RISK_DAYS = 2
 # any access token should live (Entra's default is 60 to 90 minutes; a day is the usual maximum).
 NO_IAT_GRACE = dt.timedelta(hours=24)
 
-# What a refresh after a deletion says, by who or what deleted the identity (store.remove's reason).
+# What a refresh after a deletion says, by who or what deleted the identity (Identities.remove's reason).
 DELETION_DETAIL = {
     "user": "You deleted your ACS identity on {day}: POST /api/token creates a new one.",
     "admin": "An administrator deleted your ACS identity on {day}: POST /api/token creates a new one.",
@@ -80,7 +79,7 @@ DELETION_DETAIL = {
 class TokenService:
     def __init__(
         self,
-        store: IdentityStore,
+        store: Stores,
         acs: AcsGateway,
         clock: Clock = utcnow,
         *,
@@ -98,7 +97,7 @@ class TokenService:
     @telemetry.counts_tokens
     async def issue(self, caller: Caller, request: TokenRequest) -> TokenResult:
         key = user_key(caller.issuer, caller.subject)
-        record = await self.store.get(key)
+        record = await self.store.identities.get(key)
         if record is not None:
             record = await self._checked(caller, record)
             try:
@@ -109,14 +108,14 @@ class TokenService:
                 await self._forget_gone(record)  # the mapping heals: a new identity below
                 return await self._create(caller, key, request, sessions_ended_at=record.sessions_ended_at)
         # A first issue (or one after a deletion): was the user ended by an event meanwhile?
-        ended = await self.store.sessions_ended(key, caller.tenant_id, caller.object_id)
+        ended = await self.store.lookups.sessions_ended(key, caller.tenant_id, caller.object_id)
         self._check_session(caller, ended)
         return await self._create(caller, key, request, sessions_ended_at=ended)
 
     @telemetry.counts_tokens
     async def refresh(self, caller: Caller, request: TokenRequest) -> TokenResult:
         key = user_key(caller.issuer, caller.subject)
-        record = await self.store.get(key)
+        record = await self.store.identities.get(key)
         if record is None:
             raise await self._missing(caller, key)
         record = await self._checked(caller, record)
@@ -150,11 +149,11 @@ class TokenService:
                 retry_after=60,
             )
         log.warning("ACS no longer has a mapped identity: the mapping is forgotten")
-        await self.store.remove(record, reason="gone")
+        await self.store.identities.remove(record, reason="gone")
 
     async def identity(self, caller: Caller) -> IdentityRecord:
         key = user_key(caller.issuer, caller.subject)
-        record = await self.store.get(key)
+        record = await self.store.identities.get(key)
         if record is None:
             raise await self._missing(caller, key)
         return await self._checked(caller, record)
@@ -188,8 +187,10 @@ class TokenService:
 
     async def _missing(self, caller: Caller, key: str) -> ServiceError:
         """Why the caller has no identity: never had one, or had one that was deleted (and how)."""
-        self._check_session(caller, await self.store.sessions_ended(key, caller.tenant_id, caller.object_id))
-        deletion = await self.store.deletion(key)
+        self._check_session(
+            caller, await self.store.lookups.sessions_ended(key, caller.tenant_id, caller.object_id)
+        )
+        deletion = await self.store.lookups.deletion(key)
         if deletion is None:
             return NotFound("You have no ACS identity yet: POST /api/token first.", code="identity_not_found")
         when, reason = deletion
@@ -214,7 +215,7 @@ class TokenService:
         now = self.clock()
         if record.last_used_on != now.date().isoformat():
             try:
-                await self.store.touch(record, now)
+                await self.store.identities.touch(record, now)
             except Exception as err:  # noqa: BLE001 - the token is good; last-use is best effort
                 log.warning("could not record last use: %s", type(err).__name__)
         return TokenResult(record.communication_user_id, token, request.scopes, identity_created=False)
@@ -234,7 +235,7 @@ class TokenService:
             > (now - dt.timedelta(days=self.retention_days - AT_RISK_DAYS)).date().isoformat()
         ):
             return record
-        kept = await self.store.keep_in_use(record, now)
+        kept = await self.store.retention.keep_in_use(record, now)
         if kept is None:  # deleted or replaced since it was read
             raise Conflict(
                 "Your ACS identity changed during this request; retry.",
@@ -246,7 +247,7 @@ class TokenService:
     async def _requeue_if_lost(self, record: IdentityRecord) -> None:
         """A block whose queued work is gone would refuse the user for good: queue it again."""
         try:
-            if await self.store.requeue_blocked(record, self.clock()):
+            if await self.store.identities.requeue_blocked(record, self.clock()):
                 log.warning("a blocked mapping had no queued work: queued again")
         except Exception as err:  # noqa: BLE001 - the answer is 409 either way; the next try looks again
             log.warning("could not check a blocked mapping's work: %s", type(err).__name__)
@@ -258,7 +259,7 @@ class TokenService:
         if record.last_used_on == now.date().isoformat():
             return
         try:
-            await self.store.note_use(record, now)
+            await self.store.identities.note_use(record, now)
         except Exception as err:  # noqa: BLE001 - the answer is 409 either way
             log.warning("could not record a blocked use: %s", type(err).__name__)
 
@@ -269,97 +270,38 @@ class TokenService:
         # way to list identities or to create one idempotently. Only CREATIONS_IN_FLIGHT of them
         # are ever in that window per worker; the rest wait before calling ACS, where a crash costs
         # nothing. SECURITY.md states what a crash leaks, measured.
-        async with self._creating:
-            record, token = await self._create_filed(caller, key, request, sessions_ended_at)
-        inserted, result = await self._map(caller, record, token, request)
-        if inserted is not None:
-            await self._recheck_sessions(caller, inserted)
-        return result
-
-    async def _create_filed(
-        self, caller: Caller, key: str, request: TokenRequest, sessions_ended_at: dt.datetime | None
-    ) -> tuple[IdentityRecord, IssuedToken]:
-        """A new ACS identity and its index rows (file_new): from here on cleanup can find it."""
-        communication_user_id, token = await self.acs.create_with_token(request.scopes, request.minutes)
-        now = self.clock()
-        record = IdentityRecord(
-            user_key=key,
-            communication_user_id=communication_user_id,
-            issuer=caller.issuer,
-            subject=caller.subject,
-            created_at=now,
-            last_used_on=now.date().isoformat(),
-            last_issued_at=now,
-            object_id=caller.object_id,
-            tenant_id=caller.tenant_id,
-            sessions_ended_at=sessions_ended_at,  # older bearers stay refused on the new identity too
-            sessions_checked=False,  # until it looked for an event that came meanwhile (_recheck_sessions)
-        )
-        try:
-            await self.store.file_new(record)
-        except Exception:
-            if await self._discard(communication_user_id):  # no mapping was tried: none names it
-                await self.store.forget_lost(record, user_mapped=False)
-            raise
-        return record, token
-
-    async def _map(
-        self, caller: Caller, record: IdentityRecord, token: IssuedToken, request: TokenRequest
-    ) -> tuple[IdentityRecord | None, TokenResult]:
-        """Insert the mapping of an identity already on file (outside the creation window); the
-        mapping as inserted, when it is ours, is still to be checked for events (`_create`)."""
-        try:
-            inserted = await self.store.insert(record)
-        except Exception as err:  # noqa: BLE001 - settled from the mapping itself
-            return await self._settle(caller, record, token, request, err)
-        log.info("identity created")
-        return inserted, TokenResult(
-            record.communication_user_id, token, request.scopes, identity_created=True
-        )
-
-    async def _settle(
-        self,
-        caller: Caller,
-        record: IdentityRecord,
-        token: IssuedToken,
-        request: TokenRequest,
-        err: Exception,
-    ) -> tuple[IdentityRecord | None, TokenResult]:
-        """The mapping insert failed: 409 when another request won the user, or when a retried
-        insert finds its own first try landed; any other failure may hide a landed insert too.
-        The mapping says which: ours stands, or theirs is used, or there is none."""
-        ours = record.communication_user_id
-        try:
-            current = await self.store.get(record.user_key)
-        except Exception:  # noqa: BLE001 - unknown: the timer settles it from the mapping
-            await self._leave_for_timer(record)
-            raise err from None
-        if current is not None and current.communication_user_id == ours:
-            log.info("identity created")
-            return current, TokenResult(ours, token, request.scopes, identity_created=True)
-        if current is None and not _refused(err):
-            # The insert's outcome is unknown (a timeout, 500 OperationTimedOut): it may still land,
-            # after this look. Discarding the identity now would leave a mapping naming a deleted
-            # one; the timer settles it from the mapping once a late write can no longer land.
-            await self._leave_for_timer(record)
-            raise err
-        # Not ours: delete our identity, and only then its rows, which until then let cleanup find it.
-        if await self._discard(ours):
-            await self.store.forget_lost(record, user_mapped=current is not None)
-        if current is not None:  # a concurrent first request mapped this user first: use its identity,
-            # checked as any mapping is: the winner may not have looked for an event yet.
-            return None, await self._issue_existing(await self._checked(caller, current), request)
-        if isinstance(err, ResourceExistsError):  # mapped and deleted in between: safe to ask again
+        window = _Window(self._creating)
+        async with window:
+            communication_user_id, token = await self.acs.create_with_token(request.scopes, request.minutes)
+            now = self.clock()
+            record = IdentityRecord(
+                user_key=key,
+                communication_user_id=communication_user_id,
+                issuer=caller.issuer,
+                subject=caller.subject,
+                created_at=now,
+                last_used_on=now.date().isoformat(),
+                last_issued_at=now,
+                object_id=caller.object_id,
+                tenant_id=caller.tenant_id,
+                sessions_ended_at=sessions_ended_at,  # older bearers stay refused on the new identity too
+                sessions_checked=False,  # until it looked for an event meanwhile (_recheck_sessions)
+            )
+            current = await self.store.identities.create(
+                record, discard=self._discard, on_filed=window.leave, clock=self.clock
+            )
+        if current is None:  # mapped and deleted in between: safe to ask again
             raise NotFound(
                 "Your identity changed while it was being created; retry.", code="identity_conflict"
             )
-        raise err
-
-    async def _leave_for_timer(self, record: IdentityRecord) -> None:
-        try:
-            await self.store.queue_settle(record, self.clock())
-        except Exception as store_err:  # noqa: BLE001 - its retention row still finds it later
-            log.error("unsettled ACS identity not queued: %s; retention sweeps it", type(store_err).__name__)
+        if current.communication_user_id != communication_user_id:
+            # A concurrent first request won: its mapping is checked as any is (it may not have
+            # looked for an event yet).
+            return await self._issue_existing(await self._checked(caller, current), request)
+        log.info("identity created")
+        result = TokenResult(communication_user_id, token, request.scopes, identity_created=True)
+        await self._recheck_sessions(caller, current)
+        return result
 
     async def _recheck_sessions(self, caller: Caller, record: IdentityRecord) -> IdentityRecord:
         """An event that ended the user while their first identity was being created found no
@@ -367,7 +309,7 @@ class TokenService:
         after the insert, so one of the two sees the other. A bearer older than the event does not
         keep what it created: the new identity, which nothing has used yet, is deleted. The
         mapping is inserted marked unchecked, and the mark goes only once a look succeeded."""
-        ended = await self.store.sessions_ended(record.user_key, caller.tenant_id, caller.object_id)
+        ended = await self.store.lookups.sessions_ended(record.user_key, caller.tenant_id, caller.object_id)
         if ended is not None and ended != record.sessions_ended_at:
             try:
                 self._check_session(caller, ended)
@@ -382,7 +324,7 @@ class TokenService:
         )
         checked = replace(record, sessions_checked=True, sessions_ended_at=newer or record.sessions_ended_at)
         try:
-            marked = await self.store.sessions_checked(record, newer)
+            marked = await self.store.identities.sessions_checked(record, newer)
         except Exception as err:  # noqa: BLE001 - still unchecked: the next request looks again
             log.warning("could not mark a mapping checked: %s", type(err).__name__)
             return checked
@@ -396,15 +338,29 @@ class TokenService:
         except ServiceError as err:
             log.warning("could not delete an unmapped ACS identity now (%s); cleanup will", err.code)
         try:
-            await self.store.queue_discard(communication_user_id, self.clock())
+            await self.store.pending.queue_discard(communication_user_id, self.clock())
             return True
         except Exception as store_err:  # noqa: BLE001 - its retention row still finds it later
             log.error("unmapped ACS identity not queued: %s; retention sweeps it", type(store_err).__name__)
             return False
 
 
-def _refused(err: Exception) -> bool:
-    """A clear no from the Table service (4xx, 409 included): that write will never land. Anything
-    else (a timeout, a lost connection, 500 OperationTimedOut) may have committed, or still may."""
-    status = getattr(err, "status_code", None) if isinstance(err, HttpResponseError) else None
-    return status is not None and 400 <= status < 500 and status != 408
+class _Window:
+    """Holds a semaphore from entering until `leave` (or the block's end), whichever comes first."""
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self.semaphore = semaphore
+        self.held = False
+
+    async def __aenter__(self) -> _Window:
+        await self.semaphore.acquire()
+        self.held = True
+        return self
+
+    def leave(self) -> None:
+        if self.held:
+            self.held = False
+            self.semaphore.release()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.leave()

@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING
 
 import azure.functions as func
 
-from . import keys
 from .clients import Clients, get_clients
 from .errors import BadRequest, ServiceError, Unavailable
 from .events import (
@@ -55,9 +54,10 @@ from .events import (
     parse_delivery,
 )
 from .problems import from_error, from_unexpected, json_response
+from .store import keys
 
 if TYPE_CHECKING:  # the store loads with the clients: importing function_app stays light
-    from .store import IdentityRecord
+    from .store.identities import IdentityRecord
 
 log = logging.getLogger("acs_token_service.events")
 
@@ -106,13 +106,13 @@ class _Deferred(Exception):
 async def _records_for(clients: Clients, action: Action) -> list[IdentityRecord]:
     target, store = action.target, clients.store
     if target.tenant_id and target.object_id:
-        return await store.graph_users(target.tenant_id, target.object_id)
+        return await store.lookups.graph_users(target.tenant_id, target.object_id)
     if target.issuer and target.subject:
-        record = await store.get(keys.user_key(target.issuer, target.subject))
+        record = await store.identities.get(keys.user_key(target.issuer, target.subject))
         return [record] if record is not None else []
     if target.communication_user_id:
-        key = await store.owner_of(target.communication_user_id)
-        record = await store.get(key) if key else None
+        key = await store.lookups.owner_of(target.communication_user_id)
+        record = await store.identities.get(key) if key else None
         # An event may name an identity the user no longer has (deleted, then recreated).
         if record is not None and record.communication_user_id == target.communication_user_id:
             return [record]
@@ -146,7 +146,7 @@ async def _act(clients: Clients, action: Action, budget: _Budget) -> list[str]:
             else None
         )
         try:
-            if done and await store.event_seen(done):
+            if done and await store.marks.seen(done):
                 outcomes.append("duplicate")
                 continue
             if not budget.take_acs_call():
@@ -154,7 +154,7 @@ async def _act(clients: Clients, action: Action, budget: _Budget) -> list[str]:
                 continue
             outcomes.append(await _apply(clients, action, record))
             if done:
-                await store.mark_event_done(done, dt.datetime.now(dt.UTC))
+                await store.marks.mark_done(done, dt.datetime.now(dt.UTC))
         except Exception as err:  # noqa: BLE001 - raised once the others have had their turn
             failures.append(err)
     if failures:
@@ -170,10 +170,10 @@ async def _event(clients: Clients, action: Action, budget: _Budget, gate: asynci
         if not budget.open():
             raise _Deferred
         mark = keys.event_mark(action.schema, action.source, action.event_id)
-        if await clients.store.event_seen(mark):
+        if await clients.store.marks.seen(mark):
             return ["duplicate"]
         outcomes = await _act(clients, action, budget)
-        await clients.store.mark_event_done(mark, dt.datetime.now(dt.UTC))
+        await clients.store.marks.mark_done(mark, dt.datetime.now(dt.UTC))
         return outcomes
 
 
@@ -183,10 +183,10 @@ async def _notice(clients: Clients, notice: Lifecycle, budget: _Budget, gate: as
         if not budget.open():
             raise _Deferred
         mark = keys.event_mark(notice.schema, notice.source, notice.event_id)
-        if await clients.store.event_seen(mark):
+        if await clients.store.marks.seen(mark):
             return ["duplicate"]
         outcome = await clients.graph.on_lifecycle(notice)
-        await clients.store.mark_event_done(mark, dt.datetime.now(dt.UTC))
+        await clients.store.marks.mark_done(mark, dt.datetime.now(dt.UTC))
         return [outcome]
 
 
@@ -253,7 +253,9 @@ async def _end_sessions(clients: Clients, action: Action, records: list[Identity
         return  # an identity nobody maps to: no user to end
     # A revoke keeps the mapping: the moment goes on it too, so that refreshes need no extra read.
     mapped = records if action.kind == "revoke" else []
-    await clients.store.end_sessions(when, action.event_type, user_keys=user_keys, entra=entra, mapped=mapped)
+    await clients.store.lookups.end_sessions(
+        when, action.event_type, user_keys=user_keys, entra=entra, mapped=mapped
+    )
 
 
 async def _apply(clients: Clients, action: Action, record: IdentityRecord) -> str:

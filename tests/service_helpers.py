@@ -84,7 +84,7 @@ def body_of(response: func.HttpResponse) -> dict:
 
 async def retention_rows(table, user_key: str) -> list:
     """The index's retention rows filed for this user, under any day."""
-    from shared import keys
+    from shared.store import keys
 
     query = "PartitionKey eq @p and RowKey ge @lo and RowKey lt @hi and userKey eq @k"
     params = {"p": keys.INDEX_PARTITION, "lo": keys.RETENTION_PREFIX, "hi": "d.", "k": user_key}
@@ -93,7 +93,7 @@ async def retention_rows(table, user_key: str) -> list:
 
 async def graph_rows(table, tenant_id: str, object_id: str) -> list:
     """The index's Graph lookup rows of one Entra user, one per app user key."""
-    from shared import keys
+    from shared.store import keys
 
     prefix = keys.graph_prefix(tenant_id, object_id)
     query = "PartitionKey eq @p and RowKey ge @lo and RowKey lt @hi"

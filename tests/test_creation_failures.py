@@ -14,12 +14,12 @@ from azure.core.exceptions import ResourceExistsError, ServiceResponseError
 from azure.data.tables import TableTransactionError
 
 import function_app
-from shared import keys
 from shared.auth import Caller
 from shared.clients import get_clients
 from shared.errors import Unavailable
 from shared.policy import TokenRequest
-from shared.store import IdentityRecord
+from shared.store import keys
+from shared.store.identities import IdentityRecord
 from tests.service_helpers import body_of, graph_rows, request, retention_rows, retention_runs
 
 
@@ -42,7 +42,7 @@ def _live(emulator) -> int:
 async def test_a_mapping_insert_that_landed_but_failed_to_say_so_keeps_its_identity(
     service, emulator, monkeypatch, answer
 ):
-    table = get_clients().store.table
+    table = get_clients().store.table.client
     real_insert = table.create_entity
 
     async def landed_then_failed(entity, **kwargs):
@@ -58,7 +58,9 @@ async def test_a_mapping_insert_that_landed_but_failed_to_say_so_keeps_its_ident
     assert issued["identityCreated"] is True and emulator.verify(issued["token"])["valid"]
     assert _live(emulator) == live + 1
     store = get_clients().store
-    assert await store.owner_of(issued["communicationUserId"]) == keys.user_key(service.stack["issuer"], user)
+    assert await store.lookups.owner_of(issued["communicationUserId"]) == keys.user_key(
+        service.stack["issuer"], user
+    )
 
 
 async def test_a_mapping_insert_without_an_answer_leaves_the_identity_for_the_timer(
@@ -67,7 +69,7 @@ async def test_a_mapping_insert_without_an_answer_leaves_the_identity_for_the_ti
     """A connection lost mid-insert may have committed it (issue 16, item 3): the identity is kept
     until no late write can land, then the timer deletes it if nothing maps it."""
     clients = get_clients()
-    table = clients.store.table
+    table = clients.store.table.client
 
     async def refused(_entity, **_kwargs):
         raise ServiceResponseError(message="storage went away")
@@ -82,8 +84,8 @@ async def test_a_mapping_insert_without_an_answer_leaves_the_identity_for_the_ti
     assert _live(emulator) == live + 1  # kept: the insert may still land
     key = keys.user_key(service.stack["issuer"], "insert-failed")
     [filed] = await retention_rows(table, key)
-    assert await clients.store.owner_of(filed["communicationUserId"]) == key
-    [settle] = [w async for w in clients.store.pending_work() if w.user_key == key]
+    assert await clients.store.lookups.owner_of(filed["communicationUserId"]) == key
+    [settle] = [w async for w in clients.store.pending.pending_work() if w.user_key == key]
     assert settle.op == "settle" and settle.communication_user_id == filed["communicationUserId"]
     claims = jwt.decode(service.token("insert-failed"), options={"verify_signature": False})
     assert len(await graph_rows(table, claims["tid"], claims["oid"])) == 1
@@ -94,7 +96,7 @@ async def test_a_mapping_insert_without_an_answer_leaves_the_identity_for_the_ti
     assert report.get("settled_discarded", 0) == 0 and _live(emulator) == live + 1, report
     report = await retention_runs()
     assert report["settled_discarded"] == 1, report
-    assert await clients.store.owner_of(filed["communicationUserId"]) is None
+    assert await clients.store.lookups.owner_of(filed["communicationUserId"]) is None
     # The retention row, past the retention period here, is swept with the Graph row it names.
     assert report["retention_unmapped_deleted"] >= 1, report
     assert await retention_rows(table, key) == []
@@ -107,7 +109,7 @@ async def test_a_mapping_insert_the_service_refused_deletes_the_new_identity(ser
     from azure.core.exceptions import HttpResponseError
 
     clients = get_clients()
-    table = clients.store.table
+    table = clients.store.table.client
 
     async def refused(_entity, **_kwargs):
         err = HttpResponseError(message="The property value exceeds the maximum allowed size.")
@@ -121,7 +123,7 @@ async def test_a_mapping_insert_the_service_refused_deletes_the_new_identity(ser
     assert response.status_code == 503 and body_of(response)["code"] == "dependency_failed"
     assert _live(emulator) == live
     key = keys.user_key(service.stack["issuer"], "insert-refused")
-    assert [w async for w in clients.store.pending_work() if w.user_key == key] == []
+    assert [w async for w in clients.store.pending.pending_work() if w.user_key == key] == []
 
 
 async def test_a_lost_race_whose_discard_failed_stays_on_file_and_is_swept(service, emulator, monkeypatch):
@@ -142,18 +144,18 @@ async def test_a_lost_race_whose_discard_failed_stays_on_file_and_is_swept(servi
     with monkeypatch.context() as patch:
         patch.setattr(tokens, "clock", lambda: long_ago)  # files the loser's row long ago
         patch.setattr(tokens.acs, "delete", acs_down)
-        patch.setattr(store, "queue_discard", table_down)
+        patch.setattr(store.pending, "queue_discard", table_down)
         # The loser of a race that read no mapping, then found the winner's on insert.
         served = await tokens._create(caller, key, TokenRequest(scopes=("chat",), minutes=60))
     assert served.communication_user_id == winner["communicationUserId"]
     assert _live(emulator) == live + 1  # the loser's identity could not be deleted
-    filed = [e["communicationUserId"] for e in await retention_rows(store.table, key)]
+    filed = [e["communicationUserId"] for e in await retention_rows(store.table.client, key)]
     [lost] = [i for i in filed if i != winner["communicationUserId"]]
 
     report = await clients.cleanup.run(ignore_backoff=True)
     assert report["retention_unmapped_deleted"] == 1, report
     assert _live(emulator) == live
-    assert await store.owner_of(lost) is None
+    assert await store.lookups.owner_of(lost) is None
     assert emulator.verify(winner["token"])["valid"]
 
 
@@ -161,7 +163,7 @@ async def test_acting_on_a_replaced_identity_leaves_the_new_mapping_alone(servic
     store = get_clients().store
     key = keys.user_key(service.stack["issuer"], "replaced")
     await _post_token(service, "replaced")
-    old = await store.get(key)
+    old = await store.identities.get(key)
     deleted = await function_app.delete_identity(
         request("DELETE", "identity", token=service.token("replaced"))
     )
@@ -170,11 +172,11 @@ async def test_acting_on_a_replaced_identity_leaves_the_new_mapping_alone(servic
     assert new["communicationUserId"] != old.communication_user_id
 
     # A cleanup or revocation that read the old mapping acts late:
-    await store.remove(old)
-    await store.mark_pending(old, "revoke", dt.datetime.now(dt.UTC), dt.timedelta(seconds=30))
-    current = await store.get(key)
+    await store.identities.remove(old)
+    await store.identities.mark_pending(old, "revoke", dt.datetime.now(dt.UTC), dt.timedelta(seconds=30))
+    current = await store.identities.get(key)
     assert current.communication_user_id == new["communicationUserId"] and current.pending == ""
-    assert await store.owner_of(new["communicationUserId"]) == key
+    assert await store.lookups.owner_of(new["communicationUserId"]) == key
     again = await _post_token(service, "replaced")
     assert again.status_code == 200 and body_of(again)["communicationUserId"] == new["communicationUserId"]
     report = await get_clients().cleanup.run(ignore_backoff=True)
@@ -184,7 +186,7 @@ async def test_acting_on_a_replaced_identity_leaves_the_new_mapping_alone(servic
 
 async def test_rows_that_cannot_be_written_delete_the_new_identity(service, emulator, monkeypatch):
     # Storage goes away between the first read (no mapping yet) and the new identity's rows.
-    table = get_clients().store.table
+    table = get_clients().store.table.client
     real_read = table.get_entity
     down = False
 
@@ -212,16 +214,16 @@ async def test_two_revokes_that_cross_their_pending_ids_still_complete(service, 
     store = get_clients().store
     key = keys.user_key(service.stack["issuer"], "crossed")
     issued = body_of(await _post_token(service, "crossed"))
-    record = await store.get(key)
-    await store.mark_pending(record, "revoke", dt.datetime.now(dt.UTC), dt.timedelta(seconds=0))
+    record = await store.identities.get(key)
+    await store.identities.mark_pending(record, "revoke", dt.datetime.now(dt.UTC), dt.timedelta(seconds=0))
     row = keys.pending_row(key, record.communication_user_id, "revoke")
-    queued = await store.table.get_entity("pending", row)
-    await store.table.upsert_entity({**queued, "pendingId": "the-other-request"})
+    queued = await store.table.client.get_entity("pending", row)
+    await store.table.client.upsert_entity({**queued, "pendingId": "the-other-request"})
 
     report = await get_clients().cleanup.run(ignore_backoff=True)
     assert report.get("revoked", 0) >= 1, report
     assert emulator.verify(issued["token"]) == {"valid": False, "reason": "revoked"}
-    current = await store.get(key)
+    current = await store.identities.get(key)
     assert current.communication_user_id == record.communication_user_id and current.pending == ""
 
 
@@ -232,15 +234,17 @@ async def test_a_revoke_racing_a_delete_never_loses_the_delete(service, emulator
     user = f"race-{'-'.join(order)}"
     key = keys.user_key(service.stack["issuer"], user)
     issued = body_of(await _post_token(service, user))
-    read_by_both = await store.get(key)
+    read_by_both = await store.identities.get(key)
     for op in order:
-        await store.mark_pending(read_by_both, op, dt.datetime.now(dt.UTC), dt.timedelta(seconds=0))
-    assert (await store.get(key)).pending == "delete"  # a revoke never downgrades the block
+        await store.identities.mark_pending(
+            read_by_both, op, dt.datetime.now(dt.UTC), dt.timedelta(seconds=0)
+        )
+    assert (await store.identities.get(key)).pending == "delete"  # a revoke never downgrades the block
 
     report = await get_clients().cleanup.run(ignore_backoff=True)
     assert report.get("deleted", 0) >= 1, report
     assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
-    assert await store.get(key) is None
+    assert await store.identities.get(key) is None
 
 
 async def test_a_revoke_queued_before_its_block_lands_is_kept_until_it_does(service, emulator, monkeypatch):
@@ -248,24 +252,26 @@ async def test_a_revoke_queued_before_its_block_lands_is_kept_until_it_does(serv
     store = get_clients().store
     key = keys.user_key(service.stack["issuer"], "slow-block")
     issued = body_of(await _post_token(service, "slow-block"))
-    record = await store.get(key)
+    record = await store.identities.get(key)
 
-    async def stalled(_record, _write):
-        return True
+    async def stalled(*_args, **_kwargs):
+        return "etag"  # the block's write never reaches the table
 
     with monkeypatch.context() as patch:
-        patch.setattr(store, "_if_still_mapped", stalled)
-        await store.mark_pending(record, "revoke", dt.datetime.now(dt.UTC), dt.timedelta(seconds=0))
+        patch.setattr(store.table, "merge", stalled)
+        await store.identities.mark_pending(
+            record, "revoke", dt.datetime.now(dt.UTC), dt.timedelta(seconds=0)
+        )
     first = await get_clients().cleanup.run(ignore_backoff=True)
     assert first.get("waiting_for_block", 0) >= 1, first
     assert emulator.verify(issued["token"])["valid"]  # not dropped: nothing was revoked yet
 
     block = {"PartitionKey": key, "RowKey": keys.IDENTITY_ROW, "pending": "revoke", "pendingId": "late"}
-    await store.table.update_entity(block)  # the stalled request's block lands
+    await store.table.client.update_entity(block)  # the stalled request's block lands
     second = await get_clients().cleanup.run(ignore_backoff=True)
     assert second.get("revoked", 0) >= 1, second
     assert emulator.verify(issued["token"]) == {"valid": False, "reason": "revoked"}
-    assert (await store.get(key)).pending == ""
+    assert (await store.identities.get(key)).pending == ""
 
 
 def test_an_acs_delete_counts_a_404_as_gone_only_in_acs_error_format():
@@ -305,16 +311,16 @@ async def test_an_identity_filed_by_a_worker_that_died_before_its_mapping_is_swe
         object_id=object_id,
         tenant_id=tenant_id,
     )
-    await clients.store.file_new(record)
-    assert len(await graph_rows(clients.store.table, tenant_id, object_id)) == 1
+    await clients.store.table.upsert_together(clients.store.identities.index_rows(record))  # then it died
+    assert len(await graph_rows(clients.store.table.client, tenant_id, object_id)) == 1
     live = _live(emulator)
 
     report = await clients.cleanup.run(ignore_backoff=True)
     assert report["retention_unmapped_deleted"] >= 1, report
     assert _live(emulator) == live - 1
-    assert await clients.store.owner_of(communication_user_id) is None
-    assert await retention_rows(clients.store.table, key) == []
-    assert await graph_rows(clients.store.table, tenant_id, object_id) == []
+    assert await clients.store.lookups.owner_of(communication_user_id) is None
+    assert await retention_rows(clients.store.table.client, key) == []
+    assert await graph_rows(clients.store.table.client, tenant_id, object_id) == []
 
 
 async def test_an_index_transaction_the_table_refuses_files_nothing_and_deletes_the_identity(
@@ -323,13 +329,14 @@ async def test_an_index_transaction_the_table_refuses_files_nothing_and_deletes_
     # A real entity-group transaction that Table Storage refuses whole (a row over the size limit):
     # TableTransactionError, not a network error. None of its rows lands.
     store = get_clients().store
-    oversized = store._retention_entity
+    entry_rows = store.retention.entry_rows
 
     def refused(record):
-        return {**oversized(record), "padding": "x" * 70_000}  # over the 64 KiB property limit
+        entry, *graph = entry_rows(record)
+        return [{**entry, "padding": "x" * 70_000}, *graph]  # over the 64 KiB property limit
 
     raised = []
-    real_submit = store.table.submit_transaction
+    real_submit = store.table.client.submit_transaction
 
     async def submit(operations, **kwargs):
         try:
@@ -338,8 +345,8 @@ async def test_an_index_transaction_the_table_refuses_files_nothing_and_deletes_
             raised.append(err)
             raise
 
-    monkeypatch.setattr(store, "_retention_entity", refused)
-    monkeypatch.setattr(store.table, "submit_transaction", submit)
+    monkeypatch.setattr(store.retention, "entry_rows", refused)
+    monkeypatch.setattr(store.table.client, "submit_transaction", submit)
     live = _live(emulator)
     token = service.token("refused-whole")
     response = await function_app.issue_token(request("POST", "token", token=token))
@@ -348,9 +355,9 @@ async def test_an_index_transaction_the_table_refuses_files_nothing_and_deletes_
     assert _live(emulator) == live
     key = keys.user_key(service.stack["issuer"], "refused-whole")
     claims = jwt.decode(token, options={"verify_signature": False})
-    assert await retention_rows(store.table, key) == []
-    assert await graph_rows(store.table, claims["tid"], claims["oid"]) == []
+    assert await retention_rows(store.table.client, key) == []
+    assert await graph_rows(store.table.client, claims["tid"], claims["oid"]) == []
     query = "PartitionKey eq 'index' and RowKey ge 'c-' and RowKey lt 'c.' and userKey eq @k"
-    owners = store.table.query_entities(query, parameters={"k": key})
+    owners = store.table.client.query_entities(query, parameters={"k": key})
     assert [e async for e in owners] == []
-    assert await store.get(key) is None
+    assert await store.identities.get(key) is None

@@ -519,7 +519,7 @@ def test_an_event_grid_topic_when_given_is_a_sane_string(topic: Any):
 
 
 def test_mark_keys_keep_schemas_sources_and_kinds_apart():
-    from shared import keys
+    from shared.store import keys
 
     marks = {
         keys.event_mark(CLOUDEVENTS_SCHEMA, "/a", "1"),

@@ -30,7 +30,8 @@ from azure.core.messaging import CloudEvent
 from azure.eventgrid import EventGridEvent, EventGridPublisherClient
 
 import function_app
-from shared import keys, webhook
+from shared import webhook
+from shared.store import keys
 from tests.service_helpers import Users, body_of, request
 
 GRAPH_SOURCE = "/tenants/{tid}/applications/00000000-0000-0000-0000-000000000000"

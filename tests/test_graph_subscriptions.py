@@ -170,7 +170,7 @@ async def _graph_service(stack, monkeypatch, **settings: str):
     await configure(monkeypatch, stack, managed_identity=True, IDENTITY_TABLE=table, **settings)
     yield get_clients()
     try:
-        await get_clients().store.table.delete_table()
+        await get_clients().store.table.client.delete_table()
     finally:
         await reset_clients()
         reset_settings()
@@ -282,9 +282,9 @@ async def test_missing_permission_is_recorded_answered_200_and_retried_by_the_ti
     assert "graph_renewed" not in await _timer()  # it waits RETRY_AFTER_FAILURE between tries
     assert graph.stats()["updateSubscription"] == before
     store = get_clients().store
-    state = await store.graph_subscription()
+    state = await store.subscription.get()
     earlier = state.attempted_at - graph_module.RETRY_AFTER_FAILURE - dt.timedelta(seconds=1)
-    await store.save_graph_subscription(replace(state, attempted_at=earlier))
+    await store.subscription.save(replace(state, attempted_at=earlier))
     assert (await _timer())["graph_renewed"] == 1
     assert (await health())[0] == 200
 
@@ -300,7 +300,7 @@ async def test_removed_subscription_is_created_anew_by_the_timer(graph_service, 
     assert report["graph_created"] == 1
     second = graph.one()
     assert second["id"] != first["id"]
-    assert (await get_clients().store.graph_subscription()).subscription_id == second["id"]
+    assert (await get_clients().store.subscription.get()).subscription_id == second["id"]
     assert (await health())[0] == 200
 
 
@@ -309,7 +309,7 @@ async def test_timer_renews_before_expiry_when_no_lifecycle_event_comes(graph_se
     soon = _now() + dt.timedelta(days=2)
     graph.set_expiry(created["id"], soon)
     store = get_clients().store
-    await store.save_graph_subscription(replace(await store.graph_subscription(), expires_at=soon))
+    await store.subscription.save(replace(await store.subscription.get(), expires_at=soon))
     status, body = await health()
     assert status == 503 and body["checks"]["graphSubscription"].startswith("degraded: expires ")
     assert (await _timer())["graph_renewed"] == 1
@@ -348,8 +348,8 @@ async def test_user_events_make_their_subscription_known(observing_service, grap
     )
     # One it cannot renew (not its own, or gone) shows up once due: never silently.
     store = get_clients().store
-    state = await store.graph_subscription()
-    await store.save_graph_subscription(replace(state, expires_at=_now() + dt.timedelta(days=5)))
+    state = await store.subscription.get()
+    await store.subscription.save(replace(state, expires_at=_now() + dt.timedelta(days=5)))
     assert (await _timer())["graph_renewal_failed"] == 1
     status, body = await health()
     assert status == 503 and "subscription_not_found" in body["checks"]["graphSubscription"]
@@ -358,7 +358,7 @@ async def test_user_events_make_their_subscription_known(observing_service, grap
 
 async def test_the_graph_record_holds_no_secret(graph_service, graph):
     await _created(graph)
-    entity = await get_clients().store.table.get_entity("graph-subscription", "current")
+    entity = await get_clients().store.table.client.get_entity("graph-subscription", "current")
     assert set(entity) == {
         "PartitionKey",
         "RowKey",

@@ -128,7 +128,7 @@ class CountingTable:
 @pytest.mark.parametrize("forge", CORPUS.values(), ids=CORPUS.keys())
 async def test_attack_gets_401_with_no_backend_call(service, emulator, forge):
     store = get_clients().store
-    spy = store.table = CountingTable(store.table)
+    spy = store.table.client = CountingTable(store.table.client)
     acs_before = emulator.stats()["calls"]
     for handler, route in (
         (function_app.issue_token, "token"),

@@ -10,12 +10,12 @@ import uuid
 import jwt
 
 import function_app
-from shared import keys
 from shared.auth import Caller
 from shared.clients import get_clients, reset_clients
 from shared.errors import Unavailable
 from shared.policy import TokenRequest
 from shared.settings import load, reset_settings
+from shared.store import keys
 from tests.service_fixtures import configure
 from tests.service_helpers import Users, body_of, graph_rows, request
 
@@ -69,8 +69,8 @@ async def test_graph_events_find_oid_keyed_users_without_a_lookup_row(stack, emu
         issued = body_of(response)
         store = get_clients().store
         key = keys.user_key(stack["issuer"], claims["oid"])
-        assert (await store.get(key)).communication_user_id == issued["communicationUserId"]
-        assert await graph_rows(store.table, claims["tid"], claims["oid"]) == []
+        assert (await store.identities.get(key)).communication_user_id == issued["communicationUserId"]
+        assert await graph_rows(store.table.client, claims["tid"], claims["oid"]) == []
 
         # The same object id in another tenant is not this user: nothing happens.
         other_tenant = str(uuid.uuid4())
@@ -81,8 +81,8 @@ async def test_graph_events_find_oid_keyed_users_without_a_lookup_row(stack, emu
         deleted = await _deliver(_graph_event("UserDeleted", claims["tid"].upper(), claims["oid"].upper()))
         assert deleted.status_code == 200, deleted.get_body()
         assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
-        assert await store.get(key) is None
-        assert await store.owner_of(issued["communicationUserId"]) is None
+        assert await store.identities.get(key) is None
+        assert await store.lookups.owner_of(issued["communicationUserId"]) is None
     finally:
         await reset_clients()
         reset_settings()
@@ -95,7 +95,7 @@ async def test_a_graph_row_acts_only_on_the_entra_user_the_mapping_records(servi
     store = get_clients().store
     key = keys.user_key(service.stack["issuer"], "graph-checked")
     stranger = str(uuid.uuid4())  # a row naming this user for another object id: stale or misdirected
-    await store.table.upsert_entity(
+    await store.table.client.upsert_entity(
         {
             "PartitionKey": keys.INDEX_PARTITION,
             "RowKey": keys.graph_row(claims["tid"], stranger, key),
@@ -137,13 +137,13 @@ async def _two_app_keys(service, user: str) -> tuple[dict, dict[str, tuple[Calle
 async def test_a_graph_event_reaches_every_app_key_of_the_entra_user(service, emulator):
     claims, identities = await _two_app_keys(service, "two-apps")
     store = get_clients().store
-    assert len(await graph_rows(store.table, claims["tid"], claims["oid"])) == 2
+    assert len(await graph_rows(store.table.client, claims["tid"], claims["oid"])) == 2
 
     assert (await _deliver(_graph_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
     for caller, token in identities.values():
         assert emulator.verify(token) == {"valid": False, "reason": "identity deleted"}
-        assert await store.get(keys.user_key(caller.issuer, caller.subject)) is None
-    assert await graph_rows(store.table, claims["tid"], claims["oid"]) == []
+        assert await store.identities.get(keys.user_key(caller.issuer, caller.subject)) is None
+    assert await graph_rows(store.table.client, claims["tid"], claims["oid"]) == []
 
 
 async def test_a_redelivery_after_a_partial_failure_acts_only_on_the_identities_not_done(
@@ -152,7 +152,7 @@ async def test_a_redelivery_after_a_partial_failure_acts_only_on_the_identities_
     claims, identities = await _two_app_keys(service, "two-apps-retried")
     clients = get_clients()
     # The first one acted on fails: the other still gets its turn.
-    records = await clients.store.graph_users(claims["tid"], claims["oid"])
+    records = await clients.store.lookups.graph_users(claims["tid"], claims["oid"])
     failed, done = [r.communication_user_id for r in records]
     failing = {failed}
     real_revoke = clients.revocation.revoke
@@ -182,7 +182,7 @@ async def test_a_redelivery_after_a_partial_failure_acts_only_on_the_identities_
 
 
 async def test_cleanup_files_a_lost_graph_row_again_for_a_user_still_active(service, emulator, monkeypatch):
-    # A race lost the row (see IdentityStore.forget_graph_row); moving the retention row restores it.
+    # A race lost the row (see Lookups.forget_graph_row); moving the retention row restores it.
     clients = get_clients()
     token = service.token("graph-row-lost")
     claims = jwt.decode(token, options={"verify_signature": False})
@@ -190,14 +190,14 @@ async def test_cleanup_files_a_lost_graph_row_again_for_a_user_still_active(serv
         patch.setattr(clients.tokens, "clock", lambda: dt.datetime.now(dt.UTC) - dt.timedelta(days=120))
         issued = body_of(await function_app.issue_token(request("POST", "token", token=token)))
     again = body_of(await function_app.issue_token(request("POST", "token", token=token)))  # used today
-    [row] = await graph_rows(clients.store.table, claims["tid"], claims["oid"])
-    await clients.store.table.delete_entity(row["PartitionKey"], row["RowKey"])
+    [row] = await graph_rows(clients.store.table.client, claims["tid"], claims["oid"])
+    await clients.store.table.client.delete_entity(row["PartitionKey"], row["RowKey"])
 
     report = await clients.cleanup.run(ignore_backoff=True)
     assert report["retention_refiled"] >= 1, report
-    assert [r["RowKey"] for r in await graph_rows(clients.store.table, claims["tid"], claims["oid"])] == [
-        row["RowKey"]
-    ]
+    assert [
+        r["RowKey"] for r in await graph_rows(clients.store.table.client, claims["tid"], claims["oid"])
+    ] == [row["RowKey"]]
     assert (await _deliver(_graph_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
     assert emulator.verify(again["token"]) == {"valid": False, "reason": "identity deleted"}
     assert again["communicationUserId"] == issued["communicationUserId"]
@@ -210,7 +210,7 @@ async def test_a_redelivery_does_not_act_again_on_an_identity_done_though_the_ot
     # redelivers, so the redelivery finds a single identity, the one already done.
     claims, identities = await _two_app_keys(service, "two-apps-one-gone")
     clients = get_clients()
-    records = await clients.store.graph_users(claims["tid"], claims["oid"])
+    records = await clients.store.lookups.graph_users(claims["tid"], claims["oid"])
     failed, done = records
     real_revoke = clients.revocation.revoke
 

@@ -23,7 +23,7 @@ import pytest
 import function_app
 from shared import cleanup as cleanup_module
 from shared.clients import get_clients
-from shared.keys import user_key
+from shared.store.keys import user_key
 from tests.service_helpers import body_of, drain_cleanup, request, retention_runs
 from tests.table_faults import faulty_service_fixture, table_faults_fixture  # noqa: F401
 
@@ -90,7 +90,7 @@ async def _stale_user(service, user: str) -> dict:
 
 
 async def _mapping(service, user: str):
-    return await get_clients().store.get(user_key(service.stack["issuer"], user))
+    return await get_clients().store.identities.get(user_key(service.stack["issuer"], user))
 
 
 async def _run_at(offset: dt.timedelta) -> dict:
@@ -145,7 +145,7 @@ async def test_a_claim_made_between_a_users_read_and_their_use_is_cancelled_by_t
     await drain_cleanup()
     stale = await _stale_user(service, "claimed-mid-read")
     store = get_clients().store
-    before_use = Pause(monkeypatch, store, "keep_in_use")
+    before_use = Pause(monkeypatch, store.retention, "keep_in_use")
     refresh = asyncio.create_task(_post(service, "token/refresh", "claimed-mid-read"))
     await before_use.wait()
     claimed = await get_clients().cleanup.run(ignore_backoff=True)
@@ -208,7 +208,7 @@ async def test_two_retention_passes_at_once_claim_and_delete_each_identity_once(
     for user in users:
         await _stale_user(service, user)
     cleanup = get_clients().cleanup
-    held = Pause(monkeypatch, get_clients().store, "claim_retirement")
+    held = Pause(monkeypatch, get_clients().store.retention, "claim_retirement")
     first = asyncio.create_task(cleanup.run(ignore_backoff=True))
     await held.wait()
     second = await cleanup.run(ignore_backoff=True)
@@ -339,7 +339,7 @@ async def test_a_run_that_lost_its_lease_never_asks_acs_to_delete(service, emula
     stale = await _stale_user(service, "slow-commit")
     await get_clients().cleanup.run(ignore_backoff=True)  # the claim
     store = get_clients().store
-    slow = Pause(monkeypatch, store, "lease_retention_rows")
+    slow = Pause(monkeypatch, store.retention, "lease_entries")
     first = asyncio.create_task(_run_at(LATER))
     await slow.wait()  # committed; about to take ACS's turn
     blocked = await _post(service, "token/refresh", "slow-commit")
@@ -403,10 +403,10 @@ async def test_a_throttled_commit_keeps_the_identity_on_file(service, emulator):
         assert (await _run_at(LATER))["retry_retire"] == 1
     finally:
         emulator.faults(throttleRate=0.0, retryAfterSeconds=1)
-    assert len(await retention_rows(get_clients().store.table, key)) == 1
+    assert len(await retention_rows(get_clients().store.table.client, key)) == 1
     assert (await _post(service, "token/refresh", "kept-on-file")).status_code == 200
     await _run_at(LATER + cleanup_module.MAX_BACKOFF)
-    assert len(await retention_rows(get_clients().store.table, key)) == 1
+    assert len(await retention_rows(get_clients().store.table.client, key)) == 1
 
 
 async def test_a_users_own_delete_overrides_a_retention_claim(service, emulator):
@@ -442,13 +442,13 @@ async def test_a_claim_whose_queued_work_was_lost_is_queued_again(service, emula
     store = get_clients().store
     key = user_key(service.stack["issuer"], "claim-lost")
     await get_clients().cleanup.run(ignore_backoff=True)
-    [work] = [w async for w in store.pending_work() if w.user_key == key]
-    await store.finish(work)  # as if the queue row never landed
+    [work] = [w async for w in store.pending.pending_work() if w.user_key == key]
+    await store.pending.finish(work)  # as if the queue row never landed
     report = await get_clients().cleanup.run(ignore_backoff=True)
     assert report["retention_requeued"] == 1, report
     assert (await retention_runs())["retention_deleted"] >= 1
     assert emulator.verify(stale["token"])["reason"] == "identity deleted"
-    assert await store.get(key) is None
+    assert await store.identities.get(key) is None
 
 
 # ---- 3: a mapping insert that commits late -------------------------------------------------------------
@@ -466,8 +466,8 @@ async def test_a_mapping_insert_committing_after_the_service_looked_leaves_a_wor
     assert await fault.commit() == 201  # the mapping lands now, after the service looked
     store = get_clients().store
     key = user_key(faulty_service.stack["issuer"], "late-insert")
-    mapped = await store.get(key)
-    assert await store.owner_of(mapped.communication_user_id) == key  # admins can find it
+    mapped = await store.identities.get(key)
+    assert await store.lookups.owner_of(mapped.communication_user_id) == key  # admins can find it
 
     again = await _post(faulty_service, "token", "late-insert")
     assert again.status_code == 200, again
@@ -546,7 +546,7 @@ async def test_a_user_deleted_event_during_the_first_issue_undoes_the_new_identi
     bearer = service.token("deleted-mid-create", now=time.time() - 60)
     claims = jwt.decode(bearer, options={"verify_signature": False})
     live = emulator.stats()["liveIdentities"]
-    before_insert = Pause(monkeypatch, get_clients().store, "insert")
+    before_insert = Pause(monkeypatch, get_clients().store.table, "insert")  # the mapping insert
     first = asyncio.create_task(_post(service, "token", "deleted-mid-create", bearer=bearer))
     await before_insert.wait()  # created in ACS, on file, the mapping not yet inserted
     delivered = await _deliver(_user_deleted(claims))
@@ -575,21 +575,21 @@ async def test_an_event_during_a_first_issue_whose_second_look_failed_is_caught_
     claims = jwt.decode(bearer, options={"verify_signature": False})
     live = emulator.stats()["liveIdentities"]
     store = get_clients().store
-    before_insert = Pause(monkeypatch, store, "insert")
+    before_insert = Pause(monkeypatch, store.table, "insert")  # the mapping insert
     first = asyncio.create_task(_post(service, "token", "recheck-failed", bearer=bearer))
     await before_insert.wait()
     assert (await _deliver(_user_deleted(claims))).status_code == 200
-    real_query = store.sessions_ended
+    real_query = store.lookups.sessions_ended
 
     async def blip(*_args, **_kwargs):
         raise ServiceResponseError(message="storage went away")
 
-    monkeypatch.setattr(store, "sessions_ended", blip)
+    monkeypatch.setattr(store.lookups, "sessions_ended", blip)
     before_insert.release()
     failed = await first
     assert failed.status_code == 503, failed
     assert (await _mapping(service, "recheck-failed")).sessions_checked is False
-    monkeypatch.setattr(store, "sessions_ended", real_query)
+    monkeypatch.setattr(store.lookups, "sessions_ended", real_query)
 
     refused = await _post(service, "token/refresh", "recheck-failed", bearer=bearer)
     assert refused.status_code == 401 and body_of(refused)["code"] == "session_ended", refused
@@ -613,11 +613,11 @@ async def test_an_event_ends_sessions_before_it_looks_for_identities(service, em
     bearer = service.token("ended-before-lookup", now=time.time() - 60)
     claims = jwt.decode(bearer, options={"verify_signature": False})
     store = get_clients().store
-    lookup = Pause(monkeypatch, store, "graph_users")
+    lookup = Pause(monkeypatch, store.lookups, "graph_users")
     delivery = asyncio.create_task(_deliver(_user_deleted(claims)))
     await lookup.wait()
     key = user_key(service.stack["issuer"], "ended-before-lookup")
-    assert await store.sessions_ended(key, claims["tid"], claims["oid"]) is not None
+    assert await store.lookups.sessions_ended(key, claims["tid"], claims["oid"]) is not None
     lookup.release()
     assert (await delivery).status_code == 200
     refused = await _post(service, "token", "ended-before-lookup", bearer=bearer)
@@ -640,8 +640,8 @@ async def test_the_dry_run_lists_what_retention_would_delete_and_changes_nothing
     claimed = await _stale_user(service, "preview-claimed")
     store = get_clients().store
     await get_clients().cleanup.run(ignore_backoff=True)  # claims both
-    fresh_claim = await store.get(user_key(service.stack["issuer"], "preview-stale"))
-    await store.keep_in_use(fresh_claim, _stale_day())  # unclaimed again, still stale
+    fresh_claim = await store.identities.get(user_key(service.stack["issuer"], "preview-stale"))
+    await store.retention.keep_in_use(fresh_claim, _stale_day())  # unclaimed again, still stale
     response = await _preview(service)
     assert response.status_code == 200, response
     preview = body_of(response)
@@ -652,7 +652,7 @@ async def test_the_dry_run_lists_what_retention_would_delete_and_changes_nothing
     assert preview["retentionDays"] == get_clients().settings.retention_days
     assert preview["graceMinutes"] == cleanup_module.RETIRE_GRACE.total_seconds() // 60
 
-    assert (await store.get(user_key(service.stack["issuer"], "preview-stale"))).pending == ""
+    assert (await store.identities.get(user_key(service.stack["issuer"], "preview-stale"))).pending == ""
     assert emulator.verify(stale["token"])["valid"] and emulator.verify(claimed["token"])["valid"]
     one = body_of(await _preview(service, limit="1"))
     assert len(one["identities"]) == 1 and one["truncated"] is True

@@ -18,7 +18,7 @@ import function_app
 from shared import cleanup as cleanup_module
 from shared.clients import get_clients
 from shared.errors import Unavailable
-from shared.keys import user_key
+from shared.store.keys import IDENTITY_ROW, user_key
 from tests.service_helpers import body_of, drain_cleanup, request
 from tests.test_retention import (
     LATER,
@@ -34,7 +34,7 @@ from tests.test_retention import (
 
 
 async def _queued(key: str, op: str) -> list:
-    return [w async for w in get_clients().store.pending_work() if w.user_key == key and w.op == op]
+    return [w async for w in get_clients().store.pending.pending_work() if w.user_key == key and w.op == op]
 
 
 async def test_a_revoke_whose_block_lands_after_the_timer_ran_is_completed_not_stuck(
@@ -49,7 +49,7 @@ async def test_a_revoke_whose_block_lands_after_the_timer_ran_is_completed_not_s
     await get_clients().cleanup.run(ignore_backoff=True)  # retention's claim
     assert (await _mapping(service, "late-block")).pending == "retire"
     store = get_clients().store
-    slow_block = Pause(monkeypatch, store, "_if_still_mapped")
+    slow_block = Pause(monkeypatch, store.table, "merge")  # the block: the first merge
     emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
     try:
         revoke = asyncio.create_task(
@@ -69,7 +69,7 @@ async def test_a_revoke_whose_block_lands_after_the_timer_ran_is_completed_not_s
     slow_block.release()
     assert (await revoke).status_code == 202
     key = user_key(service.stack["issuer"], "late-block")
-    assert (await store.get(key)).pending == "revoke"
+    assert (await store.identities.get(key)).pending == "revoke"
 
     report = await _run_at(cleanup_module.LEASE + dt.timedelta(seconds=1))
     assert report.get("revoked") == 1, report
@@ -84,11 +84,11 @@ async def test_a_blocked_user_whose_work_is_gone_gets_it_queued_again(service, e
     assert (await _post(service, "token", "orphan-block")).status_code == 200
     store = get_clients().store
     key = user_key(service.stack["issuer"], "orphan-block")
-    record = await store.get(key)
-    await store.mark_pending(record, "revoke", dt.datetime.now(dt.UTC), dt.timedelta(0))
+    record = await store.identities.get(key)
+    await store.identities.mark_pending(record, "revoke", dt.datetime.now(dt.UTC), dt.timedelta(0))
     for work in await _queued(key, "revoke"):
-        await store.finish(work)  # the work is gone, the block stays
-    blocked = await store.get(key)
+        await store.pending.finish(work)  # the work is gone, the block stays
+    blocked = await store.identities.get(key)
     assert blocked.pending == "revoke" and not await _queued(key, "revoke")
 
     refused = await _post(service, "token/refresh", "orphan-block")
@@ -109,17 +109,19 @@ async def test_a_first_issue_losing_its_race_checks_the_winners_mapping_for_even
     bearer = service.token("lost-race-event", now=time.time() - 60)
     claims = jwt.decode(bearer, options={"verify_signature": False})
     store, tokens = get_clients().store, get_clients().tokens
-    real_insert = store.insert
+    real_insert = store.table.insert
     gates: list[tuple[asyncio.Event, asyncio.Event]] = []
 
-    async def gated(record):
+    async def gated(entity):
+        if entity["RowKey"] != IDENTITY_ROW:
+            return await real_insert(entity)
         gate = (asyncio.Event(), asyncio.Event())
         gates.append(gate)
         gate[0].set()
         await gate[1].wait()
-        return await real_insert(record)
+        return await real_insert(entity)
 
-    monkeypatch.setattr(store, "insert", gated)
+    monkeypatch.setattr(store.table, "insert", gated)  # the mapping insert
     winner = asyncio.create_task(_post(service, "token", "lost-race-event", bearer=bearer))
     while len(gates) < 1:  # noqa: ASYNC110 - the gate list is the signal
         await asyncio.sleep(0.01)
@@ -193,7 +195,7 @@ async def test_the_dry_run_reads_one_mapping_a_row_it_looks_at(service, monkeypa
         await _stale_user(service, f"preview-cost-{i}")
     await get_clients().cleanup.run(ignore_backoff=True)  # claims all six
     store = get_clients().store
-    reads = Pause(monkeypatch, store, "get", after=True)
+    reads = Pause(monkeypatch, store.identities, "get", after=True)
     reads.release()
     response = await _preview(service, limit="1")
     listed = body_of(response)

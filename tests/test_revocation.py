@@ -12,7 +12,7 @@ import pytest
 import function_app
 from devstack.layout import HOST_LOG_FILE
 from shared.clients import get_clients
-from shared.keys import retention_row, user_key
+from shared.store.keys import retention_row, user_key
 from tests.service_helpers import body_of, drain_cleanup, request, retention_rows, retention_runs
 
 ADMIN = ("TokenService.Admin",)
@@ -79,8 +79,8 @@ async def test_delete_removes_the_acs_identity_and_the_mapping(service, emulator
     assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
     assert emulator.stats()["liveIdentities"] == live - 1
     store = get_clients().store
-    assert await store.get(user_key(service.stack["issuer"], "del-bob")) is None
-    assert await store.owner_of(issued["communicationUserId"]) is None
+    assert await store.identities.get(user_key(service.stack["issuer"], "del-bob")) is None
+    assert await store.lookups.owner_of(issued["communicationUserId"]) is None
     refresh = await _call(function_app.refresh_token, service, "del-bob", "POST", "token/refresh")
     assert refresh.status_code == 404
     assert (await _call(function_app.get_identity, service, "del-bob", "GET", "identity")).status_code == 404
@@ -191,7 +191,7 @@ async def test_pending_delete_completes_later(service, emulator):
     report = await _cleanup()
     assert report["deleted"] >= 1
     assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
-    assert await get_clients().store.get(user_key(service.stack["issuer"], "pend-dan")) is None
+    assert await get_clients().store.identities.get(user_key(service.stack["issuer"], "pend-dan")) is None
 
 
 async def test_failed_attempts_back_off(service, emulator):
@@ -221,36 +221,36 @@ async def test_retention_deletes_exactly_the_stale_identities(service, emulator)
     assert emulator.stats()["liveIdentities"] == live - 3
     for issued in stale:
         assert emulator.verify(issued["token"])["reason"] == "identity deleted"
-        assert await clients.store.owner_of(issued["communicationUserId"]) is None
+        assert await clients.store.lookups.owner_of(issued["communicationUserId"]) is None
     for issued in (revived, fresh):
-        assert await clients.store.owner_of(issued["communicationUserId"]) is not None
+        assert await clients.store.lookups.owner_of(issued["communicationUserId"]) is not None
     assert (await retention_runs()).get("retention_deleted", 0) == 0
 
 
 async def test_retention_retires_an_identity_filed_twice_once_and_drops_both_rows(service, emulator):
     await drain_cleanup()
-    # Two rows for one identity: a refile that wrote the new row and crashed before dropping the old.
+    # Two rows for one identity: a move forward that wrote the new row and crashed before dropping the old.
     clients = get_clients()
     with _days_ago(120) as old:
         issued = await _token(service, "filed-twice")
     key = user_key(service.stack["issuer"], "filed-twice")
-    [row] = await retention_rows(clients.store.table, key)
+    [row] = await retention_rows(clients.store.table.client, key)
     older = (old - dt.timedelta(days=3)).date().isoformat()
-    record = await clients.store.get(key)
+    record = await clients.store.identities.get(key)
     moved = retention_row(older, key, record.communication_user_id)
-    await clients.store.table.upsert_entity({**row, "RowKey": moved})
+    await clients.store.table.client.upsert_entity({**row, "RowKey": moved})
 
     report = await retention_runs()
     assert report["retention_deleted"] == 1 and report.get("retention_failed", 0) == 0, report
     assert emulator.verify(issued["token"])["reason"] == "identity deleted"
-    assert await retention_rows(clients.store.table, key) == []
+    assert await retention_rows(clients.store.table.client, key) == []
 
 
 async def test_retention_deletes_an_identity_a_crash_left_unmapped(service, emulator, monkeypatch):
     await drain_cleanup()
     from azure.communication.identity import CommunicationIdentityClient
 
-    from shared.store import IdentityRecord
+    from shared.store.identities import IdentityRecord
 
     acs = CommunicationIdentityClient.from_connection_string(service.stack["acs_connection_string"])
     created, token = acs.create_user_and_token(["chat"])
@@ -266,25 +266,27 @@ async def test_retention_deletes_an_identity_a_crash_left_unmapped(service, emul
     )
     store = get_clients().store
 
-    class Crash(Exception):
+    class Crash(BaseException):  # the process dies: nothing after it runs
         pass
 
     async def crash(*_args, **_kwargs):
-        raise Crash  # the process dies before the mapping insert lands
+        raise Crash  # before the mapping insert lands
+
+    async def discard(_communication_user_id):
+        raise AssertionError("a crash discards nothing")
 
     with monkeypatch.context() as patch:
-        patch.setattr(store.table, "create_entity", crash)
-        await store.file_new(record)
+        patch.setattr(store.table.client, "create_entity", crash)
         with pytest.raises(Crash):
-            await store.insert(record)
+            await store.identities.create(record, discard=discard)
     kept = await _token(service, "kept-while-sweeping")
-    assert await store.owner_of(record.communication_user_id) == record.user_key
+    assert await store.lookups.owner_of(record.communication_user_id) == record.user_key
     assert emulator.verify(token.token)["valid"]
 
     report = await _cleanup()
     assert report["retention_unmapped_deleted"] == 1, report
     assert emulator.verify(token.token)["reason"] == "identity deleted"
-    assert await store.owner_of(record.communication_user_id) is None
+    assert await store.lookups.owner_of(record.communication_user_id) is None
     assert emulator.verify(kept["token"])["valid"]
     assert (await _cleanup()).get("retention_unmapped_deleted", 0) == 0
 
@@ -350,13 +352,13 @@ def test_the_dev_host_schedules_the_cleanup_timer_from_settings_and_runs_it_in_i
 async def test_event_ids_are_remembered_for_a_week_then_forgotten(service):
     store = get_clients().store
     now = dt.datetime.now(dt.UTC)
-    await store.mark_event_done("evt-old", now - dt.timedelta(days=8))
-    await store.mark_event_done("evt-recent", now - dt.timedelta(days=2))
-    assert await store.event_seen("evt-old") and await store.event_seen("evt-recent")
+    await store.marks.mark_done("evt-old", now - dt.timedelta(days=8))
+    await store.marks.mark_done("evt-recent", now - dt.timedelta(days=2))
+    assert await store.marks.seen("evt-old") and await store.marks.seen("evt-recent")
     report = await _cleanup()
     assert report["event_ids_forgotten"] >= 1
-    assert not await store.event_seen("evt-old")  # forgotten: a new delivery would act
-    assert await store.event_seen("evt-recent")  # still deduplicated
+    assert not await store.marks.seen("evt-old")  # forgotten: a new delivery would act
+    assert await store.marks.seen("evt-recent")  # still deduplicated
 
 
 async def test_deleting_an_identity_used_since_its_first_day_drops_its_retention_row(service, emulator):
@@ -368,4 +370,4 @@ async def test_deleting_an_identity_used_since_its_first_day_drops_its_retention
     response = await _call(function_app.delete_identity, service, "used-since", "DELETE", "identity")
     assert response.status_code == 200
     # Nothing left for a later sweep to spend an ACS call on.
-    assert await retention_rows(get_clients().store.table, key) == []
+    assert await retention_rows(get_clients().store.table.client, key) == []

@@ -8,10 +8,11 @@ import json
 import azure.functions as func
 import pytest
 
-from shared import keys, policy
+from shared import policy
 from shared.auth import EasyAuthAuthenticator
 from shared.errors import BadRequest, SettingError, Unauthenticated
 from shared.settings import load
+from shared.store import keys
 
 BASE = {
     "AUTH_ISSUER": "https://login.example.com/tenant/v2.0",

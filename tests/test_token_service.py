@@ -81,9 +81,9 @@ async def test_the_same_sub_from_another_issuer_is_another_user(service, emulato
 
 async def test_oid_and_tid_are_recorded(service):
     await _post_token(service, "dave")
-    from shared.keys import user_key
+    from shared.store.keys import user_key
 
-    record = await get_clients().store.get(user_key(service.stack["issuer"], "dave"))
+    record = await get_clients().store.identities.get(user_key(service.stack["issuer"], "dave"))
     assert record.object_id and record.tenant_id == service.stack["tenant_id"]
 
 
@@ -101,24 +101,24 @@ async def test_twenty_concurrent_first_requests_make_one_identity(service, emula
     assert all(emulator.verify(b["token"])["valid"] for b in bodies)
 
     # The reverse lookup names the winner only: the losers removed their owner rows.
-    from shared.keys import user_key
+    from shared.store.keys import user_key
 
     key = user_key(service.stack["issuer"], "erin")
     store = get_clients().store
     owners = [
         e
-        async for e in store.table.query_entities(
+        async for e in store.table.client.query_entities(
             "PartitionKey eq 'index' and RowKey ge 'c-' and RowKey lt 'c.' and userKey eq @k",
             parameters={"k": key},
         )
     ]
     assert [o["communicationUserId"] for o in owners] == [bodies[0]["communicationUserId"]]
-    assert await store.owner_of(bodies[0]["communicationUserId"]) == key
+    assert await store.lookups.owner_of(bodies[0]["communicationUserId"]) == key
     # Losers removed their retention rows too; the Graph row they wrote is the winner's.
-    retention = [e["communicationUserId"] for e in await retention_rows(store.table, key)]
+    retention = [e["communicationUserId"] for e in await retention_rows(store.table.client, key)]
     assert retention == [bodies[0]["communicationUserId"]]
-    record = await store.get(key)
-    assert [r.user_key for r in await store.graph_users(record.tenant_id, record.object_id)] == [key]
+    record = await store.identities.get(key)
+    assert [r.user_key for r in await store.lookups.graph_users(record.tenant_id, record.object_id)] == [key]
 
 
 async def test_managed_identity_path_issues_tokens_with_no_key_in_settings(keyless_service, emulator):
@@ -402,19 +402,19 @@ async def test_unknown_kid_refetches_keys_at_most_once_a_minute(service, emulato
 async def test_last_use_is_written_at_most_once_a_day(service, emulator):
     import datetime as dt
 
-    from shared.keys import user_key
+    from shared.store.keys import user_key
 
     await _post_token(service, "sam")
     clients = get_clients()
     key = user_key(service.stack["issuer"], "sam")
-    created = await clients.store.get(key)
+    created = await clients.store.identities.get(key)
     for route in ("token", "token/refresh"):
         await _post_token(service, "sam", route=route)
-    assert await clients.store.get(key) == created  # same day: no write
+    assert await clients.store.identities.get(key) == created  # same day: no write
 
     tomorrow = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
     clients.tokens.clock = lambda: tomorrow
     await _post_token(service, "sam", route="token/refresh")
-    touched = await clients.store.get(key)
+    touched = await clients.store.identities.get(key)
     assert touched.last_used_on == tomorrow.date().isoformat()
     assert touched.last_issued_at == tomorrow and touched.created_at == created.created_at
