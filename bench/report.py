@@ -80,15 +80,68 @@ def _filing(filing: dict) -> list[str]:
     return lines
 
 
+def _storm(storm: dict) -> list[str]:
+    """The two columns side by side: the service as configured and STORM_PROTECTION=off."""
+    cfg = storm["config"]
+    columns = storm["columns"]
+    lines = [
+        f"Token storm, end to end: {cfg['rate_per_second']:g} requests/s ({cfg['overload']} x the ACS issue "
+        f"limit of {cfg['issue_limit']} per {cfg['window_seconds']:g} s, create-and-issue the same) for "
+        f"{cfg['windows'] * cfg['window_seconds']:g} s, {cfg['users']} users, open loop "
+        f"(client timeout {cfg['client_timeout']:g} s)"
+    ]
+
+    def ops(counts: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+
+    def ms(c: dict) -> str:
+        return f"{c['p50_ms']:g} / {c['p99_ms']:g}" if c["answers"]["200"] else "-"
+
+    rows = [
+        ("requests (token + refresh)", lambda c: f"{c['requests']} ({ops(c['routes'])})"),
+        *((f"  answered {k}", lambda c, k=k: str(c["answers"][k])) for k in _answer_kinds(columns)),
+        ("  other, by kind", lambda c: ops(c["other"])),
+        ("ACS calls", lambda c: f"{c['acs_calls_total']}: {ops(c['acs_calls'])}"),
+        ("ACS 429s", lambda c: f"{c['acs_429_total']} ({c['acs_429_share']:.1%}): {ops(c['acs_429'])}"),
+        (
+            "tokens answered / ACS issue calls",
+            lambda c: f"{c['tokens_per_issue_call']} ({c['answers']['200']} / {c['acs_issue_calls']})",
+        ),
+        ("p50 / p99 ms of the 200s", ms),
+        ("late starts / most in flight", lambda c: f"{c['late_starts']} / {c['max_in_flight']}"),
+        ("seconds (to the last answer)", lambda c: f"{c['seconds']:g}"),
+    ]
+    labels = {"service": "service", "baseline": "baseline (STORM_PROTECTION=off)"}
+    cells = [[label] + [cell(columns[name]) for name in columns] for label, cell in rows]
+    head = ["", *(labels.get(name, name) for name in columns)]
+    widths = [max(len(row[i]) for row in [head, *cells]) for i in range(len(head))]
+    for row in [head, *cells]:
+        lines.append("  " + " | ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)))
+        if row is head:
+            lines.append("  " + "-+-".join("-" * width for width in widths))
+    return lines
+
+
+def _answer_kinds(columns: dict) -> list[str]:
+    return list(next(iter(columns.values()))["answers"])
+
+
 def render(results: dict) -> str:
-    tp = results["throughput"]
+    tp = results.get("throughput")  # absent from a storm-only run
     sections = [
-        _throughput_table("Refresh", tp["refresh"]),
-        _throughput_table("First issue", tp["first_issue"]),
-        _calls_table(results["calls"]),
+        *(
+            [
+                _throughput_table("Refresh", tp["refresh"]),
+                _throughput_table("First issue", tp["first_issue"]),
+                _calls_table(results["calls"]),
+            ]
+            if tp
+            else []
+        ),
         *([_filing(results["filing"])] if "filing" in results else []),
-        _cold_start(results["cold_start"]),
-        _bottleneck(tp),
+        *([_cold_start(results["cold_start"])] if "cold_start" in results else []),
+        *([_bottleneck(tp)] if tp else []),
+        *([_storm(results["storm"])] if "storm" in results else []),
     ]
     lines = [line for section in sections for line in [*section, ""]]
     lines.append("Targets")

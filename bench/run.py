@@ -26,6 +26,7 @@ from .counting import AcsCounter, TableCountingProxy, summarize
 from .cpu import CpuMeter, stack_processes
 from .filing import filing_cost
 from .load import Operation, closed_loop, percentile
+from .storm import StormConfig, storm
 from .users import Users
 
 MODES = ("floor", "handler", "e2e")
@@ -43,6 +44,7 @@ class Config:
     filing_ops: int = 300  # index filings per round, each way (bench/filing.py)
     filing_concurrency: int = 16
     coldstart_repeats: int = 5
+    storm: StormConfig = field(default_factory=StormConfig)  # bench/storm.py
     quick: bool = False
 
     @classmethod
@@ -59,6 +61,7 @@ class Config:
             filing_ops=6,
             filing_concurrency=4,
             coldstart_repeats=1,
+            storm=StormConfig.quick(),
             quick=True,
         )
 
@@ -326,13 +329,33 @@ async def measure_stack(
                 concurrency=config.filing_concurrency,
                 rounds=config.issue_rounds,
             )
+    log(
+        f"token storm: {config.storm.overload} x the issue limit ({config.storm.issue_limit} per "
+        f"{config.storm.window_seconds:g} s), end to end, the service and its baseline ..."
+    )
+    stormed = await storm(env, users, config.storm, log)
     return {
         "throughput": {"refresh": measured["refresh"], "first_issue": measured["first_issue"]},
+        "storm": stormed,
         "per_worker": measured["per_worker"],
         "calls": calls,
         "filing": filing,
         "processes": list(meter.pids),
     }
+
+
+def run_storm(env: dict, issuer_key: Path, config: Config, *, log: Log = print) -> dict:
+    """The token storm alone (`python -m bench --storm-only`): no other measurement."""
+    started = time.monotonic()
+    results = {"storm": asyncio.run(storm(env, Users(env, issuer_key), config.storm, log))}
+    results["meta"] = {
+        "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        "config": {"storm": asdict(config.storm)},
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    return results
 
 
 def run(

@@ -285,6 +285,9 @@ class AcsResource:
             self.seq = itertools.count(1)
             self.faults = Faults()
             self.calls = collections.Counter({op: 0 for op in OPERATIONS})
+            # 429s answered for the service limits, by the limited operation (`LIMITS`' names:
+            # create-and-issue apart from plain creates); the calls above include them.
+            self.limited = collections.Counter({op: 0 for op in LIMITS})
             self.rate = RateWindow()
 
     # ---- bookkeeping -------------------------------------------------------------------------
@@ -296,7 +299,7 @@ class AcsResource:
     def stats(self) -> dict:
         with self._lock:
             live = sum(1 for i in self.identities.values() if not i.deleted)
-            return {"calls": dict(self.calls), "liveIdentities": live}
+            return {"calls": dict(self.calls), "limited": dict(self.limited), "liveIdentities": live}
 
     def check_limit(self, operation: str) -> None:
         """Count one call of a limited operation (`LIMITS`' names) against its window, when limits
@@ -308,6 +311,8 @@ class AcsResource:
             if self.rate.limits is not limits:  # limits were set again: fresh windows
                 self.rate = RateWindow(limits)
             wait = self.rate.admit(operation, self.clock())
+            if wait is not None:
+                self.limited[operation] += 1
         if wait is not None:
             raise AcsError(
                 429,

@@ -319,3 +319,21 @@ def test_an_earlier_revocation_stays_in_effect_while_a_later_one_propagates():
     assert resource.verify(second) == (True, "valid: revocation not yet propagated")
     clock.now += 30
     assert resource.verify(second) == (False, "revoked")
+
+
+def test_stats_count_the_429s_answered_for_the_limits_by_limited_operation():
+    """What a storm benchmark reads: how many calls ACS refused, create-and-issue apart."""
+    resource = _resource()
+    assert resource.stats()["limited"] == dict.fromkeys(LIMITS, 0)
+    resource.check_limit("issueAccessToken")  # limits off: nothing refused, nothing counted
+    resource.faults.update({"limits": {"issueAccessToken": 1, CREATE_AND_ISSUE: 2}})
+    resource.check_limit("issueAccessToken")
+    for _ in range(3):
+        _over_limit(resource, "issueAccessToken")
+    for _ in range(2):
+        resource.check_limit(CREATE_AND_ISSUE)
+    _over_limit(resource, CREATE_AND_ISSUE)
+    limited = resource.stats()["limited"]
+    assert (limited["issueAccessToken"], limited[CREATE_AND_ISSUE], limited["createIdentity"]) == (3, 1, 0)
+    resource.reset()
+    assert resource.stats()["limited"] == dict.fromkeys(LIMITS, 0)

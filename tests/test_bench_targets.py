@@ -97,3 +97,68 @@ def test_a_count_the_run_did_not_make_fails():
 def test_entities_written_count_each_row_of_a_transaction():
     calls = summarize(Counter({"insert mapping": 2, INDEX: 2, "read mapping": 2}), Counter(), 2)
     assert (calls["table_writes"], calls["table_entities_written"], calls["table_reads"]) == (2, 4, 1)
+
+
+def _storm(answers: dict, acs_429: int, acs_calls: int, issue_calls: int) -> dict:
+    ok = answers.get("200", 0)
+    column = {
+        "requests": sum(answers.values()),
+        "answers": {
+            "200": ok,
+            "429 with Retry-After": answers.get("429 with Retry-After", 0),
+            "429 without Retry-After": answers.get("429 without Retry-After", 0),
+            "other": answers.get("other", 0),
+        },
+        "acs_429_total": acs_429,
+        "acs_calls_total": acs_calls,
+        "acs_429_share": acs_429 / acs_calls,
+        "acs_issue_calls": issue_calls,
+        "tokens_per_issue_call": round(ok / issue_calls, 2),
+    }
+    return {"columns": {"service": column, "baseline": column}}
+
+
+PROTECTED = _storm({"200": 900, "429 with Retry-After": 600}, acs_429=1, acs_calls=150, issue_calls=150)
+UNPROTECTED = _storm({"200": 150, "other": 1350}, acs_429=800, acs_calls=1000, issue_calls=1000)
+
+
+def test_storm_targets_are_reported_but_fail_no_run_until_enforced():
+    for storm in (PROTECTED, UNPROTECTED):
+        reported = targets.evaluate({"storm": storm})
+        storm_targets = [t for t in reported if "storm:" in t["target"]]
+        assert len(storm_targets) == 3 and {t["status"] for t in storm_targets} == {"INFO"}
+    # What they would say is in the goal, so that the report shows it.
+    assert all("would FAIL" in t["goal"] for t in targets.storm_targets(UNPROTECTED))
+    assert all("would PASS" in t["goal"] for t in targets.storm_targets(PROTECTED))
+
+
+def test_storm_targets_pass_or_fail_once_enforced():
+    assert {t["status"] for t in targets.storm_targets(PROTECTED, enforced=True)} == {"PASS"}
+    assert {t["status"] for t in targets.storm_targets(UNPROTECTED, enforced=True)} == {"FAIL"}
+    # Each target on its own: a 429 without Retry-After, 2% ACS 429s, fewer than 3 tokens per issue.
+    edges = [
+        _storm({"200": 900, "429 without Retry-After": 1}, acs_429=0, acs_calls=150, issue_calls=150),
+        _storm({"200": 900}, acs_429=3, acs_calls=150, issue_calls=150),
+        _storm({"200": 449}, acs_429=0, acs_calls=150, issue_calls=150),
+    ]
+    for failing, storm in enumerate(edges):
+        statuses = [t["status"] for t in targets.storm_targets(storm, enforced=True)]
+        assert statuses == ["PASS"] * failing + ["FAIL"] + ["PASS"] * (2 - failing), statuses
+
+
+def test_the_storm_schedule_is_open_loop_at_ten_times_the_issue_limit():
+    from bench.storm import StormConfig, schedule
+
+    config = StormConfig()
+    plan = schedule(config)
+    assert config.rate == 10 * config.issue_limit / config.window_seconds
+    assert len(plan) == round(config.rate * config.seconds)
+    assert plan == schedule(config) and plan == sorted(plan)  # seeded: both columns get the same
+    assert all(0 <= at <= config.seconds for at, _user in plan)
+    assert {user for _at, user in plan} == set(range(config.users))
+    # Reconnect waves: half the pool at one instant, every half window.
+    at_once = Counter(at for at, _user in plan)
+    waves = [at for at, n in at_once.items() if n > 1]
+    assert len(waves) == config.seconds / (config.window_seconds / 2)
+    assert all(at_once[at] == config.wave_fraction * config.users for at in waves)
+    assert config.max_in_flight >= config.rate * config.client_timeout
