@@ -21,7 +21,8 @@ from azure.data.tables import UpdateMode
 from azure.data.tables.aio import TableClient
 
 from shared.store import keys
-from shared.store.identities import Identities, IdentityRecord
+from shared.store.identities import Identities
+from shared.store.record import IdentityRecord
 from shared.store.stores import Stores
 
 from .load import closed_loop

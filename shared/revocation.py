@@ -15,7 +15,7 @@ from . import telemetry
 from .acs import AcsGateway
 from .clock import Clock, utcnow
 from .errors import NotFound, Unavailable
-from .store.identities import IdentityRecord
+from .store.record import IdentityRecord
 from .store.stores import Stores
 
 log = logging.getLogger("acs_token_service.revocation")

@@ -24,8 +24,8 @@ from .clock import Clock, utcnow
 from .errors import Conflict, NotFound, ServiceError, SessionEnded, Unavailable
 from .policy import TokenRequest
 from .revocation import RevocationService
-from .store.identities import BLOCKING, IdentityRecord
 from .store.keys import user_key
+from .store.record import BLOCKING, IdentityRecord
 from .store.stores import Stores
 
 log = logging.getLogger("acs_token_service.tokens")

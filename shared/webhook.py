@@ -57,7 +57,7 @@ from .problems import from_error, from_unexpected, json_response
 from .store import keys
 
 if TYPE_CHECKING:  # the store loads with the clients: importing function_app stays light
-    from .store.identities import IdentityRecord
+    from .store.record import IdentityRecord
 
 log = logging.getLogger("acs_token_service.events")
 

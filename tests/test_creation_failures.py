@@ -19,7 +19,7 @@ from shared.clients import get_clients
 from shared.errors import Unavailable
 from shared.policy import TokenRequest
 from shared.store import keys
-from shared.store.identities import IdentityRecord
+from shared.store.record import IdentityRecord
 from tests.service_helpers import body_of, graph_rows, request, retention_rows, retention_runs
 
 

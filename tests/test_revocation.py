@@ -250,7 +250,7 @@ async def test_retention_deletes_an_identity_a_crash_left_unmapped(service, emul
     await drain_cleanup()
     from azure.communication.identity import CommunicationIdentityClient
 
-    from shared.store.identities import IdentityRecord
+    from shared.store.record import IdentityRecord
 
     acs = CommunicationIdentityClient.from_connection_string(service.stack["acs_connection_string"])
     created, token = acs.create_user_and_token(["chat"])

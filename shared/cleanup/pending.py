@@ -16,8 +16,8 @@ import time
 from collections import Counter
 
 from ..errors import NotFound, ServiceError
-from ..store.identities import IdentityRecord
 from ..store.pending import PendingWork
+from ..store.record import IdentityRecord
 from .common import CONCURRENCY, LEASE, TIMER_OPTIONS, Budget, backoff
 from .retention import RETIRE_GRACE, RetentionSteps
 

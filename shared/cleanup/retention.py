@@ -18,9 +18,9 @@ from collections import Counter
 from typing import TypeIs
 
 from ..errors import ServiceError
-from ..store.identities import IdentityRecord
 from ..store.keys import retention_row
 from ..store.pending import PendingWork
+from ..store.record import IdentityRecord
 from ..store.retention import RetentionEntry
 from .common import LEASE, TIMER_OPTIONS, Budget, Parts, backoff
 

@@ -1,8 +1,5 @@
-"""The mapping, `PK=user_key(issuer, sub), RK="identity"`: one app user's ACS identity, and the
-pending state that may block its tokens; and `create`, the whole protocol of filing a new one.
-
-One point read answers every token request, including "is this user blocked by a pending
-revocation?". A partition per user: the hot path spreads over the whole table.
+"""The mapping's writes (`record.py` has the row): `create`, the whole protocol of filing a new
+identity; uses; and the blocks revocations and deletions put on it.
 
 Creation is race-safe because the mapping insert is an insert, not an upsert: of two concurrent
 first requests exactly one wins; the loser deletes its identity, then its rows, and uses the
@@ -17,13 +14,14 @@ import datetime as dt
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from .. import telemetry
 from ..clock import Clock, utcnow
 from . import keys
 from .errors import AlreadyExists, Changed, Missing, Refused
+from .record import IdentityRecord, owner_entity, read_mapping
 from .table import Entity, Table
 
 if TYPE_CHECKING:  # the stores this one works with import the record from here: types only
@@ -33,92 +31,7 @@ if TYPE_CHECKING:  # the stores this one works with import the record from here:
 
 log = logging.getLogger("acs_token_service.store")
 
-# "" none; "revoke", "delete" a request's (blocks); "retire" retention's claim (never blocks);
-# "retiring" retention committed (blocks; any request's revoke or delete replaces it)
-PendingState = Literal["", "revoke", "delete", "retire", "retiring"]
-BLOCKING: tuple[PendingState, ...] = ("revoke", "delete", "retiring")  # refuse new tokens (409)
-
-
-@dataclass(frozen=True)
-class IdentityRecord:
-    user_key: str
-    communication_user_id: str
-    issuer: str
-    subject: str
-    created_at: dt.datetime
-    last_used_on: str  # YYYY-MM-DD, UTC; written at most once a day
-    last_issued_at: dt.datetime
-    object_id: str | None = None
-    tenant_id: str | None = None
-    pending: PendingState = ""
-    pending_id: str = ""
-    sessions_ended_at: dt.datetime | None = None  # an event ended the user's sessions then
-    # False from the mapping insert until its first issue looked for an event that came meanwhile
-    sessions_checked: bool = True
-    etag: str | None = None
-
-    def to_entity(self) -> dict[str, Any]:
-        entity: dict[str, Any] = {
-            "PartitionKey": self.user_key,
-            "RowKey": keys.IDENTITY_ROW,
-            "communicationUserId": self.communication_user_id,
-            "issuer": self.issuer,
-            "subject": self.subject,
-            "createdAt": self.created_at,
-            "lastUsedOn": self.last_used_on,
-            "lastIssuedAt": self.last_issued_at,
-            "pending": self.pending,
-            "pendingId": self.pending_id,
-        }
-        if self.object_id:
-            entity["oid"] = self.object_id
-        if self.tenant_id:
-            entity["tid"] = self.tenant_id
-        if self.sessions_ended_at:
-            entity["sessionsEndedAt"] = self.sessions_ended_at
-        if not self.sessions_checked:
-            entity["sessionsUnchecked"] = True
-        return entity
-
-    @classmethod
-    def from_entity(cls, entity: dict[str, Any]) -> IdentityRecord:
-        return cls(
-            user_key=entity["PartitionKey"],
-            communication_user_id=entity["communicationUserId"],
-            issuer=entity.get("issuer", ""),
-            subject=entity.get("subject", ""),
-            created_at=entity["createdAt"],
-            last_used_on=entity.get("lastUsedOn", ""),
-            last_issued_at=entity.get("lastIssuedAt", entity["createdAt"]),
-            object_id=entity.get("oid"),
-            tenant_id=entity.get("tid"),
-            pending=entity.get("pending", ""),
-            pending_id=entity.get("pendingId", ""),
-            sessions_ended_at=entity.get("sessionsEndedAt") or None,
-            sessions_checked=not entity.get("sessionsUnchecked", False),
-            etag=entity.metadata.get("etag") if hasattr(entity, "metadata") else None,
-        )
-
-
 Discard = Callable[[str], Awaitable[bool]]  # delete an ACS identity (or queue that): False if neither
-
-
-def owner_entity(record: IdentityRecord) -> Entity:
-    """The reverse lookup of a new identity: its ACS id -> its user."""
-    return {
-        "PartitionKey": keys.INDEX_PARTITION,
-        "RowKey": keys.owner_row(record.communication_user_id),
-        "communicationUserId": record.communication_user_id,
-        "userKey": record.user_key,
-        "createdAt": record.created_at,
-    }
-
-
-@telemetry.table_operation("get")
-async def read_mapping(table: Table, user_key: str) -> IdentityRecord | None:
-    """The user's mapping, None when they have none: the one read every store here shares."""
-    entity = await table.get(user_key, keys.IDENTITY_ROW)
-    return IdentityRecord.from_entity(entity) if entity is not None else None
 
 
 class Identities:

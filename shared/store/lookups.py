@@ -25,7 +25,7 @@ from typing import Any
 from .. import telemetry
 from . import keys
 from .errors import Changed, Missing
-from .identities import IdentityRecord, read_mapping
+from .record import IdentityRecord, read_mapping
 from .table import Entity, Table
 
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass, replace
 from .. import telemetry
 from . import keys
 from .errors import Changed, Missing
-from .identities import BLOCKING, IdentityRecord, read_mapping
 from .lookups import Lookups, graph_entity
 from .pending import Pending
+from .record import BLOCKING, IdentityRecord, read_mapping
 from .table import Entity, Table
 
 
