@@ -15,15 +15,16 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from . import telemetry
 from .acs import AcsGateway, IssuedToken
 from .auth import Caller
 from .clock import Clock, utcnow
-from .errors import Conflict, NotFound, ServiceError, SessionEnded, Unavailable
+from .errors import Conflict, NotFound, ServiceError, Unavailable
 from .policy import TokenRequest
 from .revocation import RevocationService
+from .sessions import Sessions
 from .store.keys import user_key
 from .store.record import BLOCKING, IdentityRecord
 from .store.stores import Stores
@@ -58,10 +59,6 @@ GONE_WINDOW_SECONDS = 600
 # land: were it best effort, a failed write would let retention take an identity in use.
 AT_RISK_DAYS = 2
 
-# A bearer without `iat` is refused this long after an event ended its user's sessions: longer than
-# any access token should live (Entra's default is 60 to 90 minutes; a day is the usual maximum).
-NO_IAT_GRACE = dt.timedelta(hours=24)
-
 # What a refresh after a deletion says, by who or what deleted the identity (Identities.remove's reason).
 DELETION_DETAIL = {
     "user": "You deleted your ACS identity on {day}: POST /api/token creates a new one.",
@@ -90,6 +87,7 @@ class TokenService:
         self.acs = acs
         self.clock = clock
         self.revocation = revocation or RevocationService(store, acs)
+        self.sessions = Sessions(store, self.revocation)
         self.retention_days = retention_days
         self._gone: list[float] = []  # when ACS last said a mapped identity does not exist
         self._creating = asyncio.Semaphore(CREATIONS_IN_FLIGHT)
@@ -99,7 +97,7 @@ class TokenService:
         key = user_key(caller.issuer, caller.subject)
         record = await self.store.identities.get(key)
         if record is not None:
-            record = await self._checked(caller, record)
+            record = await self.sessions.checked(caller, record, self.clock())
             try:
                 return await self._issue_existing(record, request)
             except NotFound as err:
@@ -108,8 +106,8 @@ class TokenService:
                 await self._forget_gone(record)  # the mapping heals: a new identity below
                 return await self._create(caller, key, request, sessions_ended_at=record.sessions_ended_at)
         # A first issue (or one after a deletion): was the user ended by an event meanwhile?
-        ended = await self.store.lookups.sessions_ended(key, caller.tenant_id, caller.object_id)
-        self._check_session(caller, ended)
+        ended = await self.sessions.ended(key, caller)
+        self.sessions.check(caller, ended, self.clock())
         return await self._create(caller, key, request, sessions_ended_at=ended)
 
     @telemetry.counts_tokens
@@ -118,7 +116,7 @@ class TokenService:
         record = await self.store.identities.get(key)
         if record is None:
             raise await self._missing(caller, key)
-        record = await self._checked(caller, record)
+        record = await self.sessions.checked(caller, record, self.clock())
         try:
             return await self._issue_existing(record, request)
         except NotFound as err:
@@ -156,40 +154,11 @@ class TokenService:
         record = await self.store.identities.get(key)
         if record is None:
             raise await self._missing(caller, key)
-        return await self._checked(caller, record)
-
-    async def _checked(self, caller: Caller, record: IdentityRecord) -> IdentityRecord:
-        """The caller's mapping, if their sessions were not ended since their bearer was issued.
-        One whose first issue never got to look again for an event (a crash, a failure between
-        the insert and the look) is looked at now, and on every request until a look succeeds."""
-        self._check_session(caller, record.sessions_ended_at)
-        if record.sessions_checked:
-            return record
-        return await self._recheck_sessions(caller, record)
-
-    def _check_session(self, caller: Caller, ended_at: dt.datetime | None) -> None:
-        """Refuse a bearer issued before an event ended the user's sessions (see README: "Users an
-        event deleted or disabled"). `iat` is the issuer's word for when it issued the bearer; one
-        without `iat` cannot show it is newer, so it is refused for NO_IAT_GRACE after the event,
-        longer than any bearer should live."""
-        if ended_at is None:
-            return
-        issued = caller.issued_at
-        # `iat` counts whole seconds: a bearer from the event's own second counts as after it.
-        if issued is not None and issued >= ended_at.replace(microsecond=0):
-            return
-        if issued is None and self.clock() - ended_at > NO_IAT_GRACE:
-            return
-        raise SessionEnded(
-            "Your identity provider ended your sessions (your account was deleted or disabled, or its "
-            "credentials changed) after this bearer token was issued: sign in again."
-        )
+        return await self.sessions.checked(caller, record, self.clock())
 
     async def _missing(self, caller: Caller, key: str) -> ServiceError:
         """Why the caller has no identity: never had one, or had one that was deleted (and how)."""
-        self._check_session(
-            caller, await self.store.lookups.sessions_ended(key, caller.tenant_id, caller.object_id)
-        )
+        self.sessions.check(caller, await self.sessions.ended(key, caller), self.clock())
         deletion = await self.store.lookups.deletion(key)
         if deletion is None:
             return NotFound("You have no ACS identity yet: POST /api/token first.", code="identity_not_found")
@@ -285,7 +254,7 @@ class TokenService:
                 object_id=caller.object_id,
                 tenant_id=caller.tenant_id,
                 sessions_ended_at=sessions_ended_at,  # older bearers stay refused on the new identity too
-                sessions_checked=False,  # until it looked for an event meanwhile (_recheck_sessions)
+                sessions_checked=False,  # until it looked for an event meanwhile (Sessions.recheck)
             )
             current = await self.store.identities.create(
                 record, discard=self._discard, on_filed=window.leave, clock=self.clock
@@ -297,38 +266,13 @@ class TokenService:
         if current.communication_user_id != communication_user_id:
             # A concurrent first request won: its mapping is checked as any is (it may not have
             # looked for an event yet).
-            return await self._issue_existing(await self._checked(caller, current), request)
+            return await self._issue_existing(
+                await self.sessions.checked(caller, current, self.clock()), request
+            )
         log.info("identity created")
         result = TokenResult(communication_user_id, token, request.scopes, identity_created=True)
-        await self._recheck_sessions(caller, current)
+        await self.sessions.recheck(caller, current, self.clock())
         return result
-
-    async def _recheck_sessions(self, caller: Caller, record: IdentityRecord) -> IdentityRecord:
-        """An event that ended the user while their first identity was being created found no
-        mapping to act on: it wrote its rows (shared/webhook.py) before it looked, and this looks
-        after the insert, so one of the two sees the other. A bearer older than the event does not
-        keep what it created: the new identity, which nothing has used yet, is deleted. The
-        mapping is inserted marked unchecked, and the mark goes only once a look succeeded."""
-        ended = await self.store.lookups.sessions_ended(record.user_key, caller.tenant_id, caller.object_id)
-        if ended is not None and ended != record.sessions_ended_at:
-            try:
-                self._check_session(caller, ended)
-            except SessionEnded:
-                log.info("an event ended the user while their identity was created: it is deleted")
-                await self.revocation.delete(record, source="event")
-                raise
-        newer = (
-            ended
-            if ended and (record.sessions_ended_at is None or ended > record.sessions_ended_at)
-            else None
-        )
-        checked = replace(record, sessions_checked=True, sessions_ended_at=newer or record.sessions_ended_at)
-        try:
-            marked = await self.store.identities.sessions_checked(record, newer)
-        except Exception as err:  # noqa: BLE001 - still unchecked: the next request looks again
-            log.warning("could not mark a mapping checked: %s", type(err).__name__)
-            return checked
-        return marked or checked
 
     async def _discard(self, communication_user_id: str) -> bool:
         """Delete an ACS identity nobody maps to, or queue that for the timer; False if neither."""

@@ -238,7 +238,7 @@ async def _work_through(
 
 
 async def _end_sessions(clients: Clients, action: Action, records: list[IdentityRecord]) -> None:
-    """Bearers issued before the event no longer get anything (shared/tokens.py `_check_session`):
+    """Bearers issued before the event no longer get anything (shared/sessions.py `Sessions.check`):
     by every app key it reaches, and by (tenant, object id) for an Entra user, which also covers
     keys that have no identity yet. Written first, so a failure later leaves it in place, and
     at the event's own time, so a redelivery writes the same moment."""

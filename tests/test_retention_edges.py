@@ -129,7 +129,7 @@ async def test_a_first_issue_losing_its_race_checks_the_winners_mapping_for_even
     while len(gates) < 2:  # noqa: ASYNC110 - the gate list is the signal
         await asyncio.sleep(0.01)
     assert body_of(await _deliver(_user_deleted(claims)))["results"]["unknown_user"] == 1
-    recheck = Pause(monkeypatch, tokens, "_recheck_sessions")
+    recheck = Pause(monkeypatch, tokens.sessions, "recheck")
     gates[0][1].set()
     await recheck.wait()  # the winner's mapping is in, unchecked
     gates[1][1].set()
