@@ -98,13 +98,10 @@ class TokenService:
         record = await self.store.identities.get(key)
         if record is not None:
             record = await self.sessions.checked(caller, record, self.clock())
-            try:
-                return await self._issue_existing(record, request)
-            except NotFound as err:
-                if err.code != IDENTITY_GONE:
-                    raise
-                await self._forget_gone(record)  # the mapping heals: a new identity below
-                return await self._create(caller, key, request, sessions_ended_at=record.sessions_ended_at)
+            if issued := await self._issue_unless_gone(record, request):
+                return issued
+            # The mapping healed: a new identity, older bearers still refused on it.
+            return await self._create(caller, key, request, sessions_ended_at=record.sessions_ended_at)
         # A first issue (or one after a deletion): was the user ended by an event meanwhile?
         ended = await self.sessions.ended(key, caller)
         self.sessions.check(caller, ended, self.clock())
@@ -117,14 +114,20 @@ class TokenService:
         if record is None:
             raise await self._missing(caller, key)
         record = await self.sessions.checked(caller, record, self.clock())
+        if issued := await self._issue_unless_gone(record, request):
+            return issued
+        today = self.clock().date().isoformat()  # refresh never creates: the next POST /api/token does
+        raise NotFound(DELETION_DETAIL["gone"].format(day=today), code="identity_deleted")
+
+    async def _issue_unless_gone(self, record: IdentityRecord, request: TokenRequest) -> TokenResult | None:
+        """A token for the mapped identity; None when ACS no longer has it, and the mapping is forgotten."""
         try:
             return await self._issue_existing(record, request)
         except NotFound as err:
             if err.code != IDENTITY_GONE:
                 raise
-            await self._forget_gone(record)  # refresh never creates: the next POST /api/token does
-            today = self.clock().date().isoformat()
-            raise NotFound(DELETION_DETAIL["gone"].format(day=today), code="identity_deleted") from None
+        await self._forget_gone(record)
+        return None
 
     async def _forget_gone(self, record: IdentityRecord) -> None:
         """ACS no longer has the identity the mapping names (deleted elsewhere, or a crash between
