@@ -260,7 +260,7 @@ class TokenService:
                 sessions_checked=False,  # until it looked for an event meanwhile (Sessions.recheck)
             )
             current = await self.store.identities.create(
-                record, discard=self._discard, on_filed=window.leave, clock=self.clock
+                record, discard=self.discard, on_filed=window.leave, clock=self.clock
             )
         if current is None:  # mapped and deleted in between: safe to ask again
             raise NotFound(
@@ -277,7 +277,7 @@ class TokenService:
         await self.sessions.recheck(caller, current, self.clock())
         return result
 
-    async def _discard(self, communication_user_id: str) -> bool:
+    async def discard(self, communication_user_id: str) -> bool:
         """Delete an ACS identity nobody maps to, or queue that for the timer; False if neither."""
         try:
             await self.acs.delete(communication_user_id)

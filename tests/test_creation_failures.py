@@ -126,6 +126,18 @@ async def test_a_mapping_insert_the_service_refused_deletes_the_new_identity(ser
     assert [w async for w in clients.store.pending.pending_work() if w.user_key == key] == []
 
 
+def _none_first(get):
+    """The mapping read of a request that came just before the winner's insert: nothing yet."""
+    calls = 0
+
+    async def read(key: str):
+        nonlocal calls
+        calls += 1
+        return None if calls == 1 else await get(key)
+
+    return read
+
+
 async def test_a_lost_race_whose_discard_failed_stays_on_file_and_is_swept(service, emulator, monkeypatch):
     winner = body_of(await _post_token(service, "race-sweep"))
     clients = get_clients()
@@ -146,7 +158,8 @@ async def test_a_lost_race_whose_discard_failed_stays_on_file_and_is_swept(servi
         patch.setattr(tokens.acs, "delete", acs_down)
         patch.setattr(store.pending, "queue_discard", table_down)
         # The loser of a race that read no mapping, then found the winner's on insert.
-        served = await tokens._create(caller, key, TokenRequest(scopes=("chat",), minutes=60))
+        patch.setattr(store.identities, "get", _none_first(store.identities.get))
+        served = await tokens.issue(caller, TokenRequest(scopes=("chat",), minutes=60))
     assert served.communication_user_id == winner["communicationUserId"]
     assert _live(emulator) == live + 1  # the loser's identity could not be deleted
     filed = [e["communicationUserId"] for e in await retention_rows(store.table.client, key)]

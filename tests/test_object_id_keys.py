@@ -124,9 +124,7 @@ async def _two_app_keys(service, user: str) -> tuple[dict, dict[str, tuple[Calle
             tenant_id=claims["tid"],
         ),
     ]
-    other_key = keys.user_key(callers[1].issuer, callers[1].subject)
-    chat = TokenRequest(scopes=("chat",), minutes=60)
-    second = await get_clients().tokens._create(callers[1], other_key, chat)
+    second = await get_clients().tokens.issue(callers[1], TokenRequest(scopes=("chat",), minutes=60))
     assert second.communication_user_id != first["communicationUserId"]
     return claims, {
         first["communicationUserId"]: (callers[0], first["token"]),

@@ -306,7 +306,7 @@ async def test_an_identity_lost_in_a_race_is_deleted_later_when_acs_is_down_now(
     orphan, token = acs.create_user_and_token(["chat"])
     live = emulator.stats()["liveIdentities"]
     emulator.faults(down=True)
-    await get_clients().tokens._discard(orphan.properties["id"])  # what a race loser does
+    await get_clients().tokens.discard(orphan.properties["id"])  # what a race loser does
     emulator.faults(down=False)
     assert emulator.stats()["liveIdentities"] == live  # still there: ACS was down
     report = await _cleanup()
