@@ -60,7 +60,7 @@ class Clients:
     limiter: RateLimiter | None
     closers: tuple
     teams: TeamsExchange | None = None
-    graph: GraphSubscriptions | None = None  # the Microsoft Graph subscription (shared/graph.py)
+    graph: GraphSubscriptions | None = None  # the Microsoft Graph subscription (shared/graph/)
     # On in every deployment: revocations and deletions, per user and per admin (ratelimit.py: why).
     revocation_limiter: RateLimiter | None = None
     manage_limiter: RateLimiter | None = None
