@@ -42,8 +42,8 @@ class EasyAuthAuthenticator:
             role_type = principal.get("role_typ") or "roles"
         except (binascii.Error, ValueError, KeyError, TypeError):
             raise Unauthenticated("The client principal header is malformed.") from None
-        claims: dict[str, object] = {}
-        roles: list[str] = []
+        claims: dict[object, object] = {}  # as the platform sent them; caller_from_claims checks types
+        roles: list[object] = []
         for claim in raw_claims if isinstance(raw_claims, list) else []:
             if not isinstance(claim, dict):
                 continue

@@ -59,7 +59,9 @@ def scope_for(endpoint: str) -> str:
 def refusal(status: int, body: dict) -> str:
     """Our outcome code for a Graph refusal, logged with Graph's own error code (no message:
     codes are what operators search for, and a message might quote the request)."""
-    error = body.get("error") if isinstance(body.get("error"), dict) else {}
+    error = body.get("error")
+    if not isinstance(error, dict):
+        error = {}
     code = str(error.get("code", ""))
     graph_code = code if _ERROR_CODE.match(code) else "unknown"
     outcome = {404: "subscription_not_found", 401: "graph_forbidden", 403: "graph_forbidden"}.get(
