@@ -1,6 +1,6 @@
 """A Microsoft Graph stand-in: the change-notification subscriptions API, as Graph answers it.
 
-Only what the token service calls (`shared/graph.py`): `POST/GET /v1.0/subscriptions` and
+Only what the token service calls (`shared/graph/`): `POST/GET /v1.0/subscriptions` and
 `GET/PATCH/DELETE /v1.0/subscriptions/{id}`, with Graph's status codes (201 created, 200, 204,
 404 for an id it does not know) and error body `{"error": {"code", "message", "innerError"}}`
 (Microsoft Graph, "Microsoft Graph error responses and resource types"). Rules as Graph documents

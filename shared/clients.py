@@ -60,7 +60,7 @@ class Clients:
     limiter: RateLimiter | None
     closers: tuple
     teams: TeamsExchange | None = None
-    graph: GraphSubscriptions | None = None  # the Microsoft Graph subscription (shared/graph.py)
+    graph: GraphSubscriptions | None = None  # the Microsoft Graph subscription (shared/graph/)
     # On in every deployment: revocations and deletions, per user and per admin (ratelimit.py: why).
     revocation_limiter: RateLimiter | None = None
     manage_limiter: RateLimiter | None = None
@@ -122,7 +122,7 @@ def build(settings: Settings) -> Clients:
     from .tokens import TokenService
 
     quiet_sdk_loggers()  # before any SDK call: its INFO records would reach Application Insights
-    telemetry.configure()  # Azure Monitor export, if APPLICATIONINSIGHTS_CONNECTION_STRING is set
+    telemetry.configure_in_background()  # Azure Monitor export, if asked for; never on this event loop
     acs_options = {**ACS_CLIENT_OPTIONS, **transport_options(), **telemetry.acs_client_options()}
     table_options = {**TABLE_CLIENT_OPTIONS, **transport_options()}
     credential = None

@@ -1,4 +1,4 @@
-"""Event Grid webhook deliveries -> actions (`shared.events`): both schemas, the handshakes, Graph payloads
+"""Event Grid webhook deliveries -> actions (`shared/events/`): both schemas, the handshakes, Graph payloads
 as Microsoft documents them, custom app events, every malformed case, and what the real azure-eventgrid
 publisher puts on the wire.
 """
@@ -20,10 +20,6 @@ from azure.eventgrid import EventGridEvent, EventGridPublisherClient
 
 from shared.errors import BadRequest, PayloadTooLarge
 from shared.events import (
-    CLOUDEVENTS_SCHEMA,
-    EVENT_GRID_SCHEMA,
-    MAX_BODY_BYTES,
-    MAX_EVENTS,
     Action,
     Delivery,
     EventTarget,
@@ -31,6 +27,8 @@ from shared.events import (
     handshake_allowed_origin,
     parse_delivery,
 )
+from shared.events.delivery import MAX_BODY_BYTES, MAX_EVENTS
+from shared.events.model import CLOUDEVENTS_SCHEMA, EVENT_GRID_SCHEMA
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 USER = "87d349ed-44d7-43e1-9a83-5f2406dee5bd"

@@ -1,4 +1,4 @@
-"""Keeping the Microsoft Graph subscription alive (shared/graph.py), and replaying dead letters.
+"""Keeping the Microsoft Graph subscription alive (shared/graph/), and replaying dead letters.
 
 Against the local stack: the Graph stand-in (devstack/graph.py) over HTTPS, bearer tokens from the
 dev managed-identity endpoint for https://graph.microsoft.com, Azurite for the record, the webhook
@@ -30,10 +30,10 @@ import pytest
 import requests
 
 import function_app
-from shared import graph as graph_module
 from shared.clients import get_clients, reset_clients
 from shared.errors import BadRequest
 from shared.events import EventTypes, parse_delivery
+from shared.graph.subscriptions import RETRY_AFTER_FAILURE
 from shared.settings import IDENTITY_TABLE, reset_settings
 from tests.service_fixtures import configure
 from tests.service_helpers import body_of, request
@@ -283,7 +283,7 @@ async def test_missing_permission_is_recorded_answered_200_and_retried_by_the_ti
     assert graph.stats()["updateSubscription"] == before
     store = get_clients().store
     state = await store.subscription.get()
-    earlier = state.attempted_at - graph_module.RETRY_AFTER_FAILURE - dt.timedelta(seconds=1)
+    earlier = state.attempted_at - RETRY_AFTER_FAILURE - dt.timedelta(seconds=1)
     await store.subscription.save(replace(state, attempted_at=earlier))
     assert (await _timer())["graph_renewed"] == 1
     assert (await health())[0] == 200

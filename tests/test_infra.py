@@ -688,7 +688,7 @@ def test_hook_dead_letters_both_subscriptions_with_the_topics_identity(run_hook)
             },
         }
     }
-    # Graph's lifecycle notification reaches the webhook too (shared/graph.py renews on it).
+    # Graph's lifecycle notification reaches the webhook too (shared/graph/ renews on it).
     assert (
         "--included-event-types Microsoft.Graph.UserUpdated Microsoft.Graph.UserDeleted "
         "Microsoft.Graph.SubscriptionReauthorizationRequired" in graph
@@ -784,9 +784,9 @@ def test_graph_upkeep_runs_beside_the_cleanup_work_within_the_function_timeout()
     import inspect
 
     from devstack.host_config import parse_function_timeout
-    from shared import graph
     from shared.cleanup import Cleanup
     from shared.clients import TABLE_CLIENT_OPTIONS
+    from shared.graph.client import GRAPH_OPTIONS, TIMEOUTS
 
     assert "asyncio.create_task(self._graph(counts))" in inspect.getsource(Cleanup.run)
     timeout = parse_function_timeout(json.loads((ROOT / "host.json").read_text())["functionTimeout"])
@@ -799,7 +799,7 @@ def test_graph_upkeep_runs_beside_the_cleanup_work_within_the_function_timeout()
         )
         return (total + 1) * (timeouts["connection_timeout"] + timeouts["read_timeout"]) + backoff
 
-    graph_call = attempts(graph.GRAPH_OPTIONS, graph.TIMEOUTS)
+    graph_call = attempts(GRAPH_OPTIONS, TIMEOUTS)
     table_call = attempts(TABLE_CLIENT_OPTIONS, TABLE_CLIENT_OPTIONS)
     slowest = 3 * table_call + 2 * graph_call
     assert timeout is not None and slowest < timeout, (slowest, timeout)

@@ -22,7 +22,7 @@ import requests
 
 from devstack.layout import HOST_LOG_FILE
 from devstack.running import RunningStack
-from shared.auth import KEYS_MIN_TTL_SECONDS, REFRESH_TIMEOUT_SECONDS
+from shared.auth.jwks import KEYS_MIN_TTL_SECONDS, REFRESH_TIMEOUT_SECONDS
 from tests.conftest import TLS_DIR
 from tests.service_helpers import Users
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from devstack.signing import SigningKey
-from shared.auth import (
+from shared.auth.jwks import (
     KEYS_MAX_STALE_SECONDS,
     KEYS_MIN_TTL_SECONDS,
     KEYS_TTL_SECONDS,

@@ -142,7 +142,7 @@ async def test_a_token_presented_again_is_not_verified_again(service):
 
 
 async def test_a_remembered_token_still_expires(service):
-    from shared.auth import LEEWAY_SECONDS
+    from shared.auth.jwt import LEEWAY_SECONDS
 
     claims = service.base_claims("per-worker-expiring")
     claims["exp"] = int(time.time()) - LEEWAY_SECONDS + 2  # accepted for one or two more seconds
@@ -156,7 +156,7 @@ async def test_a_remembered_token_still_expires(service):
 
 
 async def test_a_remembered_token_is_verified_again_once_the_keys_are_refetched(service):
-    from shared.auth import KEYS_TTL_SECONDS
+    from shared.auth.jwks import KEYS_TTL_SECONDS
 
     token = service.token("per-worker-rotation")
     for _ in range(3):

@@ -7,10 +7,12 @@ delete requests against Azurite and the emulator, and the test reads what was re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import threading
 from collections import Counter
 from types import SimpleNamespace
 from urllib.parse import unquote
@@ -27,7 +29,9 @@ from opentelemetry.trace import SpanKind, StatusCode
 import function_app
 from devstack.acs_state import TEAMS_AUDIENCE
 from devstack.issuer import object_id_for
-from shared import telemetry
+from shared import clients, telemetry
+from shared.settings import load
+from shared.telemetry import setup as telemetry_setup
 from tests.conftest import REPO_ROOT
 from tests.service_helpers import body_of, request
 
@@ -220,7 +224,7 @@ def test_configure_imports_the_distro_only_with_a_connection_string(monkeypatch)
     calls: list[dict] = []
     fake = SimpleNamespace(configure_azure_monitor=lambda **kwargs: calls.append(kwargs))
     monkeypatch.setitem(sys.modules, "azure.monitor.opentelemetry", fake)
-    monkeypatch.setattr(telemetry, "_configured", False)
+    monkeypatch.setattr(telemetry_setup, "_configured", False)
     monkeypatch.setenv("OTEL_LOGS_EXPORTER", "console")  # an operator's value; restored afterwards
 
     assert telemetry.configure({}) is False
@@ -251,9 +255,48 @@ def test_a_failing_distro_leaves_the_service_running(monkeypatch, caplog):
     monkeypatch.setitem(
         sys.modules, "azure.monitor.opentelemetry", SimpleNamespace(configure_azure_monitor=broken)
     )
-    monkeypatch.setattr(telemetry, "_configured", False)
+    monkeypatch.setattr(telemetry_setup, "_configured", False)
     assert telemetry.configure({"APPLICATIONINSIGHTS_CONNECTION_STRING": "InstrumentationKey=x"}) is False
     assert "RuntimeError" in caplog.text and "InstrumentationKey" not in caplog.text
+
+
+def test_building_the_clients_does_not_wait_for_the_distro(monkeypatch):
+    """The worker builds its clients inside its first request, on the event loop every request
+    shares. Importing and configuring the distro takes a second or more: it runs on a thread of its
+    own, so building returns (and the loop serves) while the distro is still busy."""
+    release, calls = threading.Event(), []
+
+    def slow_distro(**kwargs):
+        release.wait(30)  # the distro's import and its resource detectors, for as long as the test says
+        calls.append(kwargs)
+
+    monkeypatch.setitem(
+        sys.modules, "azure.monitor.opentelemetry", SimpleNamespace(configure_azure_monitor=slow_distro)
+    )
+    monkeypatch.setattr(telemetry_setup, "_configured", False)
+    monkeypatch.setenv("OTEL_LOGS_EXPORTER", "console")  # restored afterwards
+    monkeypatch.setenv("APPLICATIONINSIGHTS_CONNECTION_STRING", "InstrumentationKey=x")
+    worker = clients.build(
+        load(
+            {
+                "AUTH_ISSUER": "https://idp.example",
+                "AUTH_AUDIENCE": "api",
+                "ACS_CONNECTION_STRING": "endpoint=https://acs.example/;accesskey=a2V5",
+                "TABLES_CONNECTION_STRING": "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=a2V5;"
+                "TableEndpoint=https://a.table.example/",
+            }
+        )
+    )
+    try:
+        assert calls == []  # built, and the distro still configuring
+        (configuring,) = [t for t in threading.enumerate() if t.name == "telemetry-configure"]
+        release.set()
+        configuring.join(30)
+        assert len(calls) == 1 and calls[0]["connection_string"] == "InstrumentationKey=x"
+        assert telemetry.configure_in_background() is None  # configured: nothing more to start
+    finally:
+        release.set()
+        asyncio.run(worker.close())
 
 
 # ---- each log record reaches Application Insights once ---------------------------------------------------

@@ -1,20 +1,13 @@
-"""OpenTelemetry metrics and spans at the service's boundaries, and Azure Monitor export when asked.
+"""What the service counts and times: OpenTelemetry metrics and spans at its boundaries.
 
-Everything here goes through the OpenTelemetry *API*: until a provider is installed, every
-instrument and span is a cheap no-op. `configure()` installs Azure Monitor's providers, on first
-use and only when APPLICATIONINSIGHTS_CONNECTION_STRING is set; `azure.monitor.opentelemetry` is
-imported there and nowhere else, so importing function_app stays free of I/O and of that import.
+Everything here goes through the OpenTelemetry *API*: until a provider is installed (`setup.py`),
+every instrument and span is a cheap no-op.
 
 What telemetry may carry: operation names, outcome codes (our stable error codes), HTTP status
 codes, scope names, counts and durations. Never a token, JWT, key, connection string, user
 subject, object id or ACS identity id: attributes are built only from the fixed labels below,
 exceptions are never recorded (their messages may quote a request), and Azure SDK auto-tracing,
 whose spans carry request URLs with ACS identity ids in the path, stays off.
-
-Log records take one path to Application Insights, the Functions host's: the Python worker
-forwards every record logged during an invocation to the host, which sends it as a trace
-(category Function.<name>.User, with the invocation's operation id). The distro exports metrics
-and spans only; its log exporter would send each record a second time (see `configure`).
 """
 
 from __future__ import annotations
@@ -22,9 +15,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
-import logging
-import os
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -33,31 +23,9 @@ from azure.core.pipeline.policies import SansIOHTTPPolicy
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from .errors import ServiceError
-
-log = logging.getLogger("acs_token_service.telemetry")
+from ..errors import ServiceError
 
 INSTRUMENTATION_NAME = "acs_token_service"
-CONNECTION_STRING_SETTING = "APPLICATIONINSIGHTS_CONNECTION_STRING"
-SERVICE_NAME = "acs-token-service"
-# The service's own loggers. The distro's log export is off (LOGS_EXPORTER_SETTING); were it ever on,
-# it would still take only these, never the root logger, where the Azure SDK logs request URLs.
-EXPORTED_LOGGER = "acs_token_service"
-# The distro's documented switch for its log pipeline ("none": no LoggerProvider, no handler);
-# azure-monitor-opentelemetry 1.8 overwrites a `disable_logging` keyword with this variable's value.
-LOGS_EXPORTER_SETTING = "OTEL_LOGS_EXPORTER"
-# azure-monitor-opentelemetry's auto-instrumentations. azure_sdk would trace every SDK request
-# with its URL; the HTTP client ones would do the same for the managed-identity endpoint.
-DISABLED_INSTRUMENTATIONS = (
-    "azure_sdk",
-    "requests",
-    "urllib",
-    "urllib3",
-    "django",
-    "fastapi",
-    "flask",
-    "psycopg2",
-)
 
 _tracer = trace.get_tracer(INSTRUMENTATION_NAME)
 _meter = metrics.get_meter(INSTRUMENTATION_NAME)
@@ -287,50 +255,3 @@ def counts_revocations(operation: str) -> Callable:
         return wrapper
 
     return decorate
-
-
-# ---- export to Azure Monitor --------------------------------------------------------------------------
-
-_configured = False
-_configure_lock = threading.Lock()
-
-
-def configure(environ: dict[str, str] | None = None) -> bool:
-    """Install Azure Monitor's providers once, if APPLICATIONINSIGHTS_CONNECTION_STRING is set.
-
-    Called when the worker builds its clients (first request), never at import. True when
-    export is on. A failure to configure is logged and leaves telemetry off: it must not take
-    the token service down with it.
-
-    Metrics and spans only: logs already reach Application Insights through the worker and the
-    host, and the host drops its copy only for a worker that declares it logs to Application
-    Insights itself (capability WorkerApplicationInsightsLoggingEnabled, GrpcWorkerChannel.cs in
-    azure-functions-host), which azure-functions-runtime never declares. The distro's log export
-    would duplicate every record, so OTEL_LOGS_EXPORTER=none is set in the process first.
-    """
-    global _configured
-    env = os.environ if environ is None else environ
-    connection_string = (env.get(CONNECTION_STRING_SETTING) or "").strip()
-    if not connection_string:
-        return False
-    with _configure_lock:
-        if _configured:
-            return True
-        try:
-            from azure.monitor.opentelemetry import configure_azure_monitor
-            from opentelemetry.sdk.resources import Resource
-
-            attributes = {} if env.get("OTEL_SERVICE_NAME") else {"service.name": SERVICE_NAME}
-            os.environ[LOGS_EXPORTER_SETTING] = "none"  # the distro reads os.environ, not `env`
-            configure_azure_monitor(
-                connection_string=connection_string,
-                logger_name=EXPORTED_LOGGER,
-                resource=Resource.create(attributes),
-                instrumentation_options={name: {"enabled": False} for name in DISABLED_INSTRUMENTATIONS},
-            )
-        except Exception as err:  # noqa: BLE001 - telemetry is optional; the service is not
-            log.error("Azure Monitor export not configured: %s", type(err).__name__)
-            return False
-        _configured = True
-        log.info("Azure Monitor export configured")
-        return True

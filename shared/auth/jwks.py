@@ -1,44 +1,24 @@
-"""Who is calling: a bearer JWT from the app's OpenID Connect issuer, or an Easy Auth principal.
+"""The issuer's signing keys, read through its OpenID Connect discovery document and cached per worker.
 
-JWT validation is complete or it is nothing: the algorithm must be on the allow-list before any
-key is looked up (no "none", no HS256 keyed with a public key), the key comes from the issuer's
-own discovery document, and iss, aud, exp and nbf are all checked. Keys are cached per worker and
-refetched at most once a minute for an unknown `kid`, so forged kids cannot make us hammer the IdP;
-while the IdP fails, known keys serve from the stale cache (bounded) and refreshes back off
-(`JwksCache`). Every JSON segment is parsed with bounds (`shared.jsonlimits`): never a 500.
-
-A token that passed all of that is remembered (by its SHA-256, at most VERIFIED_CACHE_SIZE of them,
-like an API gateway's JWT cache): presented again, it costs a lookup instead of a signature check,
-for as long as it has not expired and the key that verified it is still the issuer's current one.
-Only tokens that passed are remembered; anything else takes the full path every time.
+Keys are refetched at most once a minute for an unknown `kid`, so forged kids cannot make us hammer
+the IdP; while the IdP fails, known keys serve from the stale cache (bounded) and refreshes back off.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import datetime as dt
-import hashlib
 import logging
 import math
 import re
 import time
-from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass
 
 import aiohttp
 import jwt
 
-from . import jsonlimits
-from .errors import Unauthenticated, Unavailable
-from .settings import Settings
+from ..errors import Unauthenticated, Unavailable
 
 log = logging.getLogger("acs_token_service.auth")
 
-MAX_TOKEN_BYTES = 16 * 1024
-LEEWAY_SECONDS = 60
 KEYS_TTL_SECONDS = 3600  # a fetched key set is fresh this long, or as long as its max-age says
 KEYS_MIN_TTL_SECONDS = 5  # ... but never less: at most one refresh per 5 s per worker, whatever it says
 KEYS_MAX_STALE_SECONDS = 6 * 3600  # known keys serve this long after their fetch while refreshes fail
@@ -47,64 +27,6 @@ REFRESH_TIMEOUT_SECONDS = 5.0  # discovery + JWKS together; a slower IdP counts 
 REFRESH_BACKOFF_SECONDS = 1.0  # after a failed refresh; doubling per failure in a row
 REFRESH_BACKOFF_MAX_SECONDS = 60.0
 _MAX_AGE = re.compile(r"(?:^|[,\s])max-age\s*=\s*\"?(\d{1,9})", re.IGNORECASE)
-VERIFIED_CACHE_SIZE = 8192
-OID_CLAIM = "oid"
-TID_CLAIM = "tid"
-
-
-@dataclass(frozen=True)
-class Caller:
-    """An authenticated app user. (issuer, subject) is the identity key; oid/tid serve Graph events."""
-
-    issuer: str
-    subject: str
-    roles: frozenset[str] = frozenset()
-    object_id: str | None = None
-    tenant_id: str | None = None
-    # When the issuer says it issued the bearer (`iat`), for refusing bearers from before an event
-    # ended the user's sessions; None when the token (or an Easy Auth principal) carries none.
-    issued_at: dt.datetime | None = None
-
-    def has_role(self, role: str) -> bool:
-        return role in self.roles
-
-
-def _bearer(authorization: str | None) -> str:
-    if not authorization:
-        raise Unauthenticated("A bearer token is required.", error=None)
-    scheme, _, token = authorization.strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthenticated("The Authorization header must be 'Bearer <token>'.", error="invalid_request")
-    if len(token) > MAX_TOKEN_BYTES:
-        raise Unauthenticated("The bearer token is too large.")
-    return token
-
-
-def _caller_from_claims(claims: Mapping, *, issuer: str, user_claim: str) -> Caller:
-    subject = claims.get(user_claim)
-    if not isinstance(subject, str) or not subject:
-        raise Unauthenticated(f"The token has no '{user_claim}' claim to identify the user.")
-    roles = claims.get("roles", [])
-    if isinstance(roles, str):
-        roles = [roles]
-    if not isinstance(roles, list):
-        roles = []
-    oid, tid = claims.get(OID_CLAIM), claims.get(TID_CLAIM)
-    iat = claims.get("iat")
-    if isinstance(iat, str) and iat.isdigit() and len(iat) <= 11:  # Easy Auth claims are strings
-        iat = int(iat)
-    issued_at = None
-    if isinstance(iat, int | float) and not isinstance(iat, bool) and 0 < iat < 2**33:
-        issued_at = dt.datetime.fromtimestamp(iat, dt.UTC)
-    return Caller(
-        issuer=issuer,
-        subject=subject,
-        roles=frozenset(r for r in roles if isinstance(r, str)),
-        object_id=oid if isinstance(oid, str) and oid else None,
-        tenant_id=tid if isinstance(tid, str) and tid else None,
-        issued_at=issued_at,
-    )
 
 
 class JwksCache:
@@ -302,135 +224,3 @@ class JwksCache:
         if cached is None:
             raise Unauthenticated("The token is signed with a key the issuer does not publish.")
         return cached
-
-
-def unverified_segment(token: str, index: int) -> dict | None:
-    """JWT segment `index` (0 header, 1 payload) as a JSON object, NOT verified; None if not a JWT.
-
-    Only for choosing (algorithm, key) or refusing early: `jwt.decode` checks everything that is
-    trusted. Cheaper than `jwt.get_unverified_header`, which decodes and checks every segment.
-    Bounded (`jsonlimits`): deep nesting or a 5000-digit number is "not a JWT", never a 500.
-    """
-    parts = token.split(".")
-    if len(parts) != 3 or not parts[index]:
-        return None
-    segment = parts[index]
-    try:
-        value = jsonlimits.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (binascii.Error, ValueError):  # also UnicodeDecodeError, JSONDecodeError, TooDeep
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _unverified_header(token: str) -> dict:
-    """The JOSE header, to pick the algorithm and key; decoding it twice cost a tenth of a refresh."""
-    header = unverified_segment(token, 0)
-    if header is None:
-        raise Unauthenticated("The bearer token is not a JWT.")
-    return header
-
-
-class JwtAuthenticator:
-    def __init__(self, settings: Settings, keys: JwksCache) -> None:
-        self.settings = settings
-        self.keys = keys
-        # sha256(token) -> (caller, exp, kid, key): tokens that passed every check.
-        self._verified: OrderedDict[bytes, tuple[Caller, int, str, jwt.PyJWK]] = OrderedDict()
-        self.verifications = 0  # full validations (signature checked); tests and benchmarks read it
-
-    async def authenticate(self, headers: Mapping[str, str]) -> Caller:
-        token = _bearer(headers.get("authorization"))
-        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
-        known = self._verified.get(digest)
-        if known is not None:
-            caller, exp, kid, key = known
-            # PyJWT's own expiry rule (expired when exp <= now - leeway), and the same key as now.
-            if time.time() < exp + LEEWAY_SECONDS and self.keys.is_current(kid, key):
-                self._verified.move_to_end(digest)
-                return caller
-            del self._verified[digest]  # the full path below says why it no longer passes
-        caller, exp, kid, key = await self._verify(token)
-        self._verified[digest] = (caller, exp, kid, key)
-        if len(self._verified) > VERIFIED_CACHE_SIZE:
-            self._verified.popitem(last=False)
-        return caller
-
-    async def _verify(self, token: str) -> tuple[Caller, int, str, jwt.PyJWK]:
-        self.verifications += 1
-        header = _unverified_header(token)
-        alg, kid = header.get("alg"), header.get("kid")
-        if alg not in self.settings.algorithms:
-            if not isinstance(alg, str) or len(alg) > 20:  # never echo an attacker's blob in headers
-                raise Unauthenticated("The token's algorithm (alg) is not accepted.")
-            raise Unauthenticated(f"Tokens signed with {alg!r} are not accepted.")
-        if not isinstance(kid, str) or not kid:
-            raise Unauthenticated("The token header has no key id (kid).")
-        key = await self.keys.key(kid)
-        try:
-            claims = jwt.decode(
-                token,
-                key.key,
-                algorithms=[alg],
-                audience=list(self.settings.audiences),
-                issuer=self.settings.issuer,
-                leeway=LEEWAY_SECONDS,
-                options={"require": ["exp", "iss", "aud"], "verify_nbf": True, "verify_iat": True},
-            )
-        except jwt.ExpiredSignatureError:
-            raise Unauthenticated("The token has expired.") from None
-        except jwt.ImmatureSignatureError:
-            raise Unauthenticated("The token is not valid yet (nbf).") from None
-        except jwt.InvalidAudienceError:
-            raise Unauthenticated("The token is for another audience.") from None
-        except jwt.InvalidIssuerError:
-            raise Unauthenticated("The token is from another issuer.") from None
-        except jwt.PyJWTError:
-            raise Unauthenticated("The token signature or claims are invalid.") from None
-        caller = _caller_from_claims(claims, issuer=self.settings.issuer, user_claim=self.settings.user_claim)
-        return caller, int(claims["exp"]), kid, key
-
-
-# App Service Authentication ("Easy Auth") validates the token at the front end and passes the
-# principal on in this header; the platform strips any client-supplied copy. Only use this mode
-# with Easy Auth switched on and set to reject unauthenticated requests.
-PRINCIPAL_HEADER = "x-ms-client-principal"
-PRINCIPAL_IDP_HEADER = "x-ms-client-principal-idp"
-_CLAIM_ALIASES = {
-    "oid": ("oid", "http://schemas.microsoft.com/identity/claims/objectidentifier"),
-    "tid": ("tid", "http://schemas.microsoft.com/identity/claims/tenantid"),
-    "sub": ("sub", "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/nameidentifier"),
-    "iss": ("iss",),
-}
-
-
-class EasyAuthAuthenticator:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    async def authenticate(self, headers: Mapping[str, str]) -> Caller:
-        encoded = headers.get(PRINCIPAL_HEADER)
-        if not encoded:
-            raise Unauthenticated("No authenticated principal: is App Service Authentication on?", error=None)
-        try:
-            principal = jsonlimits.loads(base64.b64decode(encoded, validate=True))
-            raw_claims = principal["claims"]
-            role_type = principal.get("role_typ") or "roles"
-        except (binascii.Error, ValueError, KeyError, TypeError):
-            raise Unauthenticated("The client principal header is malformed.") from None
-        claims: dict[str, object] = {}
-        roles: list[str] = []
-        for claim in raw_claims if isinstance(raw_claims, list) else []:
-            if not isinstance(claim, dict):
-                continue
-            typ, val = claim.get("typ"), claim.get("val")
-            if typ in (role_type, "roles"):
-                roles.append(val)
-            else:
-                claims.setdefault(typ, val)
-        for short, aliases in _CLAIM_ALIASES.items():
-            for alias in aliases:
-                if alias in claims:
-                    claims.setdefault(short, claims[alias])
-        claims["roles"] = roles
-        issuer = claims.get("iss") or headers.get(PRINCIPAL_IDP_HEADER) or "easyauth"
-        return _caller_from_claims(claims, issuer=str(issuer), user_claim=self.settings.user_claim)

@@ -14,34 +14,31 @@ with application permissions Graph shows an app only the "subscriptions created 
 Creation happens only on the timer, which the Functions host runs on one instance at a time (its
 storage lock), so two instances never create two subscriptions.
 
-Calls use the worker's one credential (an app token for Graph; the identity needs the application
-permission User.Read.All, which Graph's subscription docs list for users) and one pipeline made on
-first use. What happened is recorded in Table Storage (`shared.store.subscription`), which
-/api/health reads: a failed renewal, or an expiry under 3 days, is "degraded". Logs carry outcome
-codes and the subscription id, never a token. A failure that a retry may fix (Graph throttled or
-down, no token) raises Unavailable, so the webhook answers 503 and Event Grid redelivers; one that
-needs the operator (no permission, a subscription Graph does not know) is recorded, answered 200,
-and tried again by the timer.
+What happened is recorded in Table Storage (`shared.store.subscription`), which /api/health
+reads: a failed renewal, or an expiry under 3 days, is "degraded". A failure that a retry may fix
+raises Unavailable, so the webhook answers 503 and Event Grid redelivers; one that needs the
+operator (no permission, a subscription Graph does not know) is recorded, answered 200, and tried
+again by the timer.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlparse
+from urllib.parse import quote
 
-from .clock import Clock, utcnow
-from .errors import Unavailable
-from .events import MISSED, Lifecycle, SubscriptionSeen
-from .store.stores import Stores
-from .store.subscription import GraphSubscriptionState
+from ..clock import Clock, utcnow
+from ..errors import Unavailable
+from ..events import MISSED, Lifecycle, SubscriptionSeen
+from ..store.stores import Stores
+from ..store.subscription import GraphSubscriptionState
+from .client import GraphClient, Retryable, expiry, iso, refusal
 
 if TYPE_CHECKING:
-    from .settings import Settings
+    from ..settings import Settings
 
 log = logging.getLogger("acs_token_service.graph")
 
@@ -51,41 +48,7 @@ RENEW_WITHIN = dt.timedelta(days=7)  # the timer renews a subscription with less
 DEGRADED_WITHIN = dt.timedelta(days=3)  # health: the timer has been failing for 4 days by then
 RETRY_AFTER_FAILURE = dt.timedelta(minutes=15)  # the timer's pace for renewals that keep failing
 MISSED_SHOWN_FOR = dt.timedelta(days=1)  # health reports a "missed" notification this long
-GRAPH_SCOPE = "https://graph.microsoft.com/.default"
-# Graph's own answers: which ones a retry may fix.
-RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
 OK_OUTCOMES = ("ok", "observed")
-GRAPH_OPTIONS = {"retry_total": 1, "retry_backoff_factor": 0.5, "retry_backoff_max": 2}
-# Event Grid waits 30 s for the webhook: two attempts at these timeouts stay under it.
-TIMEOUTS = {"connection_timeout": 5, "read_timeout": 8}
-_ERROR_CODE = re.compile(r"[A-Za-z0-9_.]{1,64}\Z")
-
-
-class _Retryable(Exception):
-    def __init__(self, code: str, retry_after: int = 30) -> None:
-        super().__init__(code)
-        self.code, self.retry_after = code, retry_after
-
-
-def _iso(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _expiry(body: dict, fallback: dt.datetime) -> dt.datetime:
-    """expirationDateTime as Graph answered it (7 fractional digits and Z), else what was asked."""
-    value = body.get("expirationDateTime")
-    try:
-        stamp = dt.datetime.fromisoformat(value) if isinstance(value, str) else None
-    except ValueError:
-        stamp = None
-    return stamp.astimezone(dt.UTC) if stamp is not None and stamp.tzinfo else fallback
-
-
-def scope_for(endpoint: str) -> str:
-    """The token scope for a Graph endpoint: its own `/.default` (national clouds have their own
-    Graph hosts), except on loopback, where the local stack's stand-in plays the global cloud."""
-    host = urlparse(endpoint).hostname or ""
-    return GRAPH_SCOPE if host in ("127.0.0.1", "localhost", "::1") else f"{endpoint}/.default"
 
 
 class GraphSubscriptions:
@@ -102,85 +65,17 @@ class GraphSubscriptions:
         clock: Clock = utcnow,
     ) -> None:
         self.store = store
-        self.endpoint = settings.graph_endpoint
         self.notification_url = settings.graph_notification_url
         self.clock = clock
-        self._credential = credential
-        self._make_credential = make_credential
-        self._owns_credential = False
-        self._transport_options = transport_options or {}
-        self._client = None
-
-    # ---- Graph over HTTP ---------------------------------------------------------------------------
-
-    def _pipeline(self):
-        """One azure-core pipeline per worker, made on first use: retries (Retry-After honoured), the
-        worker's credential as bearer for Graph, azure-core's header redaction in its logging."""
-        if self._client is None:
-            from azure.core import AsyncPipelineClient
-            from azure.core.pipeline.policies import (
-                AsyncBearerTokenCredentialPolicy,
-                AsyncRetryPolicy,
-                HeadersPolicy,
-                HttpLoggingPolicy,
-                UserAgentPolicy,
-            )
-            from azure.core.pipeline.transport import AioHttpTransport
-
-            if self._credential is None:  # keys for ACS and Storage, but Graph takes no key
-                self._credential, self._owns_credential = self._make_credential(), True
-            self._client = AsyncPipelineClient(
-                base_url=self.endpoint,
-                policies=[
-                    HeadersPolicy({"Accept": "application/json"}),
-                    UserAgentPolicy(sdk_moniker="acs-token-service"),
-                    AsyncRetryPolicy(**GRAPH_OPTIONS),
-                    AsyncBearerTokenCredentialPolicy(self._credential, scope_for(self.endpoint)),
-                    HttpLoggingPolicy(),
-                ],
-                transport=AioHttpTransport(**TIMEOUTS, **self._transport_options),
-            )
-        return self._client
+        self.client = GraphClient(
+            settings.graph_endpoint,
+            credential=credential,
+            make_credential=make_credential,
+            transport_options=transport_options,
+        )
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-        if self._owns_credential and self._credential is not None:
-            await self._credential.close()
-
-    async def _call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        """(status, JSON body) of a Graph call; raises _Retryable for what a retry may fix."""
-        from azure.core.exceptions import AzureError, ClientAuthenticationError
-        from azure.core.rest import HttpRequest
-
-        request = HttpRequest(method, f"{self.endpoint}/v1.0/{path}", json=body)
-        try:
-            response = await self._pipeline().send_request(request)
-        except ClientAuthenticationError:  # the managed identity got no token for Graph
-            raise _Retryable("graph_token_unavailable") from None
-        except AzureError:  # connection refused, reset or timed out, after the pipeline's retries
-            raise _Retryable("graph_unreachable") from None
-        try:
-            payload = response.json()
-        except ValueError:
-            payload = {}
-        if response.status_code in RETRYABLE:
-            after = response.headers.get("Retry-After", "")
-            raise _Retryable("graph_unavailable", int(after) if after.isdigit() else 30)
-        return response.status_code, payload if isinstance(payload, dict) else {}
-
-    @staticmethod
-    def _failure(status: int, body: dict) -> str:
-        """Our outcome code for a Graph refusal, logged with Graph's own error code (no message:
-        codes are what operators search for, and a message might quote the request)."""
-        error = body.get("error") if isinstance(body.get("error"), dict) else {}
-        code = str(error.get("code", ""))
-        graph_code = code if _ERROR_CODE.match(code) else "unknown"
-        outcome = {404: "subscription_not_found", 401: "graph_forbidden", 403: "graph_forbidden"}.get(
-            status, "graph_rejected"
-        )
-        log.warning("Microsoft Graph refused: %s (HTTP %d, %s)", outcome, status, graph_code)
-        return outcome
+        await self.client.close()
 
     # ---- renew and create --------------------------------------------------------------------------
 
@@ -201,12 +96,12 @@ class GraphSubscriptions:
         previous = current if current is not None and current.subscription_id == subscription_id else None
         base = previous or GraphSubscriptionState(subscription_id, None, "observed")
         try:
-            status, body = await self._call(
+            status, body = await self.client.call(
                 "PATCH",
                 f"subscriptions/{quote(subscription_id, safe='')}",
-                {"expirationDateTime": _iso(now + RENEW_FOR)},
+                {"expirationDateTime": iso(now + RENEW_FOR)},
             )
-        except _Retryable as err:
+        except Retryable as err:
             log.warning("Graph subscription %s not renewed (%s): %s", subscription_id, reason, err.code)
             if previous is not None or current is None or current.outcome not in OK_OUTCOMES:
                 await self.store.subscription.save(replace(base, outcome=err.code, attempted_at=now))
@@ -216,13 +111,13 @@ class GraphSubscriptions:
                 retry_after=err.retry_after,
             ) from None
         if status == 200:
-            expires = _expiry(body, now + RENEW_FOR)
+            expires = expiry(body, now + RENEW_FOR)
             await self.store.subscription.save(
                 replace(base, expires_at=expires, outcome="ok", attempted_at=now, renewed_at=now)
             )
-            log.info("Graph subscription %s renewed (%s) until %s", subscription_id, reason, _iso(expires))
+            log.info("Graph subscription %s renewed (%s) until %s", subscription_id, reason, iso(expires))
             return "ok"
-        outcome = self._failure(status, body)
+        outcome = refusal(status, body)
         if previous is not None or current is None or current.outcome not in OK_OUTCOMES:
             await self.store.subscription.save(replace(base, outcome=outcome, attempted_at=now))
         return outcome
@@ -237,24 +132,24 @@ class GraphSubscriptions:
             "notificationUrl": self.notification_url,
             "lifecycleNotificationUrl": self.notification_url,
             "resource": "users",
-            "expirationDateTime": _iso(now + RENEW_FOR),
+            "expirationDateTime": iso(now + RENEW_FOR),
         }
         try:
-            status, answer = await self._call("POST", "subscriptions", body)
-        except _Retryable as err:
+            status, answer = await self.client.call("POST", "subscriptions", body)
+        except Retryable as err:
             log.warning("Graph subscription not created: %s", err.code)
             await self._save_failure(current, err.code, now)
             return "graph_create_failed"
         subscription_id = answer.get("id")
         if status == 201 and isinstance(subscription_id, str) and subscription_id:
-            expires = _expiry(answer, now + RENEW_FOR)
+            expires = expiry(answer, now + RENEW_FOR)
             missed = current.missed_at if current is not None else None
             await self.store.subscription.save(
                 GraphSubscriptionState(subscription_id, expires, "ok", now, now, missed)
             )
-            log.info("Graph subscription %s created until %s", subscription_id, _iso(expires))
+            log.info("Graph subscription %s created until %s", subscription_id, iso(expires))
             return "graph_created"
-        await self._save_failure(current, self._failure(status, answer), now)
+        await self._save_failure(current, refusal(status, answer), now)
         return "graph_create_failed"
 
     async def _save_failure(
@@ -330,7 +225,7 @@ class GraphSubscriptions:
                 return None
             return "degraded: no subscription yet (the cleanup timer creates it)", False
         now = self.clock()
-        attempted = _iso(state.attempted_at) if state.attempted_at else "unknown time"
+        attempted = iso(state.attempted_at) if state.attempted_at else "unknown time"
         if not state.subscription_id:
             return f"degraded: creation failed ({state.outcome}) at {attempted}", False
         if state.outcome not in OK_OUTCOMES:
@@ -338,7 +233,7 @@ class GraphSubscriptions:
         if state.expires_at is None:
             return "ok (expiry not known yet)", True
         if state.expires_at - now < DEGRADED_WITHIN:
-            return f"degraded: expires {_iso(state.expires_at)}", False
+            return f"degraded: expires {iso(state.expires_at)}", False
         if state.missed_at is not None and now - state.missed_at < MISSED_SHOWN_FOR:
-            return f"degraded: Graph missed change notifications at {_iso(state.missed_at)}", False
-        return f"ok (expires {_iso(state.expires_at)})", True
+            return f"degraded: Graph missed change notifications at {iso(state.missed_at)}", False
+        return f"ok (expires {iso(state.expires_at)})", True
