@@ -163,7 +163,8 @@ async def test_a_remembered_token_is_verified_again_once_the_keys_are_refetched(
         await function_app.refresh_token(request("POST", "token/refresh", token=token))
     clients = get_clients()
     assert (clients.jwks.fetches, clients.authenticator.verifications) == (1, 1)
-    clients.jwks._fetched_at -= KEYS_TTL_SECONDS  # the key set is due for its hourly refetch
+    real_clock = clients.jwks.clock
+    clients.jwks.clock = lambda: real_clock() + KEYS_TTL_SECONDS  # an hour on: due for its refetch
     assert (
         await function_app.refresh_token(request("POST", "token/refresh", token=token))
     ).status_code == 404

@@ -45,7 +45,7 @@ class JwksCache:
         self.issuer = issuer
         self._session_factory = session_factory
         self._session: aiohttp.ClientSession | None = None
-        self._clock = clock
+        self.clock = clock
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at: float | None = None  # the last good refresh
         self._ttl: float = KEYS_TTL_SECONDS
@@ -125,7 +125,7 @@ class JwksCache:
         if not keys:  # keep the keys we have rather than refuse every caller
             raise Unavailable("The issuer's JWKS has no signing key we can use.", code="issuer_unavailable")
         ttl = KEYS_TTL_SECONDS if max_age is None else min(max_age, KEYS_TTL_SECONDS)
-        self._keys, self._fetched_at, self._ttl = keys, self._clock(), max(KEYS_MIN_TTL_SECONDS, ttl)
+        self._keys, self._fetched_at, self._ttl = keys, self.clock(), max(KEYS_MIN_TTL_SECONDS, ttl)
         self.fetches += 1
 
     async def _run_refresh(self) -> bool:
@@ -149,14 +149,14 @@ class JwksCache:
             self._failures += 1
             doubled = REFRESH_BACKOFF_SECONDS * 2 ** min(self._failures - 1, 16)
             backoff = min(REFRESH_BACKOFF_MAX_SECONDS, doubled)
-            self._retry_at, self._error = self._clock() + backoff, error
+            self._retry_at, self._error = self.clock() + backoff, error
             log.warning(
                 "issuer keys not refreshed (%s: %s); failure %d in a row, next try in %g s, cached keys %s",
                 error.code,
                 error.detail,
                 self._failures,
                 backoff,
-                "none" if self._fetched_at is None else f"{self._clock() - self._fetched_at:.0f} s old",
+                "none" if self._fetched_at is None else f"{self.clock() - self._fetched_at:.0f} s old",
             )
             return False
         finally:
@@ -192,10 +192,10 @@ class JwksCache:
 
     def is_current(self, kid: str, key: jwt.PyJWK) -> bool:
         """`key` is what `key(kid)` would return now, without a refetch (no I/O)."""
-        return self._keys.get(kid) is key and self._age(self._clock()) < self._ttl
+        return self._keys.get(kid) is key and self._age(self.clock()) < self._ttl
 
     async def key(self, kid: str) -> jwt.PyJWK:
-        now = self._clock()
+        now = self.clock()
         age = self._age(now)
         cached = self._keys.get(kid)
         if cached is not None and age < self._ttl:
@@ -217,7 +217,7 @@ class JwksCache:
         # Shared with every request that needs it; shielded, so a caller that gives up does not
         # cancel it for the others. Bounded by the refresh's own deadline.
         if not await asyncio.shield(task):
-            now = self._clock()
+            now = self.clock()
             usable = self._age(now) < KEYS_MAX_STALE_SECONDS
             raise self._unavailable(self._wait_for_fetch(now, unknown_kid=usable))
         cached = self._keys.get(kid)
