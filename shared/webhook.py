@@ -1,4 +1,4 @@
-"""The Event Grid webhook: handshakes, then each event acted on once.
+"""The Event Grid webhook's events, each acted on once (its HTTP side: shared/http/events.py).
 
 Event Grid delivers at least once. An event is marked done after it is acted on, so a redelivery
 of a done event is acknowledged without acting again; one whose handling failed, or was cut off by
@@ -7,7 +7,6 @@ user, who may have several identities: each is marked done on its own, so a retr
 those not done yet. Two deliveries of one event at the same moment (Event Grid retries an answer
 that takes over 30 s) may both act: a second revoke or delete of the same identity seconds later
 changes nothing that matters.
-A malformed delivery is refused whole (400) before any state is touched.
 
 What names an event is what its schema makes unique: CloudEvents `source` + `id` (an id alone is
 unique only within its source), the Event Grid schema's `topic` + `id`, and the schema itself; an

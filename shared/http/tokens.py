@@ -44,4 +44,6 @@ async def teams(call: Call) -> func.HttpResponse:
     from ..teams import teams_token_request  # loads auth (jwt) with the clients, not at indexing
 
     request = teams_token_request(call.req.get_body())
-    return bodies.teams_token(await call.clients.teams.exchange(call.caller, request))
+    exchange = call.clients.teams
+    assert exchange is not None, "every worker's clients build one (shared/clients.py)"
+    return bodies.teams_token(await exchange.exchange(call.caller, request))
