@@ -68,7 +68,7 @@ class _RequestErrorFilter(logging.Filter):
 logging.getLogger("aiohttp.server").addFilter(_RequestErrorFilter())
 
 IMPORT_FAILED_CODE = "host_import_failed"
-# The service's problem type base (shared/problems.py), repeated: this answer exists for when
+# The service's problem type base (shared/http/problems.py), repeated: this answer exists for when
 # the service cannot be loaded, so it must not import it.
 PROBLEM_TYPE = "urn:acs-token-service:problem:"  # + code; documented in README
 MAX_BODY_BYTES = 100 * 1024 * 1024  # the Functions host's request size limit

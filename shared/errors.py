@@ -1,4 +1,4 @@
-"""Domain errors with stable codes; `shared.problems` turns them into RFC 9457 responses.
+"""Domain errors with stable codes; `shared.http.problems` turns them into RFC 9457 responses.
 
 Every error a caller can cause or meet is one of these, so handlers never build error responses
 by hand and no path ends in an unexplained 500.

@@ -29,13 +29,6 @@ class Outcome:
     status: str  # "revoked", "deleted" or "pending"
     communication_user_id: str
 
-    def to_json(self) -> dict:
-        return {"status": self.status, "communicationUserId": self.communication_user_id}
-
-    @property
-    def http_status(self) -> int:
-        return 202 if self.status == "pending" else 200
-
 
 def _ref(record: IdentityRecord) -> str:
     """A log handle for the user: a prefix of its hashed key, never the subject itself."""

@@ -22,7 +22,6 @@ Error choices, given that the caller's own bearer token was fine:
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from dataclasses import dataclass
 
@@ -49,14 +48,6 @@ class TeamsTokenRequest:
 class TeamsTokenResult:
     object_id: str
     token: IssuedToken
-
-    def to_json(self) -> dict:
-        return {
-            "token": self.token.token,
-            "expiresOn": self.token.expires_on.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            # What MicrosoftTeamsUserIdentifier takes: the caller's own Entra object id.
-            "microsoftTeamsUserId": self.object_id,
-        }
 
 
 def teams_token_request(body: bytes | None) -> TeamsTokenRequest:

@@ -39,15 +39,6 @@ class TokenResult:
     scopes: tuple[str, ...]
     identity_created: bool
 
-    def to_json(self) -> dict:
-        return {
-            "communicationUserId": self.communication_user_id,
-            "token": self.token.token,
-            "expiresOn": self.token.expires_on.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "scopes": list(self.scopes),
-            "identityCreated": self.identity_created,
-        }
-
 
 CREATIONS_IN_FLIGHT = 4  # ACS creations not yet on file, per worker: what one crash can leak at most
 IDENTITY_GONE = "identity_gone"  # shared/acs.py: ACS says it does not own (any more) the identity

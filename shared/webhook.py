@@ -1,4 +1,4 @@
-"""The Event Grid webhook: handshakes, then each event acted on once.
+"""The Event Grid webhook's events, each acted on once (its HTTP side: shared/http/events.py).
 
 Event Grid delivers at least once. An event is marked done after it is acted on, so a redelivery
 of a done event is acknowledged without acting again; one whose handling failed, or was cut off by
@@ -7,7 +7,6 @@ user, who may have several identities: each is marked done on its own, so a retr
 those not done yet. Two deliveries of one event at the same moment (Event Grid retries an answer
 that takes over 30 s) may both act: a second revoke or delete of the same identity seconds later
 changes nothing that matters.
-A malformed delivery is refused whole (400) before any state is touched.
 
 What names an event is what its schema makes unique: CloudEvents `source` + `id` (an id alone is
 unique only within its source), the Event Grid schema's `topic` + `id`, and the schema itself; an
@@ -40,20 +39,9 @@ from collections import Counter
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-import azure.functions as func
-
-from .clients import Clients, get_clients
-from .errors import BadRequest, ServiceError, Unavailable
-from .events import (
-    Action,
-    Delivery,
-    EventTarget,
-    EventTypes,
-    Lifecycle,
-    handshake_allowed_origin,
-    parse_delivery,
-)
-from .problems import from_error, from_unexpected, json_response
+from .clients import Clients
+from .errors import Unavailable
+from .events import Action, Delivery, EventTarget, Lifecycle
 from .store import keys
 
 if TYPE_CHECKING:  # the store loads with the clients: importing function_app stays light
@@ -277,52 +265,22 @@ async def _observe(clients: Clients, delivery: Delivery, budget: _Budget) -> Non
         log.warning("graph subscription not noted: %s", type(err).__name__)
 
 
-def handshake(req: func.HttpRequest) -> func.HttpResponse:
-    """CloudEvents abuse protection: Event Grid asks with OPTIONS before delivering."""
-    origin = handshake_allowed_origin(req.headers)
-    if origin is None:
-        return from_error(BadRequest("WebHook-Request-Origin is required.", code="invalid_handshake"))
-    return func.HttpResponse(
-        status_code=200,
-        headers={"WebHook-Allowed-Origin": origin, "WebHook-Allowed-Rate": "*", "Allow": "POST, OPTIONS"},
-    )
-
-
-async def deliver(req: func.HttpRequest) -> func.HttpResponse:
-    if req.method == "OPTIONS":
-        return handshake(req)
-    started = time.monotonic()
-    try:
-        clients = get_clients()
-        settings = clients.settings
-        types = EventTypes(
-            user_deleted=settings.user_deleted_event_types,
-            credentials_changed=settings.credentials_changed_event_types,
-            revoke_on_graph_user_updated=settings.revoke_on_graph_user_updated,
+async def act_on(clients: Clients, delivery: Delivery, started: float) -> Counter[str]:
+    """What each event of a parsed delivery came to, worked through within the budget counted from
+    `started`. Each event gets its turn; then a failure answers for the batch (raised), and so does
+    work left for Event Grid's retry (`events_deferred`)."""
+    budget = _Budget(started)
+    results, failures = await _work_through(clients, delivery, budget)
+    await _observe(clients, delivery, budget)
+    results["ignored"] = delivery.ignored
+    log.info("events handled: %s", " ".join(f"{k}={v}" for k, v in sorted(results.items())))
+    if failures:
+        raise failures[0]
+    if deferred := results["deferred"]:
+        raise Unavailable(
+            f"{deferred} of {len(delivery.actions) + len(delivery.lifecycle)} events were left for "
+            "Event Grid's retry: this delivery's time or ACS budget ran out.",
+            code="events_deferred",
+            retry_after=RETRY_AFTER_SECONDS,
         )
-        delivery = parse_delivery(
-            req.get_body(), req.headers.get("content-type"), req.headers.get("aeg-event-type"), types
-        )
-        if delivery.validation_code is not None:
-            log.info("event subscription validated")
-            return json_response({"validationResponse": delivery.validation_code})
-        # Each event gets its turn; a failure answers for the batch, after the others had theirs.
-        budget = _Budget(started)
-        results, failures = await _work_through(clients, delivery, budget)
-        await _observe(clients, delivery, budget)
-        results["ignored"] = delivery.ignored
-        log.info("events handled: %s", " ".join(f"{k}={v}" for k, v in sorted(results.items())))
-        if failures:
-            raise failures[0]
-        if deferred := results["deferred"]:
-            raise Unavailable(
-                f"{deferred} of {len(delivery.actions) + len(delivery.lifecycle)} events were left for "
-                "Event Grid's retry: this delivery's time or ACS budget ran out.",
-                code="events_deferred",
-                retry_after=RETRY_AFTER_SECONDS,
-            )
-        return json_response({"results": dict(results)})
-    except ServiceError as err:
-        return from_error(err)
-    except Exception as err:  # noqa: BLE001
-        return from_unexpected(err)
+    return results

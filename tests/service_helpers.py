@@ -104,7 +104,7 @@ async def graph_rows(table, tenant_id: str, object_id: str) -> list:
 class HostLog:
     """The dev host's log from now on: what the worker logged for the requests a test makes.
 
-    Unexpected errors reach it as an ERROR record with the stack (shared/problems.py), so a clean
+    Unexpected errors reach it as an ERROR record with the stack (shared/http/problems.py), so a clean
     window shows that every answer in it was a mapped problem, not a caught crash."""
 
     def __init__(self, stack) -> None:

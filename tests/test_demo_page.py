@@ -14,7 +14,7 @@ import requests
 
 import function_app
 from devstack.dev_signin import DevSignin
-from shared import demo_page
+from shared.http import demo
 from tests.conftest import REPO_ROOT
 from tests.service_fixtures import configure
 from tests.service_helpers import body_of, request
@@ -71,8 +71,8 @@ def test_the_committed_bundle_is_the_source_built(tmp_path):
 
 
 def test_the_bundle_cannot_end_the_inline_script():
-    demo_page.page.cache_clear()
-    body, _csp = demo_page.page()
+    demo.page.cache_clear()
+    body, _csp = demo.page()
     assert body.count(b"</script") == 1
 
 

@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from shared.openapi import DOCUMENT
+from shared.http.openapi import DOCUMENT
 from tests.service_helpers import HostLog
 
 schema = schemathesis.openapi.from_path(str(DOCUMENT))

@@ -12,7 +12,7 @@ import function_app
 from devstack.host_functions import index
 from devstack.service_settings import REPO_ROOT
 from devstack.worker import metadata_of
-from shared.openapi import DOCUMENT
+from shared.http.openapi import DOCUMENT
 
 SPEC = yaml.safe_load(DOCUMENT.read_text())
 HTTP_METHODS = {"get", "post", "put", "patch", "delete", "options", "head"}

@@ -1,12 +1,12 @@
 """The store's errors: a Table Storage failure named by what the caller can do about it.
 
 `table.py` raises only these, never azure-core's; the HTTP layer answers every one with 503
-(shared/problems.py). No SDK import here: importing it stays as light as `shared.errors`.
+(shared/http/problems.py). No SDK import here: importing it stays as light as `shared.errors`.
 """
 
 from __future__ import annotations
 
-# Answers that say Table Storage is overloaded or failing, not that the request was wrong.
+# Answers that say a backing service is overloaded or failing, not that the request was wrong.
 BUSY = (429, 500, 502, 503, 504)
 
 

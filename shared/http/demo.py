@@ -1,6 +1,6 @@
 """GET /api/demo: the browser demo page, served only when DEMO_PAGE_ENABLED is true.
 
-One self-contained HTML answer: the page (demo/index.html) with its script inlined
+One self-contained HTML answer: the page (shared/demo/index.html) with its script inlined
 (demo/app.bundle.js, @azure/communication-common bundled by esbuild from demo/app.js), so the
 page needs no other route and loads nothing from anywhere else. A strict Content-Security-Policy
 allows exactly that inline script and style (by hash) and requests to this origin only.
@@ -12,6 +12,7 @@ bearer token from the app's identity provider.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
@@ -20,16 +21,32 @@ from pathlib import Path
 
 import azure.functions as func
 
-from .errors import NotFound, ServiceError
-from .problems import from_error, from_unexpected
-from .settings import get_settings
+from ..errors import NotFound
+from ..settings import get_settings
+from .route import Auth, route
 
-PAGE_DIR = Path(__file__).resolve().parent / "demo"
+PAGE_DIR = Path(__file__).resolve().parent.parent / "demo"
 SCRIPT_PLACEHOLDER = "/*APP*/"
 
 
-def _sha256(text: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+@route(auth=Auth.ANONYMOUS)
+async def serve(_req: func.HttpRequest) -> func.HttpResponse:
+    if not get_settings().demo_page_enabled:
+        raise NotFound("The demo page is off (DEMO_PAGE_ENABLED).", code="demo_page_disabled")
+    body, csp = await asyncio.to_thread(page)  # its files are read once, off the event loop
+    return func.HttpResponse(
+        body,
+        status_code=200,
+        mimetype="text/html",
+        charset="utf-8",
+        headers={
+            "Content-Security-Policy": csp,
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "X-Frame-Options": "DENY",
+        },
+    )
 
 
 @cache
@@ -56,25 +73,5 @@ def page() -> tuple[bytes, str]:
     return html.encode(), csp
 
 
-def serve(_req: func.HttpRequest) -> func.HttpResponse:
-    try:
-        if not get_settings().demo_page_enabled:
-            raise NotFound("The demo page is off (DEMO_PAGE_ENABLED).", code="demo_page_disabled")
-        body, csp = page()
-    except ServiceError as err:
-        return from_error(err)
-    except Exception as err:  # noqa: BLE001
-        return from_unexpected(err)
-    return func.HttpResponse(
-        body,
-        status_code=200,
-        mimetype="text/html",
-        charset="utf-8",
-        headers={
-            "Content-Security-Policy": csp,
-            "Cache-Control": "no-store",
-            "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
-            "X-Frame-Options": "DENY",
-        },
-    )
+def _sha256(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"

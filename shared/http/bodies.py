@@ -1,0 +1,95 @@
+"""Results to answers: services return plain dataclasses, and only this module turns them into JSON
+and a status code (errors: shared/http/problems.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import azure.functions as func
+
+if TYPE_CHECKING:  # the services load with the clients, not when the host indexes function_app
+    from ..revocation import Outcome
+    from ..store.record import IdentityRecord
+    from ..teams import TeamsTokenResult
+    from ..tokens import TokenResult
+
+
+def iso(when: dt.datetime) -> str:
+    """Every moment the API answers with: UTC, whole seconds, `Z`."""
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def json_response(
+    body: object,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+    *,
+    mimetype: str = "application/json",
+) -> func.HttpResponse:
+    """No answer may be cached: each names a user, a token or the service's state now."""
+    return func.HttpResponse(
+        json.dumps(body),
+        status_code=status,
+        headers={"Cache-Control": "no-store", **(headers or {})},
+        mimetype=mimetype,
+    )
+
+
+def token(result: TokenResult) -> func.HttpResponse:
+    return json_response(
+        {
+            "communicationUserId": result.communication_user_id,
+            "token": result.token.token,
+            "expiresOn": iso(result.token.expires_on),
+            "scopes": list(result.scopes),
+            "identityCreated": result.identity_created,
+        }
+    )
+
+
+def teams_token(result: TeamsTokenResult) -> func.HttpResponse:
+    return json_response(
+        {
+            "token": result.token.token,
+            "expiresOn": iso(result.token.expires_on),
+            # What MicrosoftTeamsUserIdentifier takes: the caller's own Entra object id.
+            "microsoftTeamsUserId": result.object_id,
+        }
+    )
+
+
+def identity(record: IdentityRecord) -> func.HttpResponse:
+    return json_response(
+        {
+            "communicationUserId": record.communication_user_id,
+            "createdAt": iso(record.created_at),
+            "lastIssuedAt": iso(record.last_issued_at),
+        }
+    )
+
+
+def outcome(result: Outcome) -> func.HttpResponse:
+    """202 while the revocation or deletion waits in the queue for ACS, 200 once done."""
+    return json_response(
+        {"status": result.status, "communicationUserId": result.communication_user_id},
+        status=202 if result.status == "pending" else 200,
+    )
+
+
+def health(checks: Mapping[str, str], healthy: bool) -> func.HttpResponse:
+    """503 when degraded, so a load balancer or an availability test sees it without reading the body."""
+    return json_response(
+        {"status": "ok" if healthy else "degraded", "checks": dict(checks)}, status=200 if healthy else 503
+    )
+
+
+def subscription_validated(code: str) -> func.HttpResponse:
+    """Event Grid's validation handshake (its own schema): the code echoed back."""
+    return json_response({"validationResponse": code})
+
+
+def events_handled(results: Mapping[str, int]) -> func.HttpResponse:
+    return json_response({"results": dict(results)})
