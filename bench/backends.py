@@ -68,7 +68,7 @@ class Floor:
     async def __aenter__(self) -> Floor:
         # The service's own client options (timeouts, retries, transport), so that the ratio
         # service / floor measures what the service does around the calls, not how it calls.
-        from shared.clients import ACS_CLIENT_OPTIONS, TABLE_CLIENT_OPTIONS, transport_options
+        from shared.compose import ACS_CLIENT_OPTIONS, TABLE_CLIENT_OPTIONS, transport_options
 
         self.credential = ManagedIdentityCredential()
         self.table = TableClient(
@@ -134,20 +134,20 @@ class HandlerLevel:
     """function_app's registered HTTP functions, in this process (inside `service_environment`)."""
 
     async def __aenter__(self) -> HandlerLevel:
-        from shared.clients import reset_clients
+        from shared.compose import reset_services
         from shared.settings import reset_settings
 
         reset_settings()
-        await reset_clients()
+        await reset_services()
         self.functions = _registered()
         self.calls = 0
         return self
 
     async def __aexit__(self, *_exc) -> None:
-        from shared.clients import reset_clients
+        from shared.compose import reset_services
         from shared.settings import reset_settings
 
-        await reset_clients()
+        await reset_services()
         reset_settings()
 
     async def call(self, name: str, token: str, body: bytes = b"", method: str = "POST") -> func.HttpResponse:
@@ -177,11 +177,11 @@ class WorkerLevel:
         from devstack.rpc import protos
         from devstack.service_settings import REPO_ROOT
         from devstack.worker import WorkerRequest
-        from shared.clients import reset_clients
+        from shared.compose import reset_services
         from shared.settings import reset_settings
 
         reset_settings()
-        await reset_clients()
+        await reset_services()
         import function_app
 
         function_app.app.functions_bindings = None  # get_functions() refuses names it has seen
@@ -203,11 +203,11 @@ class WorkerLevel:
         return self
 
     async def __aexit__(self, *_exc) -> None:
-        from shared.clients import reset_clients
+        from shared.compose import reset_services
         from shared.settings import reset_settings
 
         self.runtime.stop_threadpool_executor()
-        await reset_clients()
+        await reset_services()
         reset_settings()
 
     async def call(self, name: str, token: str, body: bytes = b"", method: str = "POST") -> bytes:

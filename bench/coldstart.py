@@ -21,8 +21,8 @@ INDEX = "import function_app"
 # The first request's imports, without I/O: build the clients from settings that need no network.
 FIRST_REQUEST = (
     "import function_app\n"
-    "from shared import clients, settings\n"
-    "clients.build(settings.load({'AUTH_ISSUER': 'https://idp.example', 'AUTH_AUDIENCE': 'api',"
+    "from shared import compose, settings\n"
+    "compose.compose(settings.load({'AUTH_ISSUER': 'https://idp.example', 'AUTH_AUDIENCE': 'api',"
     " 'ACS_CONNECTION_STRING': 'endpoint=https://acs.example/;accesskey=a2V5',"
     " 'TABLES_CONNECTION_STRING': 'DefaultEndpointsProtocol=https;AccountName=a;AccountKey=a2V5;"
     "TableEndpoint=https://a.table.example/'}))\n"

@@ -224,9 +224,9 @@ async def throughput(env: dict, users: Users, config: Config, meter: CpuMeter, l
                     out["first_issue"][str(c)] = issue
                     log(_line("first issue", c, issue))
 
-            from shared.clients import get_clients
+            from shared.compose import services
 
-            clients = get_clients()
+            clients = services()
             out["per_worker"] = {
                 "handler_requests": handler.calls,
                 "jwks_fetches": clients.jwks.fetches if clients.jwks else None,
@@ -245,7 +245,7 @@ def _line(name: str, c: int, result: dict) -> str:
 
 async def call_counts(env: dict, users: Users, tls_dir: Path, n: int) -> dict:
     """Each operation `n` times, one at a time, for fresh users; backend calls counted outside."""
-    from shared.clients import get_clients
+    from shared.compose import services
 
     results: dict = {}
     async with (
@@ -289,7 +289,7 @@ async def call_counts(env: dict, users: Users, tls_dir: Path, n: int) -> dict:
                     [lambda t=t: handler.call("get_identity", t, method="GET") for t in entra],
                 )
                 await count("revoke", [lambda t=t: handler.call("revoke_tokens", t) for t in entra])
-                tokens_service = get_clients().tokens
+                tokens_service = services().tokens
                 tomorrow = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
                 real_clock, tokens_service.clock = tokens_service.clock, (lambda: tomorrow)
                 try:

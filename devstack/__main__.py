@@ -134,13 +134,13 @@ def cmd_timer(args: argparse.Namespace) -> int:
     import asyncio
 
     async def run() -> dict:
-        from shared.clients import get_clients, reset_clients
+        from shared.compose import reset_services, services
 
         try:
-            cleanup = get_clients().cleanup
+            cleanup = services().cleanup
             return await (cleanup.preview(args.limit) if args.dry_run else cleanup.run(ignore_backoff=True))
         finally:
-            await reset_clients()
+            await reset_services()
 
     report = asyncio.run(run())
     if args.json:

@@ -59,7 +59,7 @@ class Sessions:
 
     async def recheck(self, caller: Caller, record: IdentityRecord, now: dt.datetime) -> IdentityRecord:
         """An event that ended the user while their first identity was being created found no
-        mapping to act on: it wrote its rows (shared/webhook.py) before it looked, and this looks
+        mapping to act on: it wrote its rows (shared/events/act.py) before it looked, and this looks
         after the insert, so one of the two sees the other. A bearer older than the event does not
         keep what it created: the new identity, which nothing has used yet, is deleted. The
         mapping is inserted marked unchecked, and the mark goes only once a look succeeded."""

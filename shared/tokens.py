@@ -186,7 +186,7 @@ class TokenService:
     async def _in_use(self, record: IdentityRecord) -> IdentityRecord:
         """A use wins over retention: a claimed identity (`pending="retire"`), or one near the
         retention cutoff, has its use written before its token is issued, etag-guarded, so either
-        retention's commit fails or this sees the delete committed (shared/cleanup.py). Other uses
+        retention's commit fails or this sees the delete committed (shared/cleanup/). Other uses
         are written after the token, best effort, once a day."""
         if record.pending in BLOCKING:
             return record  # refused by the caller
@@ -217,7 +217,7 @@ class TokenService:
 
     async def _note_blocked_use(self, record: IdentityRecord) -> None:
         """Retention committed, and ACS has not answered its delete yet: should the identity turn
-        out not deleted, the timer finds this use and gives the identity back (shared/cleanup.py)."""
+        out not deleted, the timer finds this use and gives the identity back (shared/cleanup/)."""
         now = self.clock()
         if record.last_used_on == now.date().isoformat():
             return

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from devstack.service_settings import settings_for_host
-from shared.clients import reset_clients
+from shared.compose import reset_services
 from shared.settings import SETTING_NAMES, reset_settings
 from tests.service_helpers import Users
 
@@ -23,13 +23,13 @@ async def configure(monkeypatch, stack, *, managed_identity: bool, **extra: str)
     for name, value in extra.items():
         monkeypatch.setenv(name, value)
     reset_settings()
-    await reset_clients()
+    await reset_services()
 
 
 async def _service(stack, monkeypatch, *, managed_identity: bool):
     await configure(monkeypatch, stack, managed_identity=managed_identity)
     yield Users(stack)
-    await reset_clients()
+    await reset_services()
     reset_settings()
 
 

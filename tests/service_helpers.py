@@ -129,14 +129,14 @@ class HostLog:
 
 async def retention_runs() -> dict:
     """Two cleanup runs as the timer makes them: one claims stale identities, one past the claims'
-    grace commits them (shared/cleanup.py, RETIRE_GRACE); their counts added up."""
+    grace commits them (shared/cleanup/, RETIRE_GRACE); their counts added up."""
     import datetime as dt
     from collections import Counter
 
     from shared.cleanup import RETIRE_GRACE
-    from shared.clients import get_clients
+    from shared.compose import services
 
-    cleanup = get_clients().cleanup
+    cleanup = services().cleanup
     first = await cleanup.run(ignore_backoff=True)
     real = cleanup.clock
     cleanup.clock = lambda: real() + RETIRE_GRACE + dt.timedelta(minutes=1)
@@ -153,10 +153,10 @@ async def drain_cleanup() -> None:
     import datetime as dt
 
     from shared.cleanup import MAX_BACKOFF, RETIRE_GRACE
-    from shared.clients import get_clients
+    from shared.compose import services
 
     await retention_runs()
-    cleanup = get_clients().cleanup
+    cleanup = services().cleanup
     real = cleanup.clock
     cleanup.clock = lambda: real() + RETIRE_GRACE + MAX_BACKOFF + dt.timedelta(minutes=1)
     try:

@@ -454,13 +454,13 @@ async def configure_service(
     """Point the in-process service (shared/) at the proxy: managed identity, TABLES_ENDPOINT the
     proxy's. `read_timeout` / `retry_total` override the service's TABLE_CLIENT_OPTIONS for this
     test (its clients are rebuilt here, so they take them)."""
-    from shared import clients
+    from shared import compose
     from tests.service_fixtures import configure
 
     if read_timeout is not None:
-        monkeypatch.setitem(clients.TABLE_CLIENT_OPTIONS, "read_timeout", read_timeout)
+        monkeypatch.setitem(compose.TABLE_CLIENT_OPTIONS, "read_timeout", read_timeout)
     if retry_total is not None:
-        monkeypatch.setitem(clients.TABLE_CLIENT_OPTIONS, "retry_total", retry_total)
+        monkeypatch.setitem(compose.TABLE_CLIENT_OPTIONS, "retry_total", retry_total)
     await configure(monkeypatch, stack, managed_identity=True, TABLES_ENDPOINT=proxy.endpoint, **settings)
 
 
@@ -468,11 +468,11 @@ async def configure_service(
 async def faulty_service_fixture(stack, emulator, monkeypatch, table_faults):
     """The service configured with managed identity, its Table requests through `table_faults`.
     Yields tests.service_helpers.Users; ask for `table_faults` too to arm faults."""
-    from shared.clients import reset_clients
+    from shared.compose import reset_services
     from shared.settings import reset_settings
     from tests.service_helpers import Users
 
     await configure_service(monkeypatch, stack, table_faults)
     yield Users(stack)
-    await reset_clients()
+    await reset_services()
     reset_settings()

@@ -15,7 +15,7 @@ from azure.data.tables import TableTransactionError
 
 import function_app
 from shared.auth import Caller
-from shared.clients import get_clients
+from shared.compose import services
 from shared.errors import Unavailable
 from shared.policy import TokenRequest
 from shared.store import keys
@@ -42,7 +42,7 @@ def _live(emulator) -> int:
 async def test_a_mapping_insert_that_landed_but_failed_to_say_so_keeps_its_identity(
     service, emulator, monkeypatch, answer
 ):
-    table = get_clients().store.table.client
+    table = services().store.table.client
     real_insert = table.create_entity
 
     async def landed_then_failed(entity, **kwargs):
@@ -57,7 +57,7 @@ async def test_a_mapping_insert_that_landed_but_failed_to_say_so_keeps_its_ident
     issued = body_of(response)
     assert issued["identityCreated"] is True and emulator.verify(issued["token"])["valid"]
     assert _live(emulator) == live + 1
-    store = get_clients().store
+    store = services().store
     assert await store.lookups.owner_of(issued["communicationUserId"]) == keys.user_key(
         service.stack["issuer"], user
     )
@@ -68,7 +68,7 @@ async def test_a_mapping_insert_without_an_answer_leaves_the_identity_for_the_ti
 ):
     """A connection lost mid-insert may have committed it (issue 16, item 3): the identity is kept
     until no late write can land, then the timer deletes it if nothing maps it."""
-    clients = get_clients()
+    clients = services()
     table = clients.store.table.client
 
     async def refused(_entity, **_kwargs):
@@ -108,7 +108,7 @@ async def test_a_mapping_insert_the_service_refused_deletes_the_new_identity(ser
     """A 4xx answer is a clear no: nothing can land later, so the identity goes at once."""
     from azure.core.exceptions import HttpResponseError
 
-    clients = get_clients()
+    clients = services()
     table = clients.store.table.client
 
     async def refused(_entity, **_kwargs):
@@ -140,7 +140,7 @@ def _none_first(get):
 
 async def test_a_lost_race_whose_discard_failed_stays_on_file_and_is_swept(service, emulator, monkeypatch):
     winner = body_of(await _post_token(service, "race-sweep"))
-    clients = get_clients()
+    clients = services()
     tokens, store = clients.tokens, clients.store
 
     async def acs_down(*_args, **_kwargs):
@@ -173,7 +173,7 @@ async def test_a_lost_race_whose_discard_failed_stays_on_file_and_is_swept(servi
 
 
 async def test_acting_on_a_replaced_identity_leaves_the_new_mapping_alone(service, emulator):
-    store = get_clients().store
+    store = services().store
     key = keys.user_key(service.stack["issuer"], "replaced")
     await _post_token(service, "replaced")
     old = await store.identities.get(key)
@@ -192,14 +192,14 @@ async def test_acting_on_a_replaced_identity_leaves_the_new_mapping_alone(servic
     assert await store.lookups.owner_of(new["communicationUserId"]) == key
     again = await _post_token(service, "replaced")
     assert again.status_code == 200 and body_of(again)["communicationUserId"] == new["communicationUserId"]
-    report = await get_clients().cleanup.run(ignore_backoff=True)
+    report = await services().cleanup.run(ignore_backoff=True)
     assert report.get("dropped_stale", 0) >= 1  # the late revocation's queue row
     assert emulator.verify(body_of(again)["token"])["valid"]
 
 
 async def test_rows_that_cannot_be_written_delete_the_new_identity(service, emulator, monkeypatch):
     # Storage goes away between the first read (no mapping yet) and the new identity's rows.
-    table = get_clients().store.table.client
+    table = services().store.table.client
     real_read = table.get_entity
     down = False
 
@@ -224,7 +224,7 @@ async def test_rows_that_cannot_be_written_delete_the_new_identity(service, emul
 
 async def test_two_revokes_that_cross_their_pending_ids_still_complete(service, emulator):
     # Both queue and block at once; the queue row keeps one request's id, the mapping the other's.
-    store = get_clients().store
+    store = services().store
     key = keys.user_key(service.stack["issuer"], "crossed")
     issued = body_of(await _post_token(service, "crossed"))
     record = await store.identities.get(key)
@@ -233,7 +233,7 @@ async def test_two_revokes_that_cross_their_pending_ids_still_complete(service, 
     queued = await store.table.client.get_entity("pending", row)
     await store.table.client.upsert_entity({**queued, "pendingId": "the-other-request"})
 
-    report = await get_clients().cleanup.run(ignore_backoff=True)
+    report = await services().cleanup.run(ignore_backoff=True)
     assert report.get("revoked", 0) >= 1, report
     assert emulator.verify(issued["token"]) == {"valid": False, "reason": "revoked"}
     current = await store.identities.get(key)
@@ -243,7 +243,7 @@ async def test_two_revokes_that_cross_their_pending_ids_still_complete(service, 
 @pytest.mark.parametrize("order", [("delete", "revoke"), ("revoke", "delete")])
 async def test_a_revoke_racing_a_delete_never_loses_the_delete(service, emulator, order):
     # Both requests read the unblocked mapping, then ACS is down for both, in either order.
-    store = get_clients().store
+    store = services().store
     user = f"race-{'-'.join(order)}"
     key = keys.user_key(service.stack["issuer"], user)
     issued = body_of(await _post_token(service, user))
@@ -254,7 +254,7 @@ async def test_a_revoke_racing_a_delete_never_loses_the_delete(service, emulator
         )
     assert (await store.identities.get(key)).pending == "delete"  # a revoke never downgrades the block
 
-    report = await get_clients().cleanup.run(ignore_backoff=True)
+    report = await services().cleanup.run(ignore_backoff=True)
     assert report.get("deleted", 0) >= 1, report
     assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
     assert await store.identities.get(key) is None
@@ -262,7 +262,7 @@ async def test_a_revoke_racing_a_delete_never_loses_the_delete(service, emulator
 
 async def test_a_revoke_queued_before_its_block_lands_is_kept_until_it_does(service, emulator, monkeypatch):
     # The request wrote its queue row, then stalled before blocking the mapping; a timer ran between.
-    store = get_clients().store
+    store = services().store
     key = keys.user_key(service.stack["issuer"], "slow-block")
     issued = body_of(await _post_token(service, "slow-block"))
     record = await store.identities.get(key)
@@ -275,13 +275,13 @@ async def test_a_revoke_queued_before_its_block_lands_is_kept_until_it_does(serv
         await store.identities.mark_pending(
             record, "revoke", dt.datetime.now(dt.UTC), dt.timedelta(seconds=0)
         )
-    first = await get_clients().cleanup.run(ignore_backoff=True)
+    first = await services().cleanup.run(ignore_backoff=True)
     assert first.get("waiting_for_block", 0) >= 1, first
     assert emulator.verify(issued["token"])["valid"]  # not dropped: nothing was revoked yet
 
     block = {"PartitionKey": key, "RowKey": keys.IDENTITY_ROW, "pending": "revoke", "pendingId": "late"}
     await store.table.client.update_entity(block)  # the stalled request's block lands
-    second = await get_clients().cleanup.run(ignore_backoff=True)
+    second = await services().cleanup.run(ignore_backoff=True)
     assert second.get("revoked", 0) >= 1, second
     assert emulator.verify(issued["token"]) == {"valid": False, "reason": "revoked"}
     assert (await store.identities.get(key)).pending == ""
@@ -308,7 +308,7 @@ async def test_an_identity_filed_by_a_worker_that_died_before_its_mapping_is_swe
     service, emulator
 ):
     # The index transaction landed (owner, retention, Graph rows); the worker died before the insert.
-    clients = get_clients()
+    clients = services()
     long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=120)
     communication_user_id, _token = await clients.tokens.acs.create_with_token(("chat",), 60)
     key = keys.user_key(service.stack["issuer"], "died-filing")
@@ -341,7 +341,7 @@ async def test_an_index_transaction_the_table_refuses_files_nothing_and_deletes_
 ):
     # A real entity-group transaction that Table Storage refuses whole (a row over the size limit):
     # TableTransactionError, not a network error. None of its rows lands.
-    store = get_clients().store
+    store = services().store
     entry_rows = store.retention.entry_rows
 
     def refused(record):

@@ -30,7 +30,7 @@ from azure.core.messaging import CloudEvent
 from azure.eventgrid import EventGridEvent, EventGridPublisherClient
 
 import function_app
-from shared import webhook
+from shared.events import act
 from shared.store import keys
 from tests.service_helpers import Users, body_of, request
 
@@ -270,7 +270,7 @@ def test_a_large_batch_stays_within_acs_limits_and_its_redelivery_completes_it(s
     (30 s) once ACS is slow. Now one delivery starts at most ACS_CALLS_PER_DELIVERY of them and
     answers 503 well within BUDGET_SECONDS; Event Grid redelivers the whole batch (it retries 5xx),
     whose done events are skipped: every event revoked once, none twice, none lost."""
-    cap, extra, people = webhook.ACS_CALLS_PER_DELIVERY, 120, 60
+    cap, extra, people = act.ACS_CALLS_PER_DELIVERY, 120, 60
     signed_in = _sign_in_many(stack, [f"evt-batch-{uuid.uuid4().hex[:8]}-{i}" for i in range(people)])
     events = [_graph_event("UserUpdated", signed_in[i % people][1]) for i in range(cap + extra)]
     publisher = _publisher(stack)
@@ -282,7 +282,7 @@ def test_a_large_batch_stays_within_acs_limits_and_its_redelivery_completes_it(s
     answered_in = time.monotonic() - started
     assert first.value.status_code == 503
     assert json.loads(first.value.response.text())["code"] == "events_deferred"
-    assert answered_in < webhook.BUDGET_SECONDS
+    assert answered_in < act.BUDGET_SECONDS
     assert _revocations(emulator) - before == cap  # one delivery within ACS's limits
 
     publisher.send(events, retry_total=0)  # the redelivery: 200
@@ -322,8 +322,8 @@ async def test_a_delivery_past_its_time_budget_answers_in_time_and_the_redeliver
     1 s. Those started in time finish and are marked; no other starts; the answer is 503 (Event
     Grid retries 5xx) shortly after the budget, not after all the work. The redelivery of the whole
     batch skips what was done and does the rest: each event revoked once."""
-    monkeypatch.setattr(webhook, "BUDGET_SECONDS", 1.0)
-    monkeypatch.setattr(webhook, "CUTOFF_SECONDS", 3.0)
+    monkeypatch.setattr(act, "BUDGET_SECONDS", 1.0)
+    monkeypatch.setattr(act, "CUTOFF_SECONDS", 3.0)
     people = 32
     signed_in = await _sign_in_here(service, [f"budget-{uuid.uuid4().hex[:8]}-{i}" for i in range(people)])
     body = _batch([_graph_event("UserUpdated", signed_in[i % people][1]) for i in range(2 * people)])
@@ -334,13 +334,13 @@ async def test_a_delivery_past_its_time_budget_answers_in_time_and_the_redeliver
     first = await _deliver(body)
     answered_in = time.monotonic() - started
     assert first.status_code == 503 and body_of(first)["code"] == "events_deferred"
-    assert first.headers["Retry-After"] == str(webhook.RETRY_AFTER_SECONDS)
-    assert answered_in < webhook.CUTOFF_SECONDS  # the budget, and the events in flight at its end
+    assert first.headers["Retry-After"] == str(act.RETRY_AFTER_SECONDS)
+    assert answered_in < act.CUTOFF_SECONDS  # the budget, and the events in flight at its end
     done = _revocations(emulator) - before
     assert 0 < done < 2 * people
 
     emulator.faults(latencyMs=0)
-    monkeypatch.setattr(webhook, "BUDGET_SECONDS", 20.0)  # the redelivery has time enough
+    monkeypatch.setattr(act, "BUDGET_SECONDS", 20.0)  # the redelivery has time enough
     second = await _deliver(body)
     assert second.status_code == 200
     assert body_of(second)["results"] == {"duplicate": done, "revoked": 2 * people - done, "ignored": 0}
@@ -353,8 +353,8 @@ async def test_work_stuck_past_the_cutoff_is_cut_off_and_done_by_the_redelivery(
     """ACS hangs (5 s a call, past the cut-off): the calls in flight are cancelled at
     CUTOFF_SECONDS, like a crash, so the answer still leaves before Event Grid stops waiting; no
     mark was written for them, and the redelivery revokes every identity."""
-    monkeypatch.setattr(webhook, "BUDGET_SECONDS", 0.5)
-    monkeypatch.setattr(webhook, "CUTOFF_SECONDS", 1.5)
+    monkeypatch.setattr(act, "BUDGET_SECONDS", 0.5)
+    monkeypatch.setattr(act, "CUTOFF_SECONDS", 1.5)
     signed_in = await _sign_in_here(service, [f"cutoff-{uuid.uuid4().hex[:8]}-{i}" for i in range(4)])
     body = _batch([_graph_event("UserUpdated", claims) for _, claims in signed_in])
     emulator.faults(latencyMs=5000)
@@ -364,11 +364,11 @@ async def test_work_stuck_past_the_cutoff_is_cut_off_and_done_by_the_redelivery(
     answered_in = time.monotonic() - started
     assert first.status_code == 503 and body_of(first)["code"] == "events_deferred"
     assert "4 of 4 events" in body_of(first)["detail"]
-    assert answered_in < webhook.CUTOFF_SECONDS + 1
+    assert answered_in < act.CUTOFF_SECONDS + 1
 
     emulator.faults(latencyMs=0)
-    monkeypatch.setattr(webhook, "BUDGET_SECONDS", 20.0)
-    monkeypatch.setattr(webhook, "CUTOFF_SECONDS", 25.0)
+    monkeypatch.setattr(act, "BUDGET_SECONDS", 20.0)
+    monkeypatch.setattr(act, "CUTOFF_SECONDS", 25.0)
     second = await _deliver(body)
     assert second.status_code == 200 and body_of(second)["results"]["revoked"] == 4
     for issued, _ in signed_in:

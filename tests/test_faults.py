@@ -125,7 +125,7 @@ async def test_persistent_429s_without_retry_after_are_503_on_every_token_route(
 async def test_a_revoke_throttled_without_retry_after_is_kept_pending(service, emulator):
     """Revocation does not back off in the request: it queues the work for the timer (202)."""
     import function_app
-    from shared.clients import get_clients
+    from shared.compose import services
     from tests.service_helpers import body_of, request
 
     bearer = service.token("throttled-rita")
@@ -138,7 +138,7 @@ async def test_a_revoke_throttled_without_retry_after_is_kept_pending(service, e
     assert response.status_code == 202 and body_of(response)["status"] == "pending"
     assert emulator.stats()["calls"]["revokeAccessTokens"] == before + 1  # azure-core did not retry
     emulator.faults(throttleRate=0.0)
-    report = await get_clients().cleanup.run(ignore_backoff=True)  # the timer completes it
+    report = await services().cleanup.run(ignore_backoff=True)  # the timer completes it
     assert report["revoked"] >= 1 and emulator.verify(issued["token"])["reason"] == "revoked"
 
 
@@ -177,7 +177,7 @@ async def test_storage_restart_mid_run_gives_503_then_recovers_with_nothing_lost
     import function_app
     from devstack import azurite
     from devstack.children import stop
-    from shared.clients import reset_clients
+    from shared.compose import reset_services
     from tests.conftest import TLS
     from tests.service_fixtures import configure
     from tests.service_helpers import Users, body_of, request
@@ -224,4 +224,4 @@ async def test_storage_restart_mid_run_gives_503_then_recovers_with_nothing_lost
         assert emulator.stats()["liveIdentities"] == live  # none duplicated
     finally:
         stop(process)
-        await reset_clients()
+        await reset_services()

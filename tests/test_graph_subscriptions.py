@@ -30,7 +30,7 @@ import pytest
 import requests
 
 import function_app
-from shared.clients import get_clients, reset_clients
+from shared.compose import reset_services, services
 from shared.errors import BadRequest
 from shared.events import EventTypes, parse_delivery
 from shared.graph.subscriptions import RETRY_AFTER_FAILURE
@@ -168,11 +168,11 @@ async def _graph_service(stack, monkeypatch, **settings: str):
     that its Graph record is this test's alone."""
     table = f"graph{uuid.uuid4().hex[:12]}"
     await configure(monkeypatch, stack, managed_identity=True, IDENTITY_TABLE=table, **settings)
-    yield get_clients()
+    yield services()
     try:
-        await get_clients().store.table.client.delete_table()
+        await services().store.table.client.delete_table()
     finally:
-        await reset_clients()
+        await reset_services()
         reset_settings()
 
 
@@ -191,7 +191,7 @@ async def observing_service(stack, emulator, graph, monkeypatch):
 
 
 async def _timer() -> dict:
-    return await get_clients().cleanup.run(ignore_backoff=True)
+    return await services().cleanup.run(ignore_backoff=True)
 
 
 async def _created(graph: GraphHooks) -> dict:
@@ -281,7 +281,7 @@ async def test_missing_permission_is_recorded_answered_200_and_retried_by_the_ti
     before = graph.stats()["updateSubscription"]
     assert "graph_renewed" not in await _timer()  # it waits RETRY_AFTER_FAILURE between tries
     assert graph.stats()["updateSubscription"] == before
-    store = get_clients().store
+    store = services().store
     state = await store.subscription.get()
     earlier = state.attempted_at - RETRY_AFTER_FAILURE - dt.timedelta(seconds=1)
     await store.subscription.save(replace(state, attempted_at=earlier))
@@ -300,7 +300,7 @@ async def test_removed_subscription_is_created_anew_by_the_timer(graph_service, 
     assert report["graph_created"] == 1
     second = graph.one()
     assert second["id"] != first["id"]
-    assert (await get_clients().store.subscription.get()).subscription_id == second["id"]
+    assert (await services().store.subscription.get()).subscription_id == second["id"]
     assert (await health())[0] == 200
 
 
@@ -308,7 +308,7 @@ async def test_timer_renews_before_expiry_when_no_lifecycle_event_comes(graph_se
     created = await _created(graph)
     soon = _now() + dt.timedelta(days=2)
     graph.set_expiry(created["id"], soon)
-    store = get_clients().store
+    store = services().store
     await store.subscription.save(replace(await store.subscription.get(), expires_at=soon))
     status, body = await health()
     assert status == 503 and body["checks"]["graphSubscription"].startswith("degraded: expires ")
@@ -347,7 +347,7 @@ async def test_user_events_make_their_subscription_known(observing_service, grap
         and body["checks"]["graphSubscription"] == f"ok (expires {far.strftime('%Y-%m-%dT%H:%M:%SZ')})"
     )
     # One it cannot renew (not its own, or gone) shows up once due: never silently.
-    store = get_clients().store
+    store = services().store
     state = await store.subscription.get()
     await store.subscription.save(replace(state, expires_at=_now() + dt.timedelta(days=5)))
     assert (await _timer())["graph_renewal_failed"] == 1
@@ -358,7 +358,7 @@ async def test_user_events_make_their_subscription_known(observing_service, grap
 
 async def test_the_graph_record_holds_no_secret(graph_service, graph):
     await _created(graph)
-    entity = await get_clients().store.table.client.get_entity("graph-subscription", "current")
+    entity = await services().store.table.client.get_entity("graph-subscription", "current")
     assert set(entity) == {
         "PartitionKey",
         "RowKey",

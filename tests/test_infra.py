@@ -609,7 +609,7 @@ def test_function_timeout_outlasts_the_cleanup_runs_slowest_finish_and_no_more()
 
     from devstack.host_config import parse_function_timeout
     from shared.cleanup import TIMER_OPTIONS, Cleanup
-    from shared.clients import ACS_CLIENT_OPTIONS, TABLE_CLIENT_OPTIONS
+    from shared.compose import ACS_CLIENT_OPTIONS, TABLE_CLIENT_OPTIONS
 
     host = json.loads((ROOT / "host.json").read_text())
     timeout = parse_function_timeout(host["functionTimeout"])
@@ -785,7 +785,7 @@ def test_graph_upkeep_runs_beside_the_cleanup_work_within_the_function_timeout()
 
     from devstack.host_config import parse_function_timeout
     from shared.cleanup import Cleanup
-    from shared.clients import TABLE_CLIENT_OPTIONS
+    from shared.compose import TABLE_CLIENT_OPTIONS
     from shared.graph.client import GRAPH_OPTIONS, TIMEOUTS
 
     assert "asyncio.create_task(self._graph(counts))" in inspect.getsource(Cleanup.run)

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 import function_app
 from devstack.signing import SigningKey
-from shared.clients import get_clients
+from shared.compose import services
 from tests.service_helpers import HostLog, Users, body_of, request
 
 
@@ -127,7 +127,7 @@ class CountingTable:
 
 @pytest.mark.parametrize("forge", CORPUS.values(), ids=CORPUS.keys())
 async def test_attack_gets_401_with_no_backend_call(service, emulator, forge):
-    store = get_clients().store
+    store = services().store
     spy = store.table.client = CountingTable(store.table.client)
     acs_before = emulator.stats()["calls"]
     for handler, route in (

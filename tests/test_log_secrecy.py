@@ -16,7 +16,7 @@ import pytest
 import function_app
 from devstack.acs_state import TEAMS_AUDIENCE
 from devstack.layout import HOST_LOG_FILE
-from shared.clients import SDK_LOGGERS, get_clients, reset_clients
+from shared.compose import SDK_LOGGERS, reset_services, services
 from shared.settings import reset_settings
 from tests.service_fixtures import configure
 from tests.service_helpers import Users, body_of, request
@@ -127,7 +127,7 @@ class Routes:
         finally:
             self.emulator.faults(down=False)
         await function_app.cleanup(func.TimerRequest())  # the timer as the host fires it
-        await get_clients().cleanup.run(ignore_backoff=True)  # and once more, to finish the pending work
+        await services().cleanup.run(ignore_backoff=True)  # and once more, to finish the pending work
         await self.call(
             "manage delete", function_app.manage_delete_identity, "DELETE", path, admin, route_params=params
         )
@@ -209,7 +209,7 @@ async def info_service(request, stack, emulator, monkeypatch):
         EVENTS_CREDENTIALS_CHANGED_TYPES=CREDENTIALS_CHANGED,
     )
     yield Users(stack)
-    await reset_clients()
+    await reset_services()
     reset_settings()
 
 
@@ -243,7 +243,7 @@ async def test_every_route_at_info_logs_no_secret_and_no_acs_id(
 
 async def test_every_route_at_debug_logs_no_secret(service, emulator, caplog, logger_levels):
     caplog.set_level(logging.DEBUG)
-    get_clients()  # built first: building them sets the SDK loggers to WARNING, overridden here
+    services()  # built first: building them sets the SDK loggers to WARNING, overridden here
     for name in (
         "azure",
         *SDK_LOGGERS,

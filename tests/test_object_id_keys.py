@@ -11,7 +11,7 @@ import jwt
 
 import function_app
 from shared.auth import Caller
-from shared.clients import get_clients, reset_clients
+from shared.compose import reset_services, services
 from shared.errors import Unavailable
 from shared.policy import TokenRequest
 from shared.settings import load, reset_settings
@@ -67,7 +67,7 @@ async def test_graph_events_find_oid_keyed_users_without_a_lookup_row(stack, emu
         response = await function_app.issue_token(request("POST", "token", token=token))
         assert response.status_code == 200, response.get_body()
         issued = body_of(response)
-        store = get_clients().store
+        store = services().store
         key = keys.user_key(stack["issuer"], claims["oid"])
         assert (await store.identities.get(key)).communication_user_id == issued["communicationUserId"]
         assert await graph_rows(store.table.client, claims["tid"], claims["oid"]) == []
@@ -84,7 +84,7 @@ async def test_graph_events_find_oid_keyed_users_without_a_lookup_row(stack, emu
         assert await store.identities.get(key) is None
         assert await store.lookups.owner_of(issued["communicationUserId"]) is None
     finally:
-        await reset_clients()
+        await reset_services()
         reset_settings()
 
 
@@ -92,7 +92,7 @@ async def test_a_graph_row_acts_only_on_the_entra_user_the_mapping_records(servi
     token = service.token("graph-checked")
     claims = jwt.decode(token, options={"verify_signature": False})
     issued = body_of(await function_app.issue_token(request("POST", "token", token=token)))
-    store = get_clients().store
+    store = services().store
     key = keys.user_key(service.stack["issuer"], "graph-checked")
     stranger = str(uuid.uuid4())  # a row naming this user for another object id: stale or misdirected
     await store.table.client.upsert_entity(
@@ -124,7 +124,7 @@ async def _two_app_keys(service, user: str) -> tuple[dict, dict[str, tuple[Calle
             tenant_id=claims["tid"],
         ),
     ]
-    second = await get_clients().tokens.issue(callers[1], TokenRequest(scopes=("chat",), minutes=60))
+    second = await services().tokens.issue(callers[1], TokenRequest(scopes=("chat",), minutes=60))
     assert second.communication_user_id != first["communicationUserId"]
     return claims, {
         first["communicationUserId"]: (callers[0], first["token"]),
@@ -134,7 +134,7 @@ async def _two_app_keys(service, user: str) -> tuple[dict, dict[str, tuple[Calle
 
 async def test_a_graph_event_reaches_every_app_key_of_the_entra_user(service, emulator):
     claims, identities = await _two_app_keys(service, "two-apps")
-    store = get_clients().store
+    store = services().store
     assert len(await graph_rows(store.table.client, claims["tid"], claims["oid"])) == 2
 
     assert (await _deliver(_graph_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
@@ -148,7 +148,7 @@ async def test_a_redelivery_after_a_partial_failure_acts_only_on_the_identities_
     service, emulator, monkeypatch
 ):
     claims, identities = await _two_app_keys(service, "two-apps-retried")
-    clients = get_clients()
+    clients = services()
     # The first one acted on fails: the other still gets its turn.
     records = await clients.store.lookups.graph_users(claims["tid"], claims["oid"])
     failed, done = [r.communication_user_id for r in records]
@@ -181,7 +181,7 @@ async def test_a_redelivery_after_a_partial_failure_acts_only_on_the_identities_
 
 async def test_cleanup_files_a_lost_graph_row_again_for_a_user_still_active(service, emulator, monkeypatch):
     # A race lost the row (see Lookups.forget_graph_row); moving the retention row restores it.
-    clients = get_clients()
+    clients = services()
     token = service.token("graph-row-lost")
     claims = jwt.decode(token, options={"verify_signature": False})
     with monkeypatch.context() as patch:
@@ -207,7 +207,7 @@ async def test_a_redelivery_does_not_act_again_on_an_identity_done_though_the_ot
     # First delivery: one identity revoked, the other fails; that one is deleted before Event Grid
     # redelivers, so the redelivery finds a single identity, the one already done.
     claims, identities = await _two_app_keys(service, "two-apps-one-gone")
-    clients = get_clients()
+    clients = services()
     records = await clients.store.lookups.graph_users(claims["tid"], claims["oid"])
     failed, done = records
     real_revoke = clients.revocation.revoke
@@ -240,7 +240,7 @@ async def test_an_event_whose_first_delivery_is_still_failing_is_acted_on_by_the
     token = service.token("slow-first-delivery")
     claims = jwt.decode(token, options={"verify_signature": False})
     issued = body_of(await function_app.issue_token(request("POST", "token", token=token)))
-    clients = get_clients()
+    clients = services()
     real_delete = clients.revocation.delete
     stuck, calls = asyncio.Event(), []
 

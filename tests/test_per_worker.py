@@ -23,7 +23,7 @@ import pytest
 
 import function_app
 from shared.auth import JwksCache
-from shared.clients import get_clients
+from shared.compose import services
 from tests.conftest import REPO_ROOT
 from tests.service_helpers import body_of, request
 
@@ -78,7 +78,7 @@ async def test_jwks_clients_and_credential_are_made_once_across_100_requests(key
         assert (
             await function_app.issue_token(request("POST", "token", token=tokens[name]))
         ).status_code == 200
-    assert get_clients().jwks.fetches == 1
+    assert services().jwks.fetches == 1
     first = Counter(counts)
 
     routes = [
@@ -98,10 +98,10 @@ async def test_jwks_clients_and_credential_are_made_once_across_100_requests(key
 
     assert counts == first, "no per-worker object was made again, and no key or token fetched again"
     assert counts["GET discovery"] == 1 and counts["GET JWKS"] == 1
-    assert get_clients().jwks.fetches == 1
+    assert services().jwks.fetches == 1
     assert counts["ACS client"] == 1 and counts["Table client"] == 1 and counts["credential"] == 1
     assert counts["credential token"] <= 2  # one per audience: Table Storage and ACS
-    assert get_clients().authenticator.verifications == len(tokens)  # once per distinct bearer
+    assert services().authenticator.verifications == len(tokens)  # once per distinct bearer
     # One session for the JWKS, one per SDK client's transport, the credential's own: fixed.
     assert counts["aiohttp session"] <= 4
 
@@ -138,7 +138,7 @@ async def test_a_token_presented_again_is_not_verified_again(service):
     for _ in range(20):
         response = await function_app.refresh_token(request("POST", "token/refresh", token=token))
         assert response.status_code == 404  # authenticated; no identity yet
-    assert get_clients().authenticator.verifications == 1
+    assert services().authenticator.verifications == 1
 
 
 async def test_a_remembered_token_still_expires(service):
@@ -161,7 +161,7 @@ async def test_a_remembered_token_is_verified_again_once_the_keys_are_refetched(
     token = service.token("per-worker-rotation")
     for _ in range(3):
         await function_app.refresh_token(request("POST", "token/refresh", token=token))
-    clients = get_clients()
+    clients = services()
     assert (clients.jwks.fetches, clients.authenticator.verifications) == (1, 1)
     real_clock = clients.jwks.clock
     clients.jwks.clock = lambda: real_clock() + KEYS_TTL_SECONDS  # an hour on: due for its refetch

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import function_app
-from shared.clients import reset_clients
+from shared.compose import reset_services
 from shared.errors import TooManyRequests
 from shared.ratelimit import RateLimiter
 from shared.settings import load, reset_settings
@@ -65,5 +65,5 @@ async def test_token_routes_answer_429_with_retry_after_over_the_limit(stack, em
         identity = await function_app.get_identity(request("GET", "identity", token=users.token("limited")))
         assert identity.status_code == 200  # only token routes are limited
     finally:
-        await reset_clients()
+        await reset_services()
         reset_settings()

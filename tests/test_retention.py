@@ -22,7 +22,7 @@ import pytest
 
 import function_app
 from shared import cleanup as cleanup_module
-from shared.clients import get_clients
+from shared.compose import services
 from shared.store.keys import user_key
 from tests.service_helpers import body_of, drain_cleanup, request, retention_runs
 from tests.table_faults import faulty_service_fixture, table_faults_fixture  # noqa: F401
@@ -63,7 +63,7 @@ class Pause:
 
 @contextmanager
 def _tokens_clock(at: dt.datetime):
-    tokens = get_clients().tokens
+    tokens = services().tokens
     real, tokens.clock = tokens.clock, lambda: at
     try:
         yield
@@ -73,7 +73,7 @@ def _tokens_clock(at: dt.datetime):
 
 def _stale_day() -> dt.datetime:
     """A day just past the retention period: what was used then is retention's to take."""
-    return dt.datetime.now(dt.UTC) - dt.timedelta(days=get_clients().settings.retention_days + 1)
+    return dt.datetime.now(dt.UTC) - dt.timedelta(days=services().settings.retention_days + 1)
 
 
 async def _post(service, route: str, user: str, *, bearer: str | None = None):
@@ -90,12 +90,12 @@ async def _stale_user(service, user: str) -> dict:
 
 
 async def _mapping(service, user: str):
-    return await get_clients().store.identities.get(user_key(service.stack["issuer"], user))
+    return await services().store.identities.get(user_key(service.stack["issuer"], user))
 
 
 async def _run_at(offset: dt.timedelta) -> dict:
     """One cleanup run, its clock `offset` ahead (a later timer run)."""
-    cleanup = get_clients().cleanup
+    cleanup = services().cleanup
     real = cleanup.clock
     cleanup.clock = lambda: real() + offset
     try:
@@ -118,7 +118,7 @@ async def test_a_user_returning_while_retention_runs_keeps_their_identity(servic
     await drain_cleanup()
     stale = await _stale_user(service, "back-in-acs")
     emulator.faults(latencyMs=800)
-    in_acs = Pause(monkeypatch, get_clients().tokens.acs, "issue")
+    in_acs = Pause(monkeypatch, services().tokens.acs, "issue")
     refresh = asyncio.create_task(_post(service, "token/refresh", "back-in-acs"))
     await in_acs.wait()  # the refresh is in ACS; retention runs now, claim and commit
     report = await retention_runs()
@@ -144,11 +144,11 @@ async def test_a_claim_made_between_a_users_read_and_their_use_is_cancelled_by_t
     later, finds the claim gone."""
     await drain_cleanup()
     stale = await _stale_user(service, "claimed-mid-read")
-    store = get_clients().store
+    store = services().store
     before_use = Pause(monkeypatch, store.retention, "keep_in_use")
     refresh = asyncio.create_task(_post(service, "token/refresh", "claimed-mid-read"))
     await before_use.wait()
-    claimed = await get_clients().cleanup.run(ignore_backoff=True)
+    claimed = await services().cleanup.run(ignore_backoff=True)
     assert claimed["retention_claimed"] == 1, claimed
     assert (await _mapping(service, "claimed-mid-read")).pending == "retire"
     before_use.release()
@@ -166,7 +166,7 @@ async def test_a_claimed_identity_is_not_a_blocked_one(service, emulator):
     """A claim never blocks: the user gets a token at once, and the claim is gone."""
     await drain_cleanup()
     stale = await _stale_user(service, "claimed-then-back")
-    claimed = await get_clients().cleanup.run(ignore_backoff=True)
+    claimed = await services().cleanup.run(ignore_backoff=True)
     assert claimed["retention_claimed"] == 1, claimed
     for route in ("token/refresh", "token"):
         response = await _post(service, route, "claimed-then-back")
@@ -183,8 +183,8 @@ async def test_a_user_arriving_after_retention_committed_gets_no_token_for_the_d
     token for an identity about to be deleted, and then told it was retired, and starts over."""
     await drain_cleanup()
     stale = await _stale_user(service, "too-late")
-    await get_clients().cleanup.run(ignore_backoff=True)  # the claim
-    in_delete = Pause(monkeypatch, get_clients().cleanup.acs, "delete")
+    await services().cleanup.run(ignore_backoff=True)  # the claim
+    in_delete = Pause(monkeypatch, services().cleanup.acs, "delete")
     run = asyncio.create_task(_run_at(LATER))
     await in_delete.wait()  # committed, ACS not yet asked
     refused = await _post(service, "token/refresh", "too-late")
@@ -207,8 +207,8 @@ async def test_two_retention_passes_at_once_claim_and_delete_each_identity_once(
     users = [f"two-passes-{i}" for i in range(4)]
     for user in users:
         await _stale_user(service, user)
-    cleanup = get_clients().cleanup
-    held = Pause(monkeypatch, get_clients().store.retention, "claim_retirement")
+    cleanup = services().cleanup
+    held = Pause(monkeypatch, services().store.retention, "claim_retirement")
     first = asyncio.create_task(cleanup.run(ignore_backoff=True))
     await held.wait()
     second = await cleanup.run(ignore_backoff=True)
@@ -246,7 +246,7 @@ async def test_a_throttled_retention_delete_gives_way_to_the_returning_user(serv
     although the user came back meanwhile."""
     await drain_cleanup()
     stale = await _stale_user(service, "throttled-retire")
-    await get_clients().cleanup.run(ignore_backoff=True)  # the claim
+    await services().cleanup.run(ignore_backoff=True)  # the claim
     emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
     try:
         report = await _run_at(LATER)
@@ -270,7 +270,7 @@ async def test_a_user_returning_to_a_claim_while_acs_is_down_keeps_their_identit
     before ACS was asked, so the commit, a run later, finds the claim gone."""
     await drain_cleanup()
     stale = await _stale_user(service, "back-during-outage")
-    await get_clients().cleanup.run(ignore_backoff=True)  # the claim
+    await services().cleanup.run(ignore_backoff=True)  # the claim
     emulator.faults(down=True)
     try:
         failed = await _post(service, "token/refresh", "back-during-outage")
@@ -289,7 +289,7 @@ async def test_a_delete_acs_did_not_answer_blocks_until_acs_says_whether_it_happ
     asks it whether the identity is still there: it is, and it was used, so it stays."""
     await drain_cleanup()
     stale = await _stale_user(service, "no-answer")
-    await get_clients().cleanup.run(ignore_backoff=True)  # the claim
+    await services().cleanup.run(ignore_backoff=True)  # the claim
     emulator.faults(down=True)
     try:
         report = await _run_at(LATER)  # the commit; ACS hangs up
@@ -312,8 +312,8 @@ async def test_a_delete_acs_carried_out_without_answering_is_finished_by_the_tim
     gone and forgets it; nobody was handed a token meanwhile."""
     await drain_cleanup()
     stale = await _stale_user(service, "deleted-no-answer")
-    await get_clients().cleanup.run(ignore_backoff=True)
-    gateway = get_clients().cleanup.acs
+    await services().cleanup.run(ignore_backoff=True)
+    gateway = services().cleanup.acs
     real_delete = gateway.delete
 
     async def deleted_then_lost(communication_user_id, **options):
@@ -337,8 +337,8 @@ async def test_a_run_that_lost_its_lease_never_asks_acs_to_delete(service, emula
     and gave the identity back to its returning user: the first must not delete it after all."""
     await drain_cleanup()
     stale = await _stale_user(service, "slow-commit")
-    await get_clients().cleanup.run(ignore_backoff=True)  # the claim
-    store = get_clients().store
+    await services().cleanup.run(ignore_backoff=True)  # the claim
+    store = services().store
     slow = Pause(monkeypatch, store.retention, "lease_entries")
     first = asyncio.create_task(_run_at(LATER))
     await slow.wait()  # committed; about to take ACS's turn
@@ -362,8 +362,8 @@ async def test_an_admin_delete_during_a_committed_retirement_keeps_its_strength(
     refusal of retention's delete no longer gives the identity back; the admin's completes."""
     await drain_cleanup()
     stale = await _stale_user(service, "admin-during-retire")
-    await get_clients().cleanup.run(ignore_backoff=True)
-    in_delete = Pause(monkeypatch, get_clients().cleanup.acs, "delete")
+    await services().cleanup.run(ignore_backoff=True)
+    in_delete = Pause(monkeypatch, services().cleanup.acs, "delete")
     run = asyncio.create_task(_run_at(LATER))
     await in_delete.wait()
     emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
@@ -397,23 +397,23 @@ async def test_a_throttled_commit_keeps_the_identity_on_file(service, emulator):
     await drain_cleanup()
     await _stale_user(service, "kept-on-file")
     key = user_key(service.stack["issuer"], "kept-on-file")
-    await get_clients().cleanup.run(ignore_backoff=True)
+    await services().cleanup.run(ignore_backoff=True)
     emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
     try:
         assert (await _run_at(LATER))["retry_retire"] == 1
     finally:
         emulator.faults(throttleRate=0.0, retryAfterSeconds=1)
-    assert len(await retention_rows(get_clients().store.table.client, key)) == 1
+    assert len(await retention_rows(services().store.table.client, key)) == 1
     assert (await _post(service, "token/refresh", "kept-on-file")).status_code == 200
     await _run_at(LATER + cleanup_module.MAX_BACKOFF)
-    assert len(await retention_rows(get_clients().store.table.client, key)) == 1
+    assert len(await retention_rows(services().store.table.client, key)) == 1
 
 
 async def test_a_users_own_delete_overrides_a_retention_claim(service, emulator):
     """Deletes a user, an admin or an event asked for keep their strength: a claim gives way."""
     await drain_cleanup()
     stale = await _stale_user(service, "claimed-then-deleted")
-    await get_clients().cleanup.run(ignore_backoff=True)
+    await services().cleanup.run(ignore_backoff=True)
     response = await function_app.delete_identity(
         request("DELETE", "identity", token=service.token("claimed-then-deleted"))
     )
@@ -427,7 +427,7 @@ async def test_a_revoke_of_a_claimed_identity_reaches_acs(service, emulator):
     """A claim is not a pending revocation: revoking still revokes."""
     emulator.faults(revocationDelaySeconds=0)
     stale = await _stale_user(service, "claimed-then-revoked")
-    await get_clients().cleanup.run(ignore_backoff=True)
+    await services().cleanup.run(ignore_backoff=True)
     response = await function_app.revoke_tokens(
         request("POST", "token/revoke", token=service.token("claimed-then-revoked"))
     )
@@ -439,12 +439,12 @@ async def test_a_claim_whose_queued_work_was_lost_is_queued_again(service, emula
     """A crash between the claim's mark and its queue row: the next pass queues it again."""
     await drain_cleanup()
     stale = await _stale_user(service, "claim-lost")
-    store = get_clients().store
+    store = services().store
     key = user_key(service.stack["issuer"], "claim-lost")
-    await get_clients().cleanup.run(ignore_backoff=True)
+    await services().cleanup.run(ignore_backoff=True)
     [work] = [w async for w in store.pending.pending_work() if w.user_key == key]
     await store.pending.finish(work)  # as if the queue row never landed
-    report = await get_clients().cleanup.run(ignore_backoff=True)
+    report = await services().cleanup.run(ignore_backoff=True)
     assert report["retention_requeued"] == 1, report
     assert (await retention_runs())["retention_deleted"] >= 1
     assert emulator.verify(stale["token"])["reason"] == "identity deleted"
@@ -464,7 +464,7 @@ async def test_a_mapping_insert_committing_after_the_service_looked_leaves_a_wor
     first = await _post(faulty_service, "token", "late-insert")
     assert first.status_code == 503, first
     assert await fault.commit() == 201  # the mapping lands now, after the service looked
-    store = get_clients().store
+    store = services().store
     key = user_key(faulty_service.stack["issuer"], "late-insert")
     mapped = await store.identities.get(key)
     assert await store.lookups.owner_of(mapped.communication_user_id) == key  # admins can find it
@@ -546,7 +546,7 @@ async def test_a_user_deleted_event_during_the_first_issue_undoes_the_new_identi
     bearer = service.token("deleted-mid-create", now=time.time() - 60)
     claims = jwt.decode(bearer, options={"verify_signature": False})
     live = emulator.stats()["liveIdentities"]
-    before_insert = Pause(monkeypatch, get_clients().store.table, "insert")  # the mapping insert
+    before_insert = Pause(monkeypatch, services().store.table, "insert")  # the mapping insert
     first = asyncio.create_task(_post(service, "token", "deleted-mid-create", bearer=bearer))
     await before_insert.wait()  # created in ACS, on file, the mapping not yet inserted
     delivered = await _deliver(_user_deleted(claims))
@@ -574,7 +574,7 @@ async def test_an_event_during_a_first_issue_whose_second_look_failed_is_caught_
     bearer = service.token("recheck-failed", now=time.time() - 60)
     claims = jwt.decode(bearer, options={"verify_signature": False})
     live = emulator.stats()["liveIdentities"]
-    store = get_clients().store
+    store = services().store
     before_insert = Pause(monkeypatch, store.table, "insert")  # the mapping insert
     first = asyncio.create_task(_post(service, "token", "recheck-failed", bearer=bearer))
     await before_insert.wait()
@@ -612,7 +612,7 @@ async def test_an_event_ends_sessions_before_it_looks_for_identities(service, em
 
     bearer = service.token("ended-before-lookup", now=time.time() - 60)
     claims = jwt.decode(bearer, options={"verify_signature": False})
-    store = get_clients().store
+    store = services().store
     lookup = Pause(monkeypatch, store.lookups, "graph_users")
     delivery = asyncio.create_task(_deliver(_user_deleted(claims)))
     await lookup.wait()
@@ -638,8 +638,8 @@ async def test_the_dry_run_lists_what_retention_would_delete_and_changes_nothing
     await drain_cleanup()
     stale = await _stale_user(service, "preview-stale")
     claimed = await _stale_user(service, "preview-claimed")
-    store = get_clients().store
-    await get_clients().cleanup.run(ignore_backoff=True)  # claims both
+    store = services().store
+    await services().cleanup.run(ignore_backoff=True)  # claims both
     fresh_claim = await store.identities.get(user_key(service.stack["issuer"], "preview-stale"))
     await store.retention.keep_in_use(fresh_claim, _stale_day())  # unclaimed again, still stale
     response = await _preview(service)
@@ -649,7 +649,7 @@ async def test_the_dry_run_lists_what_retention_would_delete_and_changes_nothing
     assert states[stale["communicationUserId"]]["state"] == "stale"
     assert states[claimed["communicationUserId"]]["state"] == "claimed"
     assert states[claimed["communicationUserId"]]["lastUsedOn"] == _stale_day().date().isoformat()
-    assert preview["retentionDays"] == get_clients().settings.retention_days
+    assert preview["retentionDays"] == services().settings.retention_days
     assert preview["graceMinutes"] == cleanup_module.RETIRE_GRACE.total_seconds() // 60
 
     assert (await store.identities.get(user_key(service.stack["issuer"], "preview-stale"))).pending == ""

@@ -16,7 +16,7 @@ import pytest
 
 import function_app
 from shared import cleanup as cleanup_module
-from shared.clients import get_clients
+from shared.compose import services
 from shared.errors import Unavailable
 from shared.store.keys import IDENTITY_ROW, user_key
 from tests.service_helpers import body_of, drain_cleanup, request
@@ -34,7 +34,7 @@ from tests.test_retention import (
 
 
 async def _queued(key: str, op: str) -> list:
-    return [w async for w in get_clients().store.pending.pending_work() if w.user_key == key and w.op == op]
+    return [w async for w in services().store.pending.pending_work() if w.user_key == key and w.op == op]
 
 
 async def test_a_revoke_whose_block_lands_after_the_timer_ran_is_completed_not_stuck(
@@ -46,9 +46,9 @@ async def test_a_revoke_whose_block_lands_after_the_timer_ran_is_completed_not_s
     block (BLOCK_GRACE), and the next run lifts it."""
     await drain_cleanup()
     await _stale_user(service, "late-block")
-    await get_clients().cleanup.run(ignore_backoff=True)  # retention's claim
+    await services().cleanup.run(ignore_backoff=True)  # retention's claim
     assert (await _mapping(service, "late-block")).pending == "retire"
-    store = get_clients().store
+    store = services().store
     slow_block = Pause(monkeypatch, store.table, "merge")  # the block: the first merge
     emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
     try:
@@ -58,7 +58,7 @@ async def test_a_revoke_whose_block_lands_after_the_timer_ran_is_completed_not_s
         await slow_block.wait()  # queued; the block not written yet
     finally:
         emulator.faults(throttleRate=0.0, retryAfterSeconds=1)
-    cleanup = get_clients().cleanup
+    cleanup = services().cleanup
     real_clock = cleanup.clock
     cleanup.clock = lambda: real_clock() + dt.timedelta(seconds=31)  # past FIRST_RETRY
     try:
@@ -82,7 +82,7 @@ async def test_a_blocked_user_whose_work_is_gone_gets_it_queued_again(service, e
     request queues the work again under the block's id, and the timer completes it."""
     await drain_cleanup()
     assert (await _post(service, "token", "orphan-block")).status_code == 200
-    store = get_clients().store
+    store = services().store
     key = user_key(service.stack["issuer"], "orphan-block")
     record = await store.identities.get(key)
     await store.identities.mark_pending(record, "revoke", dt.datetime.now(dt.UTC), dt.timedelta(0))
@@ -108,7 +108,7 @@ async def test_a_first_issue_losing_its_race_checks_the_winners_mapping_for_even
     before, the loser was handed a token on it. Now the loser checks it as any request does."""
     bearer = service.token("lost-race-event", now=time.time() - 60)
     claims = jwt.decode(bearer, options={"verify_signature": False})
-    store, tokens = get_clients().store, get_clients().tokens
+    store, tokens = services().store, services().tokens
     real_insert = store.table.insert
     gates: list[tuple[asyncio.Event, asyncio.Event]] = []
 
@@ -147,8 +147,8 @@ async def test_a_use_noted_while_the_timer_asks_acs_saves_the_identity(service, 
     on the mapping it read before asking, and deleted. Now it reads again: the use wins."""
     await drain_cleanup()
     stale = await _stale_user(service, "probe-window")
-    await get_clients().cleanup.run(ignore_backoff=True)
-    gateway = get_clients().cleanup.acs
+    await services().cleanup.run(ignore_backoff=True)
+    gateway = services().cleanup.acs
 
     async def lost(*_a, **_k):
         raise TimeoutError
@@ -171,7 +171,7 @@ async def test_a_use_noted_while_the_timer_asks_acs_saves_the_identity(service, 
 async def test_the_probe_asks_acs_once_without_backing_off(service, emulator):
     """Whether an identity is still there is asked once: a throttled ACS answers the run at once
     (the run moves on), instead of holding it in azure-core's Retry-After waits."""
-    gateway = get_clients().cleanup.acs
+    gateway = services().cleanup.acs
     options = cleanup_module.PROBE_OPTIONS
     created = body_of(await _post(service, "token", "probe-throttled"))
     assert await gateway.exists(created["communicationUserId"], **options)
@@ -193,8 +193,8 @@ async def test_the_dry_run_reads_one_mapping_a_row_it_looks_at(service, monkeypa
     await drain_cleanup()
     for i in range(6):
         await _stale_user(service, f"preview-cost-{i}")
-    await get_clients().cleanup.run(ignore_backoff=True)  # claims all six
-    store = get_clients().store
+    await services().cleanup.run(ignore_backoff=True)  # claims all six
+    store = services().store
     reads = Pause(monkeypatch, store.identities, "get", after=True)
     reads.release()
     response = await _preview(service, limit="1")
@@ -206,8 +206,8 @@ async def test_the_dry_run_reads_one_mapping_a_row_it_looks_at(service, monkeypa
 async def test_the_dry_run_lists_a_committed_retirement_as_deleting(service, monkeypatch):
     await drain_cleanup()
     stale = await _stale_user(service, "preview-deleting")
-    await get_clients().cleanup.run(ignore_backoff=True)
-    gateway = get_clients().cleanup.acs
+    await services().cleanup.run(ignore_backoff=True)
+    gateway = services().cleanup.acs
 
     async def lost(*_a, **_k):
         raise TimeoutError

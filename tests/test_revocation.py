@@ -11,7 +11,7 @@ import pytest
 
 import function_app
 from devstack.layout import HOST_LOG_FILE
-from shared.clients import get_clients
+from shared.compose import services
 from shared.store.keys import retention_row, user_key
 from tests.service_helpers import body_of, drain_cleanup, request, retention_rows, retention_runs
 
@@ -31,13 +31,13 @@ async def _call(handler, users, user: str, method: str, route: str, *, roles=(),
 
 
 async def _cleanup() -> dict:
-    return await get_clients().cleanup.run(ignore_backoff=True)
+    return await services().cleanup.run(ignore_backoff=True)
 
 
 @contextmanager
 def _days_ago(days: int):
     """The token service's clock set back: what it creates now looks unused since then."""
-    tokens = get_clients().tokens
+    tokens = services().tokens
     real_clock, then = tokens.clock, dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
     tokens.clock = lambda: then
     try:
@@ -78,7 +78,7 @@ async def test_delete_removes_the_acs_identity_and_the_mapping(service, emulator
     assert response.status_code == 200 and body_of(response)["status"] == "deleted"
     assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
     assert emulator.stats()["liveIdentities"] == live - 1
-    store = get_clients().store
+    store = services().store
     assert await store.identities.get(user_key(service.stack["issuer"], "del-bob")) is None
     assert await store.lookups.owner_of(issued["communicationUserId"]) is None
     refresh = await _call(function_app.refresh_token, service, "del-bob", "POST", "token/refresh")
@@ -191,7 +191,7 @@ async def test_pending_delete_completes_later(service, emulator):
     report = await _cleanup()
     assert report["deleted"] >= 1
     assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
-    assert await get_clients().store.identities.get(user_key(service.stack["issuer"], "pend-dan")) is None
+    assert await services().store.identities.get(user_key(service.stack["issuer"], "pend-dan")) is None
 
 
 async def test_failed_attempts_back_off(service, emulator):
@@ -201,13 +201,13 @@ async def test_failed_attempts_back_off(service, emulator):
     report = await _cleanup()  # still down: retried later, not lost
     assert report.get("retry_revoke", 0) >= 1
     emulator.faults(down=False)
-    assert (await get_clients().cleanup.run()).get("revoked", 0) == 0  # backoff respected
+    assert (await services().cleanup.run()).get("revoked", 0) == 0  # backoff respected
     assert (await _cleanup())["revoked"] >= 1
 
 
 async def test_retention_deletes_exactly_the_stale_identities(service, emulator):
     await drain_cleanup()
-    clients = get_clients()
+    clients = services()
     with _days_ago(120):
         stale = [await _token(service, f"stale-{i}") for i in range(3)]
         revived = await _token(service, "stale-but-back")
@@ -230,7 +230,7 @@ async def test_retention_deletes_exactly_the_stale_identities(service, emulator)
 async def test_retention_retires_an_identity_filed_twice_once_and_drops_both_rows(service, emulator):
     await drain_cleanup()
     # Two rows for one identity: a move forward that wrote the new row and crashed before dropping the old.
-    clients = get_clients()
+    clients = services()
     with _days_ago(120) as old:
         issued = await _token(service, "filed-twice")
     key = user_key(service.stack["issuer"], "filed-twice")
@@ -264,7 +264,7 @@ async def test_retention_deletes_an_identity_a_crash_left_unmapped(service, emul
         last_used_on=old.date().isoformat(),
         last_issued_at=old,
     )
-    store = get_clients().store
+    store = services().store
 
     class Crash(BaseException):  # the process dies: nothing after it runs
         pass
@@ -306,7 +306,7 @@ async def test_an_identity_lost_in_a_race_is_deleted_later_when_acs_is_down_now(
     orphan, token = acs.create_user_and_token(["chat"])
     live = emulator.stats()["liveIdentities"]
     emulator.faults(down=True)
-    await get_clients().tokens.discard(orphan.properties["id"])  # what a race loser does
+    await services().tokens.discard(orphan.properties["id"])  # what a race loser does
     emulator.faults(down=False)
     assert emulator.stats()["liveIdentities"] == live  # still there: ACS was down
     report = await _cleanup()
@@ -350,7 +350,7 @@ def test_the_dev_host_schedules_the_cleanup_timer_from_settings_and_runs_it_in_i
 
 
 async def test_event_ids_are_remembered_for_a_week_then_forgotten(service):
-    store = get_clients().store
+    store = services().store
     now = dt.datetime.now(dt.UTC)
     await store.marks.mark_done("evt-old", now - dt.timedelta(days=8))
     await store.marks.mark_done("evt-recent", now - dt.timedelta(days=2))
@@ -370,4 +370,4 @@ async def test_deleting_an_identity_used_since_its_first_day_drops_its_retention
     response = await _call(function_app.delete_identity, service, "used-since", "DELETE", "identity")
     assert response.status_code == 200
     # Nothing left for a later sweep to spend an ACS call on.
-    assert await retention_rows(get_clients().store.table.client, key) == []
+    assert await retention_rows(services().store.table.client, key) == []

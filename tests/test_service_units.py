@@ -90,14 +90,14 @@ def test_easyauth_is_refused_unless_the_platform_says_authentication_is_on(platf
 
 async def test_a_forged_principal_without_platform_authentication_gets_503_naming_auth_mode(monkeypatch):
     import function_app
-    from shared.clients import reset_clients
+    from shared.compose import reset_services
     from shared.settings import reset_settings
 
     for name, value in {**BASE, "AUTH_MODE": "easyauth"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("WEBSITE_AUTH_ENABLED", raising=False)
     reset_settings()
-    await reset_clients()
+    await reset_services()
     forged = _principal([{"typ": "iss", "val": "https://idp"}, {"typ": "sub", "val": "someone-else"}])
     try:
         response = await function_app.issue_token(
@@ -113,7 +113,7 @@ async def test_a_forged_principal_without_platform_authentication_gets_503_namin
         assert json.loads(health.get_body())["checks"] == {"settings": "missing or invalid: AUTH_MODE"}
     finally:
         reset_settings()
-        await reset_clients()
+        await reset_services()
 
 
 def test_readme_says_easyauth_needs_platform_authentication_and_excluded_paths():

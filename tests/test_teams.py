@@ -20,7 +20,7 @@ import function_app
 from devstack.acs_state import TEAMS_AUDIENCE
 from devstack.issuer import object_id_for
 from devstack.signing import SigningKey
-from shared.clients import get_clients
+from shared.compose import services
 from shared.errors import BadRequest, Forbidden, PayloadTooLarge
 from shared.teams import MAX_TEAMS_TOKEN_BYTES, teams_token_request, unverified_claims
 from tests.service_fixtures import configure
@@ -139,7 +139,7 @@ async def test_another_users_teams_token_is_refused(service, emulator):
     # ACS itself refuses it too: 400 ValidationError "Provided AAD token issued for unexpected
     # user." (target userId), which is the same 403, not a bad token and not our configuration.
     with pytest.raises(Forbidden) as caught:
-        await get_clients().teams.acs.exchange_teams_token(
+        await services().teams.acs.exchange_teams_token(
             bobs, service.stack["teams_app_id"], object_id_for("teams-alice")
         )
     assert caught.value.code == "teams_user_mismatch"
@@ -203,7 +203,7 @@ async def test_acs_refusing_a_token_that_names_no_app_is_the_clients_fault(servi
 
 async def test_an_app_id_acs_calls_malformed_is_a_configuration_problem(service, emulator, monkeypatch):
     """ACS: "Provided AppId has invalid format." (target appId): only ever our setting's fault."""
-    monkeypatch.setattr(get_clients().teams, "client_app_id", "invalid")  # past settings validation
+    monkeypatch.setattr(services().teams, "client_app_id", "invalid")  # past settings validation
     before = _exchanges(emulator)
     response = await _exchange(service, "teams-olga", _teams_token(service, "teams-olga", app_id="invalid"))
     assert response.status_code == 503, response.get_body()

@@ -29,7 +29,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 import function_app
 from devstack.acs_state import TEAMS_AUDIENCE
 from devstack.issuer import object_id_for
-from shared import clients, telemetry
+from shared import compose, telemetry
 from shared.settings import load
 from shared.telemetry import setup as telemetry_setup
 from tests.conftest import REPO_ROOT
@@ -276,7 +276,7 @@ def test_building_the_clients_does_not_wait_for_the_distro(monkeypatch):
     monkeypatch.setattr(telemetry_setup, "_configured", False)
     monkeypatch.setenv("OTEL_LOGS_EXPORTER", "console")  # restored afterwards
     monkeypatch.setenv("APPLICATIONINSIGHTS_CONNECTION_STRING", "InstrumentationKey=x")
-    worker = clients.build(
+    worker = compose.compose(
         load(
             {
                 "AUTH_ISSUER": "https://idp.example",

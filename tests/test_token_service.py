@@ -11,7 +11,7 @@ import pytest
 
 import function_app
 from devstack.signing import SigningKey
-from shared.clients import get_clients, reset_clients
+from shared.compose import reset_services, services
 from shared.settings import reset_settings
 from tests.service_fixtures import configure as _configure
 from tests.service_helpers import Users, body_of, request, retention_rows
@@ -72,7 +72,7 @@ async def test_the_same_sub_from_another_issuer_is_another_user(service, emulato
     from shared.auth import Caller
     from shared.policy import TokenRequest
 
-    tokens = get_clients().tokens
+    tokens = services().tokens
     ask = TokenRequest(("chat",), 60)
     a = await tokens.issue(Caller(issuer="https://idp-a.example", subject="same"), ask)
     b = await tokens.issue(Caller(issuer="https://idp-b.example", subject="same"), ask)
@@ -83,7 +83,7 @@ async def test_oid_and_tid_are_recorded(service):
     await _post_token(service, "dave")
     from shared.store.keys import user_key
 
-    record = await get_clients().store.identities.get(user_key(service.stack["issuer"], "dave"))
+    record = await services().store.identities.get(user_key(service.stack["issuer"], "dave"))
     assert record.object_id and record.tenant_id == service.stack["tenant_id"]
 
 
@@ -104,7 +104,7 @@ async def test_twenty_concurrent_first_requests_make_one_identity(service, emula
     from shared.store.keys import user_key
 
     key = user_key(service.stack["issuer"], "erin")
-    store = get_clients().store
+    store = services().store
     owners = [
         e
         async for e in store.table.client.query_entities(
@@ -128,7 +128,7 @@ async def test_managed_identity_path_issues_tokens_with_no_key_in_settings(keyle
     response = await _post_token(keyless_service, "frank")
     assert response.status_code == 200, response.get_body()
     assert emulator.verify(body_of(response)["token"])["valid"]
-    assert get_clients().credential is not None
+    assert services().credential is not None
 
 
 # ---- caller authentication ------------------------------------------------------------------------
@@ -219,7 +219,7 @@ async def test_scope_outside_the_allow_list(stack, emulator, monkeypatch):
         allowed = await function_app.issue_token(request("POST", "token", token=users.token("hank")))
         assert body_of(allowed)["scopes"] == ["chat"]
     finally:
-        await reset_clients()
+        await reset_services()
         reset_settings()
 
 
@@ -282,7 +282,7 @@ async def test_missing_setting_gives_503_naming_it_and_health_reports_it(stack, 
     await _configure(monkeypatch, stack, managed_identity=False)
     monkeypatch.delenv("AUTH_AUDIENCE")
     reset_settings()
-    await reset_clients()
+    await reset_services()
     users = Users(stack)
     try:
         response = await function_app.issue_token(request("POST", "token", token=users.token("kim")))
@@ -327,16 +327,16 @@ async def test_throttled_acs_is_retried_until_it_answers(service, emulator):
 
 
 async def test_acs_throttling_that_persists_is_503_with_retry_after(service, emulator, monkeypatch):
-    import shared.clients
+    import shared.compose
 
     # The same six retries, without waiting out the production backoff (7.75 s) they are not about.
-    monkeypatch.setitem(shared.clients.ACS_CLIENT_OPTIONS, "retry_backoff_factor", 0.01)
-    monkeypatch.setitem(shared.clients.ACS_CLIENT_OPTIONS, "retry_backoff_max", 0.05)
-    await reset_clients()
+    monkeypatch.setitem(shared.compose.ACS_CLIENT_OPTIONS, "retry_backoff_factor", 0.01)
+    monkeypatch.setitem(shared.compose.ACS_CLIENT_OPTIONS, "retry_backoff_max", 0.05)
+    await reset_services()
     emulator.faults(throttleRate=1.0, retryAfterSeconds=0)
     before = emulator.stats()["calls"]["createIdentity"]
     response = await _post_token(service, "mia")
-    retries = shared.clients.ACS_CLIENT_OPTIONS["retry_status"]
+    retries = shared.compose.ACS_CLIENT_OPTIONS["retry_status"]
     assert emulator.stats()["calls"]["createIdentity"] - before == 1 + retries
     assert response.status_code == 503
     assert body_of(response)["code"] == "acs_throttled" and int(response.headers["Retry-After"]) >= 1
@@ -357,10 +357,10 @@ async def test_acs_down_is_503_with_retry_after_never_500(service, emulator):
 
 async def test_clients_are_created_once_per_worker(service):
     await _post_token(service, "pat")
-    clients = get_clients()
+    clients = services()
     for _ in range(5):
         await _post_token(service, "pat")
-    assert get_clients() is clients
+    assert services() is clients
     assert clients.jwks.fetches == 1
 
 
@@ -384,13 +384,13 @@ async def test_unreachable_issuer_is_503_not_401_or_500(stack, emulator, monkeyp
             and health["checks"]["issuer"] == "unavailable (issuer_unavailable)"
         )
     finally:
-        await reset_clients()
+        await reset_services()
         reset_settings()
 
 
 async def test_unknown_kid_refetches_keys_at_most_once_a_minute(service, emulator):
     await _post_token(service, "rita")
-    jwks = get_clients().jwks
+    jwks = services().jwks
     fetched = jwks.fetches
     forged = service.claims_token(service.base_claims("rita"), headers={"kid": "unknown-kid"})
     for _ in range(5):
@@ -405,7 +405,7 @@ async def test_last_use_is_written_at_most_once_a_day(service, emulator):
     from shared.store.keys import user_key
 
     await _post_token(service, "sam")
-    clients = get_clients()
+    clients = services()
     key = user_key(service.stack["issuer"], "sam")
     created = await clients.store.identities.get(key)
     for route in ("token", "token/refresh"):

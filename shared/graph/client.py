@@ -13,8 +13,11 @@ import datetime as dt
 import logging
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:  # azure-core loads with the first Graph call
+    from azure.core import AsyncPipelineClient
 
 log = logging.getLogger("acs_token_service.graph")
 
@@ -87,7 +90,7 @@ class GraphClient:
         self._make_credential = make_credential
         self._owns_credential = False
         self._transport_options = transport_options or {}
-        self._client = None
+        self._client: AsyncPipelineClient | None = None
 
     def _pipeline(self):
         """One azure-core pipeline per worker, made on first use: retries (Retry-After honoured), the

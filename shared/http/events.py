@@ -1,4 +1,4 @@
-"""POST and OPTIONS /api/events: the Event Grid webhook's HTTP side (acting on events: shared/webhook.py).
+"""POST and OPTIONS /api/events: the Event Grid webhook's HTTP side (acting on events: shared/events/act.py).
 
 The function key is the host's to check. A malformed delivery is refused whole (400) before any
 state is touched; work left undone answers 503, which Event Grid retries (it never retries a 4xx).
@@ -11,10 +11,9 @@ import time
 
 import azure.functions as func
 
-from .. import webhook
-from ..clients import get_clients
+from ..compose import services
 from ..errors import BadRequest
-from ..events import EventTypes, handshake_allowed_origin, parse_delivery
+from ..events import EventTypes, act, handshake_allowed_origin, parse_delivery
 from ..settings import Settings
 from . import bodies
 from .route import Auth, route
@@ -27,7 +26,7 @@ async def deliver(req: func.HttpRequest) -> func.HttpResponse:
     if req.method == "OPTIONS":
         return _handshake(req)
     started = time.monotonic()  # Event Grid's 30 s run from here
-    clients = get_clients()
+    clients = services()
     delivery = parse_delivery(
         req.get_body(),
         req.headers.get("content-type"),
@@ -37,7 +36,7 @@ async def deliver(req: func.HttpRequest) -> func.HttpResponse:
     if delivery.validation_code is not None:
         log.info("event subscription validated")
         return bodies.subscription_validated(delivery.validation_code)
-    return bodies.events_handled(await webhook.act_on(clients, delivery, started))
+    return bodies.events_handled(await act.act_on(clients, delivery, started))
 
 
 def _handshake(req: func.HttpRequest) -> func.HttpResponse:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import azure.functions as func
 
-from ..clients import Clients, get_clients
+from ..compose import Services, services
 from ..errors import ServiceError, SettingError
 from ..settings import get_settings
 from . import bodies
@@ -23,7 +23,7 @@ async def check(_req: func.HttpRequest) -> func.HttpResponse:
     except SettingError as err:
         checks["settings"] = f"missing or invalid: {err.setting}"
         return bodies.health(checks, healthy=False)
-    clients = get_clients()
+    clients = services()
     try:
         await clients.store.table.ping()
         checks["storage"] = "ok"
@@ -43,9 +43,9 @@ async def check(_req: func.HttpRequest) -> func.HttpResponse:
     return bodies.health(checks, healthy=ok)
 
 
-async def _graph(clients: Clients, checks: dict[str, str]) -> bool:
-    """Adds `graphSubscription` when there is one to report on (shared/graph.py); False if degraded."""
-    if clients.graph is None or checks.get("storage") != "ok":  # its record is in Table Storage
+async def _graph(clients: Services, checks: dict[str, str]) -> bool:
+    """Adds `graphSubscription` when there is one to report on (shared/graph/); False if degraded."""
+    if checks.get("storage") != "ok":  # its record is in Table Storage
         return True
     try:
         reported = await clients.graph.health()

@@ -34,7 +34,7 @@ async def delete(call: Call) -> func.HttpResponse:
 
 @route(auth=Auth.ADMIN, limit=Limit.MANAGE)
 async def retention(call: Call) -> func.HttpResponse:
-    """What retention would delete next, and not before when (already JSON: shared/cleanup.py)."""
+    """What retention would delete next, and not before when (already JSON: shared/cleanup/)."""
     raw = call.req.params.get("limit", str(RETENTION_PREVIEW_DEFAULT))
     if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= RETENTION_PREVIEW_MAX:
         raise BadRequest(

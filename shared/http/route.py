@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal, overload
 
 import azure.functions as func
 
-from ..clients import Clients, get_clients
+from ..compose import Services, services
 from ..errors import Forbidden
 from .problems import response_for
 
@@ -47,7 +47,7 @@ class Call:
 
     req: func.HttpRequest
     caller: Caller
-    clients: Clients
+    clients: Services
 
 
 Endpoint = Callable[[func.HttpRequest], Awaitable[func.HttpResponse]]
@@ -81,7 +81,7 @@ def route(*, auth: Auth, limit: Limit | None = None) -> Callable[[Callable], End
 async def _admit(req: func.HttpRequest, auth: Auth, limit: Limit | None) -> Call:
     """Authenticate, take from the caller's bucket, then check the role: a caller without it still
     spends their limit, so probing an admin route costs what calling it does."""
-    clients = get_clients()
+    clients = services()
     caller = await clients.authenticator.authenticate(req.headers)
     limiter = _limiter(clients, limit)
     if limiter is not None:
@@ -91,7 +91,7 @@ async def _admit(req: func.HttpRequest, auth: Auth, limit: Limit | None) -> Call
     return Call(req, caller, clients)
 
 
-def _limiter(clients: Clients, limit: Limit | None) -> RateLimiter | None:
+def _limiter(clients: Services, limit: Limit | None) -> RateLimiter | None:
     match limit:
         case Limit.TOKENS:
             return clients.limiter  # None when RATE_LIMIT_PER_MINUTE is off

@@ -1,4 +1,4 @@
-"""The cleanup timer's trigger: pending revocations and deletions, then retention (shared/cleanup.py)."""
+"""The cleanup timer's trigger: pending revocations and deletions, then retention (shared/cleanup/)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import azure.functions as func
 
-from ..clients import get_clients
+from ..compose import services
 from ..errors import ServiceError
 
 log = logging.getLogger("acs_token_service.cleanup")
@@ -15,7 +15,7 @@ log = logging.getLogger("acs_token_service.cleanup")
 async def cleanup(_timer: func.TimerRequest) -> None:
     """A failed run only logs: the next one starts from the same durable state."""
     try:
-        await get_clients().cleanup.run()
+        await services().cleanup.run()
     except ServiceError as err:
         log.error("cleanup run skipped: %s (%s)", err.code, err.detail)
     except Exception as err:  # noqa: BLE001

@@ -41,9 +41,7 @@ async def delete(call: Call) -> func.HttpResponse:
 @route(auth=Auth.USER, limit=Limit.TOKENS)
 async def teams(call: Call) -> func.HttpResponse:
     """The body carries the Teams user's Entra token for ACS; the bearer is the caller's, as everywhere."""
-    from ..teams import teams_token_request  # loads auth (jwt) with the clients, not at indexing
+    from ..teams import teams_token_request  # loads auth (jwt) with the services, not at indexing
 
     request = teams_token_request(call.req.get_body())
-    exchange = call.clients.teams
-    assert exchange is not None, "every worker's clients build one (shared/clients.py)"
-    return bodies.teams_token(await exchange.exchange(call.caller, request))
+    return bodies.teams_token(await call.clients.teams.exchange(call.caller, request))

@@ -2,7 +2,7 @@
 
 A row per (user, identity, op) (`keys.pending_row`), so a newer request of the same kind for the
 same identity replaces an older one, or per discarded identity (`keys.discard_row`). The timer
-takes each with an etag lease (`claim`), and finishes it or tries again later (shared/cleanup.py).
+takes each with an etag lease (`claim`), and finishes it or tries again later (shared/cleanup/).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class Pending:
     @telemetry.table_operation("queue_settle")
     async def queue_settle(self, user_key: str, communication_user_id: str, now: dt.datetime) -> None:
         """A new identity whose mapping insert may still land: the timer keeps it if it did, and
-        deletes it once no late write can land any more if it did not (shared/cleanup.py)."""
+        deletes it once no late write can land any more if it did not (shared/cleanup/)."""
         await self.queue(
             "settle",
             user_key=user_key,

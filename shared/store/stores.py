@@ -1,4 +1,4 @@
-"""All the stores over one table, built together: what `shared.clients` hands the services."""
+"""All the stores over one table, built together: what `shared.compose` hands the services."""
 
 from __future__ import annotations
 

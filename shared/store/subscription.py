@@ -1,6 +1,6 @@
 """The Microsoft Graph subscription's state, `PK="graph-subscription", RK="current"`: one row,
 read by /api/health and the cleanup timer, written by the webhook (lifecycle events) and the timer
-(shared/graph.py)."""
+(shared/graph/)."""
 
 from __future__ import annotations
 

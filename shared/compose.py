@@ -1,4 +1,5 @@
-"""One set of aio SDK clients per worker, created on first use and reused by every request.
+"""The worker's object graph, composed once from its settings: one set of aio SDK clients and the
+services built on them, reused by every request.
 
 A client per request would pay a TLS handshake and a credential token fetch every time; these
 objects are safe to share across concurrent requests on the worker's event loop.
@@ -7,12 +8,17 @@ objects are safe to share across concurrent requests on the worker's event loop.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .clock import Clock, utcnow
 from .settings import Settings, get_settings
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the SDKs load on first use (`compose`), not when function_app is indexed
+    from azure.communication.identity.aio import CommunicationIdentityClient as AsyncIdentityClient
+    from azure.data.tables.aio import TableClient as AsyncTableClient
+
     from .auth import EasyAuthAuthenticator, JwksCache, JwtAuthenticator
     from .cleanup import Cleanup
     from .graph import GraphSubscriptions
@@ -48,22 +54,23 @@ SDK_LOGGERS = ("azure.core", "azure.identity", "azure.communication", "azure.dat
 
 
 @dataclass
-class Clients:
+class Services:
+    """What a worker serves every request with: built once (`compose`), shared by all."""
+
     settings: Settings
-    credential: object | None
     authenticator: JwtAuthenticator | EasyAuthAuthenticator
     jwks: JwksCache | None
     tokens: TokenService
     revocation: RevocationService
     cleanup: Cleanup
     store: Stores
-    limiter: RateLimiter | None
-    closers: tuple
-    teams: TeamsExchange | None = None
-    graph: GraphSubscriptions | None = None  # the Microsoft Graph subscription (shared/graph/)
+    teams: TeamsExchange
+    graph: GraphSubscriptions  # the Microsoft Graph subscription (shared/graph/)
+    limiter: RateLimiter | None  # token routes: RATE_LIMIT_PER_MINUTE, off unless set
     # On in every deployment: revocations and deletions, per user and per admin (ratelimit.py: why).
-    revocation_limiter: RateLimiter | None = None
-    manage_limiter: RateLimiter | None = None
+    revocation_limiter: RateLimiter
+    manage_limiter: RateLimiter
+    closers: tuple[Callable[[], Awaitable[None]], ...]
 
     async def close(self) -> None:
         for close in self.closers:
@@ -104,7 +111,16 @@ def _credential(settings: Settings):
     )
 
 
-def build(settings: Settings) -> Clients:
+def compose(
+    settings: Settings,
+    *,
+    table: AsyncTableClient | None = None,
+    acs: AsyncIdentityClient | None = None,
+    clock: Clock = utcnow,
+) -> Services:
+    """A worker's services, built from its settings. The seams tests inject through: the Table
+    Storage and ACS clients (a wrapped or a differently configured one; the services close them),
+    and the clock every service reads."""
     # Imported here, on the first request, not when the host indexes function_app: the SDKs and
     # the modules built on them are most of the import time, and some functions never need them.
     from azure.communication.identity.aio import CommunicationIdentityClient
@@ -123,28 +139,35 @@ def build(settings: Settings) -> Clients:
 
     quiet_sdk_loggers()  # before any SDK call: its INFO records would reach Application Insights
     telemetry.configure_in_background()  # Azure Monitor export, if asked for; never on this event loop
-    acs_options = {**ACS_CLIENT_OPTIONS, **transport_options(), **telemetry.acs_client_options()}
-    table_options = {**TABLE_CLIENT_OPTIONS, **transport_options()}
     credential = None
-    if settings.acs_connection_string is None or settings.tables_connection_string is None:
+    if (acs is None and not settings.acs_connection_string) or (
+        table is None and not settings.tables_connection_string
+    ):
         credential = _credential(settings)
 
-    if settings.acs_connection_string:
-        acs = CommunicationIdentityClient.from_connection_string(
-            settings.acs_connection_string, **acs_options
-        )
-    else:
-        acs = CommunicationIdentityClient(settings.acs_endpoint, credential, **acs_options)
-    if settings.tables_connection_string:
-        table = TableClient.from_connection_string(
-            settings.tables_connection_string, settings.table_name, **table_options
-        )
-    else:
-        table = TableClient(
-            settings.tables_endpoint, settings.table_name, credential=credential, **table_options
-        )
+    if acs is None:
+        acs_options = {**ACS_CLIENT_OPTIONS, **transport_options(), **telemetry.acs_client_options()}
+        if settings.acs_connection_string:
+            acs = CommunicationIdentityClient.from_connection_string(
+                settings.acs_connection_string, **acs_options
+            )
+        else:
+            assert settings.acs_endpoint and credential  # settings.load asks for one or the other
+            acs = CommunicationIdentityClient(settings.acs_endpoint, credential, **acs_options)
+    if table is None:
+        table_options = {**TABLE_CLIENT_OPTIONS, **transport_options()}
+        if settings.tables_connection_string:
+            table = TableClient.from_connection_string(
+                settings.tables_connection_string, settings.table_name, **table_options
+            )
+        else:
+            assert settings.tables_endpoint  # settings.load asks for one or the other
+            table = TableClient(
+                settings.tables_endpoint, settings.table_name, credential=credential, **table_options
+            )
 
     jwks = None
+    authenticator: JwtAuthenticator | EasyAuthAuthenticator
     if settings.auth_mode == "easyauth":
         authenticator = EasyAuthAuthenticator(settings)
     else:
@@ -152,7 +175,7 @@ def build(settings: Settings) -> Clients:
         authenticator = JwtAuthenticator(settings, jwks)
     store = Stores(table, object_id_issuer=settings.object_id_issuer)
     gateway = AcsGateway(acs)
-    revocation = RevocationService(store, gateway)
+    revocation = RevocationService(store, gateway, clock)
     # Graph takes no key: with connection strings for ACS and Storage it makes the credential
     # itself, on its first call; otherwise it shares the worker's. Its pipeline is made then too.
     graph = GraphSubscriptions(
@@ -161,43 +184,52 @@ def build(settings: Settings) -> Clients:
         credential=credential,
         make_credential=lambda: _credential(settings),
         transport_options=transport_options(),
+        clock=clock,
     )
     closers = (
         [acs.close, table.close, graph.close]
         + ([jwks.close] if jwks else [])
         + ([credential.close] if credential else [])
     )
-    return Clients(
+    return Services(
         settings=settings,
-        credential=credential,
         authenticator=authenticator,
         jwks=jwks,
-        tokens=TokenService(store, gateway, revocation=revocation, retention_days=settings.retention_days),
+        tokens=TokenService(
+            store, gateway, clock, revocation=revocation, retention_days=settings.retention_days
+        ),
         revocation=revocation,
-        cleanup=Cleanup(store, gateway, retention_days=settings.retention_days, graph=graph),
+        cleanup=Cleanup(store, gateway, retention_days=settings.retention_days, clock=clock, graph=graph),
         store=store,
-        limiter=RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None,
-        closers=tuple(closers),
         teams=TeamsExchange(gateway, settings),
         graph=graph,
+        limiter=RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None,
         revocation_limiter=RateLimiter(REVOCATIONS_PER_MINUTE, what="revocations and deletions"),
         manage_limiter=RateLimiter(MANAGE_PER_MINUTE, what="revocations and deletions"),
+        closers=tuple(closers),
     )
 
 
-_clients: Clients | None = None
+_services: Services | None = None
 
 
-def get_clients() -> Clients:
-    global _clients
-    if _clients is None:
-        _clients = build(get_settings())
-    return _clients
+def services() -> Services:
+    """The worker's services, composed on first use from its settings."""
+    global _services
+    if _services is None:
+        _services = compose(get_settings())
+    return _services
 
 
-async def reset_clients() -> None:
-    """Close and forget the worker's clients (tests, and settings changes)."""
-    global _clients
-    clients, _clients = _clients, None
-    if clients is not None:
-        await clients.close()
+def install(replacement: Services) -> None:
+    """Serve with these services from now on (tests: ones composed with a seam)."""
+    global _services
+    _services = replacement
+
+
+async def reset_services() -> None:
+    """Close and forget the worker's services (tests, and settings changes)."""
+    global _services
+    current, _services = _services, None
+    if current is not None:
+        await current.close()

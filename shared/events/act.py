@@ -39,13 +39,13 @@ from collections import Counter
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-from .clients import Clients
-from .errors import Unavailable
-from .events import Action, Delivery, EventTarget, Lifecycle
-from .store import keys
+from ..compose import Services
+from ..errors import Unavailable
+from ..store import keys
+from .model import Action, Delivery, EventTarget, Lifecycle
 
 if TYPE_CHECKING:  # the store loads with the clients: importing function_app stays light
-    from .store.record import IdentityRecord
+    from ..store.record import IdentityRecord
 
 log = logging.getLogger("acs_token_service.events")
 
@@ -91,7 +91,7 @@ class _Deferred(Exception):
         self.outcomes = outcomes or []
 
 
-async def _records_for(clients: Clients, action: Action) -> list[IdentityRecord]:
+async def _records_for(clients: Services, action: Action) -> list[IdentityRecord]:
     target, store = action.target, clients.store
     if target.tenant_id and target.object_id:
         return await store.lookups.graph_users(target.tenant_id, target.object_id)
@@ -107,7 +107,7 @@ async def _records_for(clients: Clients, action: Action) -> list[IdentityRecord]
     return []
 
 
-async def _act(clients: Clients, action: Action, budget: _Budget) -> list[str]:
+async def _act(clients: Services, action: Action, budget: _Budget) -> list[str]:
     """What became of each identity the event names. A Graph event names an Entra user, who may be
     known under several app keys: each identity done is marked (event, key) after it is acted on,
     so a redelivery after a failure acts only on those not done, even if the user's identities
@@ -152,7 +152,7 @@ async def _act(clients: Clients, action: Action, budget: _Budget) -> list[str]:
     return outcomes
 
 
-async def _event(clients: Clients, action: Action, budget: _Budget, gate: asyncio.Semaphore) -> list[str]:
+async def _event(clients: Services, action: Action, budget: _Budget, gate: asyncio.Semaphore) -> list[str]:
     """One event, once: skipped if marked, marked once every identity it names is done."""
     async with gate:
         if not budget.open():
@@ -165,7 +165,9 @@ async def _event(clients: Clients, action: Action, budget: _Budget, gate: asynci
         return outcomes
 
 
-async def _notice(clients: Clients, notice: Lifecycle, budget: _Budget, gate: asyncio.Semaphore) -> list[str]:
+async def _notice(
+    clients: Services, notice: Lifecycle, budget: _Budget, gate: asyncio.Semaphore
+) -> list[str]:
     """One Graph lifecycle notification, once, like any event."""
     async with gate:
         if not budget.open():
@@ -179,7 +181,7 @@ async def _notice(clients: Clients, notice: Lifecycle, budget: _Budget, gate: as
 
 
 async def _work_through(
-    clients: Clients, delivery: Delivery, budget: _Budget
+    clients: Services, delivery: Delivery, budget: _Budget
 ) -> tuple[Counter[str], list[Exception]]:
     """Every event of the delivery, side by side within the budget: the outcomes, "deferred" for
     each event left for Event Grid's retry, and the failures.
@@ -225,7 +227,7 @@ async def _work_through(
     return results, failures
 
 
-async def _end_sessions(clients: Clients, action: Action, records: list[IdentityRecord]) -> None:
+async def _end_sessions(clients: Services, action: Action, records: list[IdentityRecord]) -> None:
     """Bearers issued before the event no longer get anything (shared/sessions.py `Sessions.check`):
     by every app key it reaches, and by (tenant, object id) for an Entra user, which also covers
     keys that have no identity yet. Written first, so a failure later leaves it in place, and
@@ -246,14 +248,14 @@ async def _end_sessions(clients: Clients, action: Action, records: list[Identity
     )
 
 
-async def _apply(clients: Clients, action: Action, record: IdentityRecord) -> str:
+async def _apply(clients: Services, action: Action, record: IdentityRecord) -> str:
     source = f"event:{action.event_type}"
     if action.kind == "delete":
         return (await clients.revocation.delete(record, source=source)).status
     return (await clients.revocation.revoke(record, source=source)).status
 
 
-async def _observe(clients: Clients, delivery: Delivery, budget: _Budget) -> None:
+async def _observe(clients: Services, delivery: Delivery, budget: _Budget) -> None:
     """Note the Graph subscription the user events came through (bookkeeping: never fails them,
     nor delays the answer past the delivery's cut-off)."""
     if not delivery.subscriptions:
@@ -265,7 +267,7 @@ async def _observe(clients: Clients, delivery: Delivery, budget: _Budget) -> Non
         log.warning("graph subscription not noted: %s", type(err).__name__)
 
 
-async def act_on(clients: Clients, delivery: Delivery, started: float) -> Counter[str]:
+async def act_on(clients: Services, delivery: Delivery, started: float) -> Counter[str]:
     """What each event of a parsed delivery came to, worked through within the budget counted from
     `started`. Each event gets its turn; then a failure answers for the batch (raised), and so does
     work left for Event Grid's retry (`events_deferred`)."""
