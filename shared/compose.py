@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .clock import Clock, utcnow
 from .settings import Settings, get_settings
@@ -111,6 +111,20 @@ def _credential(settings: Settings):
     )
 
 
+def table_client(settings: Settings, credential: Any | None = None) -> AsyncTableClient:
+    """The Table Storage client the settings ask for (`compose`'s, unless a test injects its own):
+    by connection string, or by endpoint with the credential."""
+    from azure.data.tables.aio import TableClient
+
+    options = {**TABLE_CLIENT_OPTIONS, **transport_options()}
+    if settings.tables_connection_string:
+        return TableClient.from_connection_string(
+            settings.tables_connection_string, settings.table_name, **options
+        )
+    assert settings.tables_endpoint and credential  # settings.load asks for one or the other
+    return TableClient(settings.tables_endpoint, settings.table_name, credential=credential, **options)
+
+
 def compose(
     settings: Settings,
     *,
@@ -124,7 +138,6 @@ def compose(
     # Imported here, on the first request, not when the host indexes function_app: the SDKs and
     # the modules built on them are most of the import time, and some functions never need them.
     from azure.communication.identity.aio import CommunicationIdentityClient
-    from azure.data.tables.aio import TableClient
 
     from . import telemetry
     from .acs import AcsGateway
@@ -155,16 +168,7 @@ def compose(
             assert settings.acs_endpoint and credential  # settings.load asks for one or the other
             acs = CommunicationIdentityClient(settings.acs_endpoint, credential, **acs_options)
     if table is None:
-        table_options = {**TABLE_CLIENT_OPTIONS, **transport_options()}
-        if settings.tables_connection_string:
-            table = TableClient.from_connection_string(
-                settings.tables_connection_string, settings.table_name, **table_options
-            )
-        else:
-            assert settings.tables_endpoint  # settings.load asks for one or the other
-            table = TableClient(
-                settings.tables_endpoint, settings.table_name, credential=credential, **table_options
-            )
+        table = table_client(settings, credential)
 
     jwks = None
     authenticator: JwtAuthenticator | EasyAuthAuthenticator

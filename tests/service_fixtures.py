@@ -5,11 +5,13 @@ Loaded as a plugin by conftest.py, after it has pointed SSL_CERT_FILE at the sta
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 
 from devstack.service_settings import settings_for_host
-from shared.compose import reset_services
-from shared.settings import SETTING_NAMES, reset_settings
+from shared.compose import compose, install, reset_services, table_client
+from shared.settings import SETTING_NAMES, get_settings, reset_settings
 from tests.service_helpers import Users
 
 
@@ -45,3 +47,38 @@ async def keyless_service(stack, emulator, monkeypatch):
     """The service configured with endpoints only: managed identity for ACS and Storage."""
     async for users in _service(stack, monkeypatch, managed_identity=True):
         yield users
+
+
+class TableCalls:
+    """The service's Table Storage client with chosen calls replaced: what a test injects through
+    compose's `table` seam (shared/compose.py) to fail, hold or count a Table call."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.replaced: dict[str, object] = {}
+
+    def __getattr__(self, name: str):
+        return self.replaced.get(name) or getattr(self.real, name)
+
+    def replace(self, **calls) -> None:
+        """From now on, `name` is `call` (which may call `self.real.name`)."""
+        self.replaced.update(calls)
+
+    @contextmanager
+    def replacing(self, **calls):
+        """`replace` for the block only."""
+        self.replace(**calls)
+        try:
+            yield self
+        finally:
+            for name in calls:
+                self.replaced.pop(name, None)
+
+
+@pytest.fixture
+async def table_calls(service) -> TableCalls:
+    """`service`, serving with a Table client whose calls a test may replace (`TableCalls`)."""
+    settings = get_settings()
+    calls = TableCalls(table_client(settings))
+    install(compose(settings, table=calls))
+    return calls

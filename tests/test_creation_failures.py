@@ -40,16 +40,15 @@ def _live(emulator) -> int:
     ids=["retried-409", "answer-lost"],
 )
 async def test_a_mapping_insert_that_landed_but_failed_to_say_so_keeps_its_identity(
-    service, emulator, monkeypatch, answer
+    service, table_calls, emulator, answer
 ):
-    table = services().store.table.client
-    real_insert = table.create_entity
+    real_insert = table_calls.real.create_entity
 
     async def landed_then_failed(entity, **kwargs):
         await real_insert(entity, **kwargs)
         raise answer
 
-    monkeypatch.setattr(table, "create_entity", landed_then_failed)
+    table_calls.replace(create_entity=landed_then_failed)
     live = _live(emulator)
     user = f"landed-{type(answer).__name__}"
     response = await _post_token(service, user)
@@ -64,20 +63,18 @@ async def test_a_mapping_insert_that_landed_but_failed_to_say_so_keeps_its_ident
 
 
 async def test_a_mapping_insert_without_an_answer_leaves_the_identity_for_the_timer(
-    service, emulator, monkeypatch
+    service, table_calls, emulator, monkeypatch
 ):
     """A connection lost mid-insert may have committed it (issue 16, item 3): the identity is kept
     until no late write can land, then the timer deletes it if nothing maps it."""
-    clients = services()
-    table = clients.store.table.client
+    clients, table = services(), table_calls
 
     async def refused(_entity, **_kwargs):
         raise ServiceResponseError(message="storage went away")
 
     live = _live(emulator)
     then = dt.datetime.now(dt.UTC) - dt.timedelta(days=120)
-    with monkeypatch.context() as patch:
-        patch.setattr(table, "create_entity", refused)
+    with monkeypatch.context() as patch, table.replacing(create_entity=refused):
         patch.setattr(clients.tokens, "clock", lambda: then)
         response = await _post_token(service, "insert-failed")
     assert response.status_code == 503 and body_of(response)["code"] == "dependency_unavailable"
@@ -104,12 +101,11 @@ async def test_a_mapping_insert_without_an_answer_leaves_the_identity_for_the_ti
     assert _live(emulator) == live
 
 
-async def test_a_mapping_insert_the_service_refused_deletes_the_new_identity(service, emulator, monkeypatch):
+async def test_a_mapping_insert_the_service_refused_deletes_the_new_identity(service, table_calls, emulator):
     """A 4xx answer is a clear no: nothing can land later, so the identity goes at once."""
     from azure.core.exceptions import HttpResponseError
 
     clients = services()
-    table = clients.store.table.client
 
     async def refused(_entity, **_kwargs):
         err = HttpResponseError(message="The property value exceeds the maximum allowed size.")
@@ -117,8 +113,7 @@ async def test_a_mapping_insert_the_service_refused_deletes_the_new_identity(ser
         raise err
 
     live = _live(emulator)
-    with monkeypatch.context() as patch:
-        patch.setattr(table, "create_entity", refused)
+    with table_calls.replacing(create_entity=refused):
         response = await _post_token(service, "insert-refused")
     assert response.status_code == 503 and body_of(response)["code"] == "dependency_failed"
     assert _live(emulator) == live
@@ -197,10 +192,9 @@ async def test_acting_on_a_replaced_identity_leaves_the_new_mapping_alone(servic
     assert emulator.verify(body_of(again)["token"])["valid"]
 
 
-async def test_rows_that_cannot_be_written_delete_the_new_identity(service, emulator, monkeypatch):
+async def test_rows_that_cannot_be_written_delete_the_new_identity(service, table_calls, emulator):
     # Storage goes away between the first read (no mapping yet) and the new identity's rows.
-    table = services().store.table.client
-    real_read = table.get_entity
+    real_read = table_calls.real.get_entity
     down = False
 
     async def write(*_args, **_kwargs):
@@ -213,8 +207,7 @@ async def test_rows_that_cannot_be_written_delete_the_new_identity(service, emul
             raise ServiceResponseError(message="storage went away")
         return await real_read(*args, **kwargs)
 
-    monkeypatch.setattr(table, "submit_transaction", write)
-    monkeypatch.setattr(table, "get_entity", read)
+    table_calls.replace(submit_transaction=write, get_entity=read)
     live, created = _live(emulator), emulator.stats()["calls"].get("createIdentity", 0)
     response = await _post_token(service, "rows-refused")
     assert response.status_code == 503 and body_of(response)["code"] == "dependency_unavailable"
@@ -337,7 +330,7 @@ async def test_an_identity_filed_by_a_worker_that_died_before_its_mapping_is_swe
 
 
 async def test_an_index_transaction_the_table_refuses_files_nothing_and_deletes_the_identity(
-    service, emulator, monkeypatch
+    service, table_calls, emulator, monkeypatch
 ):
     # A real entity-group transaction that Table Storage refuses whole (a row over the size limit):
     # TableTransactionError, not a network error. None of its rows lands.
@@ -349,7 +342,7 @@ async def test_an_index_transaction_the_table_refuses_files_nothing_and_deletes_
         return [{**entry, "padding": "x" * 70_000}, *graph]  # over the 64 KiB property limit
 
     raised = []
-    real_submit = store.table.client.submit_transaction
+    real_submit = table_calls.real.submit_transaction
 
     async def submit(operations, **kwargs):
         try:
@@ -359,7 +352,7 @@ async def test_an_index_transaction_the_table_refuses_files_nothing_and_deletes_
             raise
 
     monkeypatch.setattr(store.retention, "entry_rows", refused)
-    monkeypatch.setattr(store.table.client, "submit_transaction", submit)
+    table_calls.replace(submit_transaction=submit)
     live = _live(emulator)
     token = service.token("refused-whole")
     response = await function_app.issue_token(request("POST", "token", token=token))

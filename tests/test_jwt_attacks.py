@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives import serialization
 
 import function_app
 from devstack.signing import SigningKey
-from shared.compose import services
+from shared.compose import compose, install, table_client
+from shared.settings import get_settings
 from tests.service_helpers import HostLog, Users, body_of, request
 
 
@@ -127,8 +128,8 @@ class CountingTable:
 
 @pytest.mark.parametrize("forge", CORPUS.values(), ids=CORPUS.keys())
 async def test_attack_gets_401_with_no_backend_call(service, emulator, forge):
-    store = services().store
-    spy = store.table.client = CountingTable(store.table.client)
+    spy = CountingTable(table_client(get_settings()))
+    install(compose(get_settings(), table=spy))  # the Table client, seen from outside the service
     acs_before = emulator.stats()["calls"]
     for handler, route in (
         (function_app.issue_token, "token"),

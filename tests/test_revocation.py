@@ -246,7 +246,7 @@ async def test_retention_retires_an_identity_filed_twice_once_and_drops_both_row
     assert await retention_rows(clients.store.table.client, key) == []
 
 
-async def test_retention_deletes_an_identity_a_crash_left_unmapped(service, emulator, monkeypatch):
+async def test_retention_deletes_an_identity_a_crash_left_unmapped(service, table_calls, emulator):
     await drain_cleanup()
     from azure.communication.identity import CommunicationIdentityClient
 
@@ -275,8 +275,7 @@ async def test_retention_deletes_an_identity_a_crash_left_unmapped(service, emul
     async def discard(_communication_user_id):
         raise AssertionError("a crash discards nothing")
 
-    with monkeypatch.context() as patch:
-        patch.setattr(store.table.client, "create_entity", crash)
+    with table_calls.replacing(create_entity=crash):
         with pytest.raises(Crash):
             await store.identities.create(record, discard=discard)
     kept = await _token(service, "kept-while-sweeping")
