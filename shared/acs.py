@@ -26,12 +26,12 @@ from azure.core.exceptions import (
 )
 
 from . import telemetry
-from .errors import BadRequest, Forbidden, NotFound, ServiceError, Unavailable
+from .errors import BadRequest, Code, Forbidden, NotFound, ServiceError, Unavailable
 
 log = logging.getLogger("acs_token_service.acs")
-TEAMS_TOKEN_INVALID = "teams_token_invalid"  # noqa: S105 - an error code
-TEAMS_APP_REJECTED = "teams_app_rejected"  # ACS: "AAD application is not the expected one."
-TEAMS_APP_INVALID = "teams_app_invalid"  # ACS: the appId we sent is missing or malformed
+TEAMS_TOKEN_INVALID = Code.TEAMS_TOKEN_INVALID
+TEAMS_APP_REJECTED = Code.TEAMS_APP_REJECTED  # ACS: "AAD application is not the expected one."
+TEAMS_APP_INVALID = Code.TEAMS_APP_INVALID  # ACS: the appId we sent is missing or malformed
 
 # azure-core retries a 429 on a POST only when it carries Retry-After (RetryPolicyBase.is_retry:
 # without the header only GET, PUT, DELETE and the like are retried), and ACS's docs promise no
@@ -79,13 +79,13 @@ def _teams_rejection(err: HttpResponseError) -> ServiceError:
     message = str(getattr(error, "message", None) or "")
     if target == "userid" and "unexpected user" in message:
         return Forbidden(
-            "ACS: the Teams token was issued for another user than the caller.", code="teams_user_mismatch"
+            "ACS: the Teams token was issued for another user than the caller.", code=Code.TEAMS_USER_MISMATCH
         )
     if target == "userid":  # required or malformed: the caller's oid is no Entra object id
         return Forbidden(
             "Exchanging a Teams token needs an Entra ID bearer token whose oid is the Teams user's "
             "object id.",
-            code="caller_oid_missing",
+            code=Code.CALLER_OID_MISSING,
         )
     if target == "appid" and "not the expected one" in message:
         return BadRequest("ACS refused the Teams token's application.", code=TEAMS_APP_REJECTED)
@@ -103,25 +103,29 @@ def _acs_not_found(err: Exception) -> bool:
 def translate(err: Exception) -> ServiceError:
     """Map an SDK failure to what our caller should see."""
     if isinstance(err, ServiceRequestError | ServiceResponseError):
-        return Unavailable("Azure Communication Services cannot be reached.", code="acs_unavailable")
+        return Unavailable("Azure Communication Services cannot be reached.", code=Code.ACS_UNAVAILABLE)
     if isinstance(err, ClientAuthenticationError):
         code = getattr(getattr(err, "error", None), "code", None)
         if code == "IdentityNotOwned":
-            return NotFound("The ACS identity no longer exists.", code="identity_gone")
+            return NotFound("The ACS identity no longer exists.", code=Code.IDENTITY_GONE)
         log.error(
             "ACS refused our credentials (%s): check ACS_ENDPOINT/ACS_CONNECTION_STRING and roles", code
         )
-        return Unavailable("The service cannot authenticate to ACS.", code="acs_auth_failed", retry_after=60)
+        return Unavailable(
+            "The service cannot authenticate to ACS.", code=Code.ACS_AUTH_FAILED, retry_after=60
+        )
     if isinstance(err, HttpResponseError):
         status = err.status_code or 0
         if status == 429:
             return Unavailable(
-                "ACS is throttling; retry later.", code="acs_throttled", retry_after=_retry_after(err)
+                "ACS is throttling; retry later.", code=Code.ACS_THROTTLED, retry_after=_retry_after(err)
             )
         if status >= 500:
-            return Unavailable("ACS failed to answer.", code="acs_unavailable", retry_after=_retry_after(err))
+            return Unavailable(
+                "ACS failed to answer.", code=Code.ACS_UNAVAILABLE, retry_after=_retry_after(err)
+            )
         log.error("ACS rejected a request: status %s, code %s", status, getattr(err.error, "code", None))
-        return Unavailable("ACS rejected the request.", code="acs_rejected")
+        return Unavailable("ACS rejected the request.", code=Code.ACS_REJECTED)
     raise err
 
 
@@ -186,7 +190,7 @@ class AcsGateway:
             )
         except Exception as err:  # noqa: BLE001
             translated = translate(err)
-            if isinstance(translated, NotFound) and translated.code == "identity_gone":
+            if isinstance(translated, NotFound) and translated.code == Code.IDENTITY_GONE:
                 return False
             raise translated from None
         return True

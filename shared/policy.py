@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 
 from . import jsonlimits
-from .errors import BadRequest, PayloadTooLarge
+from .errors import BadRequest, Code, PayloadTooLarge
 from .settings import SCOPES, Settings
 
 MAX_BODY_BYTES = 16 * 1024
@@ -29,14 +29,16 @@ def parse_json_object(body: bytes | None, max_bytes: int = MAX_BODY_BYTES) -> di
         value = jsonlimits.loads(body)
     except jsonlimits.TooDeep:
         raise BadRequest(
-            f"The request body nests deeper than {jsonlimits.MAX_DEPTH} levels.", code="invalid_json"
+            f"The request body nests deeper than {jsonlimits.MAX_DEPTH} levels.", code=Code.INVALID_JSON
         ) from None
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
+        raise BadRequest("The request body is not valid JSON.", code=Code.INVALID_JSON) from None
     except ValueError:  # the int-digit limit: a number no field here could take
-        raise BadRequest("The request body holds a number too long to read.", code="invalid_json") from None
+        raise BadRequest(
+            "The request body holds a number too long to read.", code=Code.INVALID_JSON
+        ) from None
     if not isinstance(value, dict):
-        raise BadRequest("The request body must be a JSON object.", code="invalid_body")
+        raise BadRequest("The request body must be a JSON object.", code=Code.INVALID_BODY)
     return value
 
 
@@ -44,29 +46,29 @@ def token_request(body: bytes | None, settings: Settings) -> TokenRequest:
     fields = parse_json_object(body)
     unknown = sorted(set(fields) - TOKEN_FIELDS)
     if unknown:
-        raise BadRequest(f"Unknown field(s): {', '.join(unknown)}.", code="unknown_field")
+        raise BadRequest(f"Unknown field(s): {', '.join(unknown)}.", code=Code.UNKNOWN_FIELD)
 
     scopes = fields.get("scopes", None)
     if scopes is None:
         scopes = list(settings.default_scopes)
     if not isinstance(scopes, list) or not scopes or not all(isinstance(s, str) for s in scopes):
-        raise BadRequest("scopes must be a non-empty array of strings.", code="invalid_scopes")
+        raise BadRequest("scopes must be a non-empty array of strings.", code=Code.INVALID_SCOPES)
     unknown_scopes = [s for s in scopes if s not in SCOPES]
     if unknown_scopes:
         raise BadRequest(
             f"Unknown scope(s): {', '.join(unknown_scopes)}. Known: {', '.join(SCOPES)}.",
-            code="unknown_scope",
+            code=Code.UNKNOWN_SCOPE,
         )
     refused = [s for s in scopes if s not in settings.allowed_scopes]
     if refused:
-        raise BadRequest(f"Scope(s) not allowed here: {', '.join(refused)}.", code="scope_not_allowed")
+        raise BadRequest(f"Scope(s) not allowed here: {', '.join(refused)}.", code=Code.SCOPE_NOT_ALLOWED)
 
     minutes = fields.get("expiresInMinutes", settings.default_minutes)
     if not isinstance(minutes, int) or isinstance(minutes, bool):
-        raise BadRequest("expiresInMinutes must be an integer.", code="invalid_expiry")
+        raise BadRequest("expiresInMinutes must be an integer.", code=Code.INVALID_EXPIRY)
     if not settings.min_minutes <= minutes <= settings.max_minutes:
         raise BadRequest(
             f"expiresInMinutes must be within {settings.min_minutes}..{settings.max_minutes}.",
-            code="invalid_expiry",
+            code=Code.INVALID_EXPIRY,
         )
     return TokenRequest(tuple(dict.fromkeys(scopes)), minutes)

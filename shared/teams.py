@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from . import telemetry
 from .acs import TEAMS_APP_INVALID, TEAMS_APP_REJECTED, AcsGateway, IssuedToken
 from .auth import Caller, unverified_segment
-from .errors import BadRequest, Forbidden, ServiceError, SettingError
+from .errors import BadRequest, Code, Forbidden, ServiceError, SettingError
 from .policy import parse_json_object
 from .settings import TEAMS_CLIENT_APP_ID, Settings
 
@@ -53,17 +53,17 @@ class TeamsTokenResult:
 def teams_token_request(body: bytes | None) -> TeamsTokenRequest:
     """Pure: the body must be {"teamsAccessToken": "<non-empty string, at most 16 KB>"}."""
     if body is None or not body.strip():
-        raise BadRequest("The body must be a JSON object with teamsAccessToken.", code="invalid_body")
+        raise BadRequest("The body must be a JSON object with teamsAccessToken.", code=Code.INVALID_BODY)
     fields = parse_json_object(body, max_bytes=MAX_TEAMS_TOKEN_BYTES + 1024)  # the token + its wrapper
     unknown = sorted(set(fields) - TEAMS_FIELDS)
     if unknown:
-        raise BadRequest(f"Unknown field(s): {', '.join(unknown)}.", code="unknown_field")
+        raise BadRequest(f"Unknown field(s): {', '.join(unknown)}.", code=Code.UNKNOWN_FIELD)
     token = fields.get("teamsAccessToken")
     if not isinstance(token, str) or not token.strip():
-        raise BadRequest("teamsAccessToken must be a non-empty string.", code="invalid_teams_token")
+        raise BadRequest("teamsAccessToken must be a non-empty string.", code=Code.INVALID_TEAMS_TOKEN)
     if len(token.encode()) > MAX_TEAMS_TOKEN_BYTES:
         raise BadRequest(
-            f"teamsAccessToken is larger than {MAX_TEAMS_TOKEN_BYTES} bytes.", code="invalid_teams_token"
+            f"teamsAccessToken is larger than {MAX_TEAMS_TOKEN_BYTES} bytes.", code=Code.INVALID_TEAMS_TOKEN
         )
     return TeamsTokenRequest(token.strip())
 
@@ -92,21 +92,21 @@ class TeamsExchange:
             raise Forbidden(
                 "Exchanging a Teams token needs an Entra ID bearer token with an oid claim "
                 "(the Teams user's object id).",
-                code="caller_oid_missing",
+                code=Code.CALLER_OID_MISSING,
             )
         claims = unverified_claims(request.teams_token)
         if claims is None:
-            raise BadRequest("teamsAccessToken is not a JWT.", code="teams_token_invalid")
+            raise BadRequest("teamsAccessToken is not a JWT.", code=Code.TEAMS_TOKEN_INVALID)
         oid = claims.get("oid")
         if isinstance(oid, str) and oid and oid.lower() != caller.object_id.lower():
             raise Forbidden(
-                "The Teams token belongs to another user than the caller.", code="teams_user_mismatch"
+                "The Teams token belongs to another user than the caller.", code=Code.TEAMS_USER_MISMATCH
             )
         token_app = _app_of(claims)
         if token_app is not None and token_app.lower() != self.client_app_id.lower():
             raise BadRequest(
                 "The Teams token was issued to another application than this service's Teams client app.",
-                code="teams_app_mismatch",
+                code=Code.TEAMS_APP_MISMATCH,
             )
         try:
             issued = await self.acs.exchange_teams_token(
@@ -117,7 +117,7 @@ class TeamsExchange:
                 raise
             if err.code == TEAMS_APP_REJECTED and token_app is None:  # the client's token is the suspect
                 raise BadRequest(
-                    "ACS refused the Teams token's application.", code="teams_app_mismatch"
+                    "ACS refused the Teams token's application.", code=Code.TEAMS_APP_MISMATCH
                 ) from None
             log.error("ACS refused the configured Teams client app: check %s", SETTING)
             raise SettingError(SETTING, "ACS does not accept this app for the Teams token exchange") from None

@@ -21,7 +21,7 @@ from . import telemetry
 from .acs import AcsGateway, IssuedToken
 from .auth import Caller
 from .clock import Clock, utcnow
-from .errors import Conflict, NotFound, ServiceError, Unavailable
+from .errors import Code, Conflict, NotFound, ServiceError, Unavailable
 from .policy import TokenRequest
 from .revocation import RevocationService
 from .sessions import Sessions
@@ -41,7 +41,6 @@ class TokenResult:
 
 
 CREATIONS_IN_FLIGHT = 4  # ACS creations not yet on file, per worker: what one crash can leak at most
-IDENTITY_GONE = "identity_gone"  # shared/acs.py: ACS says it does not own (any more) the identity
 # More identities gone than this within the window is a wrong ACS resource, not deletions.
 GONE_BUDGET = 5
 GONE_WINDOW_SECONDS = 600
@@ -108,14 +107,14 @@ class TokenService:
         if issued := await self._issue_unless_gone(record, request):
             return issued
         today = self.clock().date().isoformat()  # refresh never creates: the next POST /api/token does
-        raise NotFound(DELETION_DETAIL["gone"].format(day=today), code="identity_deleted")
+        raise NotFound(DELETION_DETAIL["gone"].format(day=today), code=Code.IDENTITY_DELETED)
 
     async def _issue_unless_gone(self, record: IdentityRecord, request: TokenRequest) -> TokenResult | None:
         """A token for the mapped identity; None when ACS no longer has it, and the mapping is forgotten."""
         try:
             return await self._issue_existing(record, request)
         except NotFound as err:
-            if err.code != IDENTITY_GONE:
+            if err.code != Code.IDENTITY_GONE:
                 raise
         await self._forget_gone(record)
         return None
@@ -137,7 +136,7 @@ class TokenService:
             raise Unavailable(
                 "ACS does not know identities this service created; the operator must check the ACS "
                 "resource it is configured for.",
-                code="acs_identity_mismatch",
+                code=Code.ACS_IDENTITY_MISMATCH,
                 retry_after=60,
             )
         log.warning("ACS no longer has a mapped identity: the mapping is forgotten")
@@ -155,10 +154,12 @@ class TokenService:
         self.sessions.check(caller, await self.sessions.ended(key, caller), self.clock())
         deletion = await self.store.lookups.deletion(key)
         if deletion is None:
-            return NotFound("You have no ACS identity yet: POST /api/token first.", code="identity_not_found")
+            return NotFound(
+                "You have no ACS identity yet: POST /api/token first.", code=Code.IDENTITY_NOT_FOUND
+            )
         when, reason = deletion
         detail = DELETION_DETAIL.get(reason, DELETION_DETAIL["deleted"]).format(day=when.date().isoformat())
-        return NotFound(detail, code="identity_deleted")
+        return NotFound(detail, code=Code.IDENTITY_DELETED)
 
     async def _issue_existing(self, record: IdentityRecord, request: TokenRequest) -> TokenResult:
         record = await self._in_use(record)
@@ -171,7 +172,7 @@ class TokenService:
             kind = "revoke" if record.pending == "revoke" else "delete"  # retiring: retention's delete
             raise Conflict(
                 f"A {kind} of your ACS identity is pending; try again later.",
-                code=f"{kind}_pending",
+                code=Code.REVOKE_PENDING if kind == "revoke" else Code.DELETE_PENDING,
                 retry_after=30,
             )
         token = await self.acs.issue(record.communication_user_id, request.scopes, request.minutes)
@@ -202,7 +203,7 @@ class TokenService:
         if kept is None:  # deleted or replaced since it was read
             raise Conflict(
                 "Your ACS identity changed during this request; retry.",
-                code="identity_changed",
+                code=Code.IDENTITY_CHANGED,
                 retry_after=1,
             )
         return kept
@@ -255,7 +256,7 @@ class TokenService:
             )
         if current is None:  # mapped and deleted in between: safe to ask again
             raise NotFound(
-                "Your identity changed while it was being created; retry.", code="identity_conflict"
+                "Your identity changed while it was being created; retry.", code=Code.IDENTITY_CONFLICT
             )
         if current.communication_user_id != communication_user_id:
             # A concurrent first request won: its mapping is checked as any is (it may not have

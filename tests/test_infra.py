@@ -788,7 +788,7 @@ def test_graph_upkeep_runs_beside_the_cleanup_work_within_the_function_timeout()
     from shared.compose import TABLE_CLIENT_OPTIONS
     from shared.graph.client import GRAPH_OPTIONS, TIMEOUTS
 
-    assert "asyncio.create_task(self._graph(counts))" in inspect.getsource(Cleanup.run)
+    assert "asyncio.create_task(self._graph(self.graph, counts))" in inspect.getsource(Cleanup.run)
     timeout = parse_function_timeout(json.loads((ROOT / "host.json").read_text())["functionTimeout"])
 
     def attempts(options: dict, timeouts: dict) -> float:

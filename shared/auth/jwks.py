@@ -15,7 +15,7 @@ import time
 import aiohttp
 import jwt
 
-from ..errors import Unauthenticated, Unavailable
+from ..errors import Code, Unauthenticated, Unavailable
 
 log = logging.getLogger("acs_token_service.auth")
 
@@ -84,7 +84,7 @@ class JwksCache:
                 if response.status != 200:
                     raise Unavailable(
                         f"The identity provider answered {response.status} for {url}.",
-                        code="issuer_unavailable",
+                        code=Code.ISSUER_UNAVAILABLE,
                     )
                 body = await response.json(content_type=None)
                 found = _MAX_AGE.search(response.headers.get("Cache-Control", ""))
@@ -93,21 +93,21 @@ class JwksCache:
             # ValueError: JSONDecodeError, UnicodeDecodeError, the int-digit limit
             raise Unavailable(
                 f"The identity provider could not be reached ({type(err).__name__}).",
-                code="issuer_unavailable",
+                code=Code.ISSUER_UNAVAILABLE,
             ) from None
         if not isinstance(body, dict):
-            raise Unavailable(f"{url} did not return a JSON object.", code="issuer_unavailable")
+            raise Unavailable(f"{url} did not return a JSON object.", code=Code.ISSUER_UNAVAILABLE)
         return body
 
     async def _refresh(self) -> None:
         discovery = await self._get_json(self.issuer.rstrip("/") + "/.well-known/openid-configuration")
         if discovery.get("issuer") != self.issuer:
             raise Unavailable(
-                "The discovery document names another issuer than AUTH_ISSUER.", code="issuer_mismatch"
+                "The discovery document names another issuer than AUTH_ISSUER.", code=Code.ISSUER_MISMATCH
             )
         jwks_uri = discovery.get("jwks_uri")
         if not isinstance(jwks_uri, str):
-            raise Unavailable("The discovery document has no jwks_uri.", code="issuer_unavailable")
+            raise Unavailable("The discovery document has no jwks_uri.", code=Code.ISSUER_UNAVAILABLE)
         document = await self._get_json(jwks_uri)
         max_age = self._max_age
         entries = document.get("keys")
@@ -123,7 +123,9 @@ class JwksCache:
             except (jwt.PyJWTError, ValueError, TypeError, KeyError):
                 continue  # a key type we do not use, or a malformed entry
         if not keys:  # keep the keys we have rather than refuse every caller
-            raise Unavailable("The issuer's JWKS has no signing key we can use.", code="issuer_unavailable")
+            raise Unavailable(
+                "The issuer's JWKS has no signing key we can use.", code=Code.ISSUER_UNAVAILABLE
+            )
         ttl = KEYS_TTL_SECONDS if max_age is None else min(max_age, KEYS_TTL_SECONDS)
         self._keys, self._fetched_at, self._ttl = keys, self.clock(), max(KEYS_MIN_TTL_SECONDS, ttl)
         self.fetches += 1
@@ -139,12 +141,12 @@ class JwksCache:
             elif isinstance(err, TimeoutError):
                 error = Unavailable(
                     f"The identity provider did not answer within {REFRESH_TIMEOUT_SECONDS:g} s.",
-                    code="issuer_unavailable",
+                    code=Code.ISSUER_UNAVAILABLE,
                 )
             else:
                 error = Unavailable(
                     f"The identity provider's keys could not be read ({type(err).__name__}).",
-                    code="issuer_unavailable",
+                    code=Code.ISSUER_UNAVAILABLE,
                 )
             self._failures += 1
             doubled = REFRESH_BACKOFF_SECONDS * 2 ** min(self._failures - 1, 16)
@@ -186,7 +188,7 @@ class JwksCache:
         error = self._error
         return Unavailable(
             error.detail if error else "The identity provider is unavailable.",
-            code=error.code if error else "issuer_unavailable",
+            code=error.code if error else Code.ISSUER_UNAVAILABLE,
             retry_after=max(1, math.ceil(wait)),
         )
 

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from typing import TypeIs
 
-from ..errors import ServiceError
+from ..errors import Code, ServiceError
 from ..store.keys import retention_row
 from ..store.pending import PendingWork
 from ..store.record import IdentityRecord
@@ -37,7 +37,7 @@ PROBE_DEADLINE = dt.timedelta(seconds=15)  # asking ACS whether an identity is s
 # throttled answer only defers the question to the next run.
 PROBE_OPTIONS = {"retry_total": 0}
 # ACS answers that say it did not act (shared/acs.py): a retirement may give way to a use then.
-ACS_REFUSALS = ("acs_throttled", "acs_auth_failed", "acs_rejected")
+ACS_REFUSALS = (Code.ACS_THROTTLED, Code.ACS_AUTH_FAILED, Code.ACS_REJECTED)
 
 
 class RetentionSteps(Parts):

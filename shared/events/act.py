@@ -40,7 +40,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from ..compose import Services
-from ..errors import Unavailable
+from ..errors import Code, Unavailable
 from ..store import keys
 from .model import Action, Delivery, EventTarget, Lifecycle
 
@@ -282,7 +282,7 @@ async def act_on(clients: Services, delivery: Delivery, started: float) -> Count
         raise Unavailable(
             f"{deferred} of {len(delivery.actions) + len(delivery.lifecycle)} events were left for "
             "Event Grid's retry: this delivery's time or ACS budget ran out.",
-            code="events_deferred",
+            code=Code.EVENTS_DEFERRED,
             retry_after=RETRY_AFTER_SECONDS,
         )
     return results

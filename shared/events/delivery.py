@@ -5,7 +5,7 @@ Both delivery schemas are read: the Event Grid schema (a JSON array, with the
 handshake is an OPTIONS request, see `handshake_allowed_origin`).
 
 A delivery is either understood completely or rejected completely. Any malformed event raises
-`BadRequest(code="invalid_event")` before anything is returned, so the handler touches no state and
+`BadRequest(code=Code.INVALID_EVENT)` before anything is returned, so the handler touches no state and
 Event Grid retries the delivery and finally dead-letters it, where an operator can see it. Acting on
 half a batch and then failing would instead repeat the first half on every retry.
 """
@@ -49,7 +49,7 @@ def parse_delivery(
 ) -> Delivery:
     """Reads one webhook POST: a validation handshake, or the actions its events call for.
 
-    Raises PayloadTooLarge for bodies over 1 MiB and BadRequest(code="invalid_event") for anything
+    Raises PayloadTooLarge for bodies over 1 MiB and BadRequest(code=Code.INVALID_EVENT) for anything
     malformed, anywhere in the delivery.
     """
     body = body or b""

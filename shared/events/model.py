@@ -1,6 +1,6 @@
 """What a webhook delivery means once parsed, and the checks every schema's parser shares.
 
-Pure: no I/O, no settings reads. A malformed event raises `BadRequest(code="invalid_event")`.
+Pure: no I/O, no settings reads. A malformed event raises `BadRequest(code=Code.INVALID_EVENT)`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BadRequest
+from ..errors import BadRequest, Code
 
 MAX_STRING = 1024
 
@@ -135,7 +135,7 @@ def _event_time(value: Any) -> dt.datetime | None:
 
 
 def invalid(detail: str) -> BadRequest:
-    return BadRequest(detail, code="invalid_event")
+    return BadRequest(detail, code=Code.INVALID_EVENT)
 
 
 def is_type(event_type: str, known: str) -> bool:

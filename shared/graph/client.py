@@ -16,6 +16,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from ..errors import Code
+
 if TYPE_CHECKING:  # azure-core loads with the first Graph call
     from azure.core import AsyncPipelineClient
 
@@ -33,7 +35,7 @@ _ERROR_CODE = re.compile(r"[A-Za-z0-9_.]{1,64}\Z")
 class Retryable(Exception):
     """Graph throttled, down or unreachable, or no token for it: a later try may work."""
 
-    def __init__(self, code: str, retry_after: int = 30) -> None:
+    def __init__(self, code: Code, retry_after: int = 30) -> None:
         super().__init__(code)
         self.code, self.retry_after = code, retry_after
 
@@ -136,14 +138,14 @@ class GraphClient:
         try:
             response = await self._pipeline().send_request(request)
         except ClientAuthenticationError:  # the managed identity got no token for Graph
-            raise Retryable("graph_token_unavailable") from None
+            raise Retryable(Code.GRAPH_TOKEN_UNAVAILABLE) from None
         except AzureError:  # connection refused, reset or timed out, after the pipeline's retries
-            raise Retryable("graph_unreachable") from None
+            raise Retryable(Code.GRAPH_UNREACHABLE) from None
         try:
             payload = response.json()
         except ValueError:
             payload = {}
         if response.status_code in RETRYABLE:
             after = response.headers.get("Retry-After", "")
-            raise Retryable("graph_unavailable", int(after) if after.isdigit() else 30)
+            raise Retryable(Code.GRAPH_UNAVAILABLE, int(after) if after.isdigit() else 30)
         return response.status_code, payload if isinstance(payload, dict) else {}

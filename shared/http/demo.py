@@ -21,7 +21,7 @@ from pathlib import Path
 
 import azure.functions as func
 
-from ..errors import NotFound
+from ..errors import Code, NotFound
 from ..settings import get_settings
 from .route import Auth, route
 
@@ -32,7 +32,7 @@ SCRIPT_PLACEHOLDER = "/*APP*/"
 @route(auth=Auth.ANONYMOUS)
 async def serve(_req: func.HttpRequest) -> func.HttpResponse:
     if not get_settings().demo_page_enabled:
-        raise NotFound("The demo page is off (DEMO_PAGE_ENABLED).", code="demo_page_disabled")
+        raise NotFound("The demo page is off (DEMO_PAGE_ENABLED).", code=Code.DEMO_PAGE_DISABLED)
     body, csp = await asyncio.to_thread(page)  # its files are read once, off the event loop
     return func.HttpResponse(
         body,

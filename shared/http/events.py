@@ -12,7 +12,7 @@ import time
 import azure.functions as func
 
 from ..compose import services
-from ..errors import BadRequest
+from ..errors import BadRequest, Code
 from ..events import EventTypes, act, handshake_allowed_origin, parse_delivery
 from ..settings import Settings
 from . import bodies
@@ -43,7 +43,7 @@ def _handshake(req: func.HttpRequest) -> func.HttpResponse:
     """CloudEvents abuse protection: Event Grid asks with OPTIONS before delivering."""
     origin = handshake_allowed_origin(req.headers)
     if origin is None:
-        raise BadRequest("WebHook-Request-Origin is required.", code="invalid_handshake")
+        raise BadRequest("WebHook-Request-Origin is required.", code=Code.INVALID_HANDSHAKE)
     return func.HttpResponse(
         status_code=200,
         headers={"WebHook-Allowed-Origin": origin, "WebHook-Allowed-Rate": "*", "Allow": "POST, OPTIONS"},

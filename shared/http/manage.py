@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import azure.functions as func
 
-from ..errors import BadRequest, NotFound
+from ..errors import BadRequest, Code, NotFound
 from . import bodies
 from .route import Auth, Call, Limit, route
 
@@ -38,7 +38,7 @@ async def retention(call: Call) -> func.HttpResponse:
     raw = call.req.params.get("limit", str(RETENTION_PREVIEW_DEFAULT))
     if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= RETENTION_PREVIEW_MAX:
         raise BadRequest(
-            f"limit must be a whole number from 1 to {RETENTION_PREVIEW_MAX}.", code="invalid_limit"
+            f"limit must be a whole number from 1 to {RETENTION_PREVIEW_MAX}.", code=Code.INVALID_LIMIT
         )
     return bodies.json_response(await call.clients.cleanup.preview(int(raw)))
 
@@ -47,10 +47,10 @@ async def _named_identity(call: Call) -> IdentityRecord:
     """The mapping of the ACS identity the route names, if an app user still maps to it."""
     communication_user_id = call.req.route_params.get("communicationUserId", "")
     if not communication_user_id or len(communication_user_id) > MAX_ID_LENGTH:
-        raise BadRequest("communicationUserId is missing or too long.", code="invalid_identity_id")
+        raise BadRequest("communicationUserId is missing or too long.", code=Code.INVALID_IDENTITY_ID)
     store = call.clients.store
     user_key = await store.lookups.owner_of(communication_user_id)
     record = await store.identities.get(user_key) if user_key else None
     if record is None or record.communication_user_id != communication_user_id:
-        raise NotFound("No app user maps to that ACS identity.", code="identity_not_found")
+        raise NotFound("No app user maps to that ACS identity.", code=Code.IDENTITY_NOT_FOUND)
     return record

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import azure.functions as func
 
-from ..errors import ServiceError, Unavailable
+from ..errors import Code, ServiceError, Unavailable
 from ..store.errors import BUSY, StoreError, Unreachable
 from .bodies import json_response
 
@@ -43,26 +43,30 @@ def _service_error(err: ServiceError) -> func.HttpResponse:
 
 def _unreachable(err: Exception) -> func.HttpResponse:
     log.warning("a backing service cannot be reached: %s", type(err).__name__)
-    return _service_error(Unavailable("A backing service cannot be reached.", code="dependency_unavailable"))
+    return _service_error(
+        Unavailable("A backing service cannot be reached.", code=Code.DEPENDENCY_UNAVAILABLE)
+    )
 
 
 def _answered(err: HttpResponseError | StoreError) -> func.HttpResponse:
     if (err.status_code or 0) not in BUSY:
         return _failed(err)
     log.warning("a backing service answered %s (%s)", err.status_code, type(err).__name__)
-    return _service_error(Unavailable("A backing service is busy or failing.", code="dependency_unavailable"))
+    return _service_error(
+        Unavailable("A backing service is busy or failing.", code=Code.DEPENDENCY_UNAVAILABLE)
+    )
 
 
 def _failed(err: Exception) -> func.HttpResponse:
     log.error("backing service error: %s", type(err).__name__)
-    return _service_error(Unavailable("A backing service failed.", code="dependency_failed"))
+    return _service_error(Unavailable("A backing service failed.", code=Code.DEPENDENCY_FAILED))
 
 
 def _unexpected(err: Exception) -> func.HttpResponse:
     # The type and where it was raised, not the message: a message may quote an ACS id or a token.
     stack = "".join(traceback.format_list(traceback.extract_tb(err.__traceback__)))
     log.error("unexpected error: %s\n%s", type(err).__name__, stack.rstrip())
-    return problem(500, "internal_error", "Internal error", "Something went wrong on our side.")
+    return problem(500, Code.INTERNAL_ERROR, "Internal error", "Something went wrong on our side.")
 
 
 HANDLERS: dict[type[Exception], Handler] = {
