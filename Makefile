@@ -26,7 +26,7 @@ help:
 	@echo "make token USER=alice [ROLES=TokenService.Admin,Other]   print a user JWT from the running stack"
 	@echo "make env [KEY=api]             print a value of the running stack's env.json (all of it without KEY)"
 	@echo "make timer                     run the cleanup timer's work once, now, against the running stack"
-	@echo "make lint                      ruff"
+	@echo "make lint                      ruff (lint and format) and mypy (types of shared/, function_app.py, devstack/)"
 	@echo "make bench                     benchmarks: the service against the floor ACS and Table Storage set (a few minutes)"
 	@echo "make demo-bundle               rebuild shared/demo/app.bundle.js (the demo page's script) with esbuild"
 
@@ -97,6 +97,7 @@ demo-bundle: $(NODE_STAMP)
 lint: $(PY_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) node_modules .devstack .pytest_cache .ruff_cache .hypothesis devstack/rpc/*_pb2.py devstack/rpc/*_pb2.pyi

@@ -138,7 +138,11 @@ def cmd_timer(args: argparse.Namespace) -> int:
 
         try:
             cleanup = services().cleanup
-            return await (cleanup.preview(args.limit) if args.dry_run else cleanup.run(ignore_backoff=True))
+            if args.dry_run:
+                from shared.http.bodies import retention_preview
+
+                return retention_preview(await cleanup.preview(args.limit))  # the admin route's JSON
+            return await cleanup.run(ignore_backoff=True)
         finally:
             await reset_services()
 

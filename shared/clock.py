@@ -10,3 +10,8 @@ Clock = Callable[[], dt.datetime]
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def iso(when: dt.datetime) -> str:
+    """A moment as the API and Graph take it: UTC, whole seconds, `Z`."""
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 from . import telemetry
 from .acs import AcsGateway
@@ -26,7 +27,7 @@ FIRST_RETRY = dt.timedelta(seconds=30)
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # "revoked", "deleted" or "pending"
+    status: Literal["revoked", "deleted", "pending"]  # pending: queued for the timer (202)
     communication_user_id: str
 
 

@@ -22,7 +22,7 @@ from ..errors import ServiceError
 from ..store.stores import Stores
 from .common import RUN_BUDGET, Budget
 from .pending import PendingSteps
-from .preview import preview
+from .preview import RetentionPreview, preview
 
 if TYPE_CHECKING:
     from ..graph import GraphSubscriptions
@@ -86,5 +86,5 @@ class Cleanup(PendingSteps):
             counts["graph_renewal_failed"] += 1
             log.warning("graph subscription step failed: %s", type(err).__name__)
 
-    async def preview(self, limit: int = 100) -> dict:
+    async def preview(self, limit: int = 100) -> RetentionPreview:
         return await preview(self, limit)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .model import Event, EventTarget, EventTypes, invalid, required_string
+from .model import Event, EventTarget, EventTypes, Kind, invalid, required_string
 
 
-def custom_kinds(types: EventTypes) -> dict[str, str]:
+def custom_kinds(types: EventTypes) -> dict[str, Kind]:
     """Custom event type (case-folded) -> kind. A type in both lists means delete, the stronger."""
-    kinds = {t.casefold(): "revoke" for t in types.credentials_changed}
+    kinds: dict[str, Kind] = {t.casefold(): "revoke" for t in types.credentials_changed}
     kinds.update({t.casefold(): "delete" for t in types.user_deleted})
     return kinds
 

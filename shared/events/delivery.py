@@ -34,6 +34,7 @@ from .model import (
     Delivery,
     Event,
     EventTypes,
+    Kind,
     Lifecycle,
     SubscriptionSeen,
     invalid,
@@ -151,8 +152,9 @@ def _event(index: int, item: Any, *, cloud: bool) -> Event:
     return read_cloudevent(item, label) if cloud else read_eventgrid_event(item, label)
 
 
-def _action(event: Event, types: EventTypes, custom: dict[str, str]) -> Action | None:
+def _action(event: Event, types: EventTypes, custom: dict[str, Kind]) -> Action | None:
     """What one event asks for, or None when it is not ours to act on."""
+    kind: Kind
     if is_type(event.type, GRAPH_USER_DELETED):
         kind, target = "delete", graph_target(event)
     elif is_type(event.type, GRAPH_USER_UPDATED):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import BadRequest, Code
 
@@ -37,13 +37,16 @@ class EventTarget:
     communication_user_id: str | None = None  # custom app events: the ACS identity itself
 
 
+Kind = Literal["delete", "revoke"]  # what an event asks for: a delete also revokes
+
+
 @dataclass(frozen=True)
 class Action:
     """What one event asks for. It is acted on once: (schema, source, event_id) names it, as its
     schema makes only that unique (CloudEvents: source + id; an id alone is not)."""
 
     event_id: str  # Event Grid id / CloudEvents id
-    kind: str  # "delete" | "revoke"
+    kind: Kind
     target: EventTarget
     event_type: str
     schema: str  # CLOUDEVENTS_SCHEMA | EVENT_GRID_SCHEMA

@@ -40,10 +40,6 @@ class Retryable(Exception):
         self.code, self.retry_after = code, retry_after
 
 
-def iso(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def expiry(body: dict, fallback: dt.datetime) -> dt.datetime:
     """expirationDateTime as Graph answered it (7 fractional digits and Z), else what was asked."""
     value = body.get("expirationDateTime")

@@ -30,12 +30,12 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from ..clock import Clock, utcnow
+from ..clock import Clock, iso, utcnow
 from ..errors import Unavailable
 from ..events import MISSED, Lifecycle, SubscriptionSeen
 from ..store.stores import Stores
 from ..store.subscription import GraphSubscriptionState
-from .client import GraphClient, Retryable, expiry, iso, refusal
+from .client import GraphClient, Retryable, expiry, refusal
 
 if TYPE_CHECKING:
     from ..settings import Settings

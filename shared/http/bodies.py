@@ -3,23 +3,20 @@ and a status code (errors: shared/http/problems.py)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import azure.functions as func
 
+from ..clock import iso
+
 if TYPE_CHECKING:  # the services load with the clients, not when the host indexes function_app
+    from ..cleanup.preview import RetentionPreview
     from ..revocation import Outcome
     from ..store.record import IdentityRecord
     from ..teams import TeamsTokenResult
     from ..tokens import TokenResult
-
-
-def iso(when: dt.datetime) -> str:
-    """Every moment the API answers with: UTC, whole seconds, `Z`."""
-    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def json_response(
@@ -93,3 +90,23 @@ def subscription_validated(code: str) -> func.HttpResponse:
 
 def events_handled(results: Mapping[str, int]) -> func.HttpResponse:
     return json_response({"results": dict(results)})
+
+
+def retention_preview(preview: RetentionPreview) -> dict:
+    """GET /api/manage/retention, and `python -m devstack timer cleanup --dry-run --json`."""
+    return {
+        "retentionDays": preview.retention_days,
+        "cutoff": preview.cutoff,
+        "graceMinutes": int(preview.grace.total_seconds() // 60),
+        "identities": [
+            {
+                "communicationUserId": c.communication_user_id,
+                "userKey": c.user_key,
+                "lastUsedOn": c.last_used_on,
+                "state": c.state,
+                "notBefore": iso(c.not_before),
+            }
+            for c in preview.candidates
+        ],
+        "truncated": preview.truncated,
+    }

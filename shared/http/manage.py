@@ -40,7 +40,7 @@ async def retention(call: Call) -> func.HttpResponse:
         raise BadRequest(
             f"limit must be a whole number from 1 to {RETENTION_PREVIEW_MAX}.", code=Code.INVALID_LIMIT
         )
-    return bodies.json_response(await call.clients.cleanup.preview(int(raw)))
+    return bodies.json_response(bodies.retention_preview(await call.clients.cleanup.preview(int(raw))))
 
 
 async def _named_identity(call: Call) -> IdentityRecord:

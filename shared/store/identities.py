@@ -21,7 +21,7 @@ from .. import telemetry
 from ..clock import Clock, utcnow
 from . import keys
 from .errors import AlreadyExists, Changed, Missing, Refused
-from .record import IdentityRecord, owner_entity, read_mapping
+from .record import DeletionReason, IdentityRecord, owner_entity, read_mapping
 from .table import Entity, Table
 
 if TYPE_CHECKING:  # the stores this one works with import the record from here: types only
@@ -270,7 +270,7 @@ class Identities:
         )
 
     @telemetry.table_operation("remove")
-    async def remove(self, record: IdentityRecord, *, reason: str = "deleted") -> None:
+    async def remove(self, record: IdentityRecord, *, reason: DeletionReason = "deleted") -> None:
         """Forget a deleted identity: mapping first (so no token is issued for it), then lookups.
 
         The user's partition keeps a note of when and why (`reason`: user, admin, event, retired,

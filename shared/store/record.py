@@ -14,6 +14,8 @@ from .table import Entity, Table
 # "" none; "revoke", "delete" a request's (blocks); "retire" retention's claim (never blocks);
 # "retiring" retention committed (blocks; any request's revoke or delete replaces it)
 PendingState = Literal["", "revoke", "delete", "retire", "retiring"]
+# Why a mapping was removed: what the user's next refresh is told (shared/tokens.py).
+DeletionReason = Literal["user", "admin", "event", "retired", "gone", "deleted"]
 BLOCKING: tuple[PendingState, ...] = ("revoke", "delete", "retiring")  # refuse new tokens (409)
 
 
