@@ -36,7 +36,7 @@ import datetime as dt
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from ..compose import Services
@@ -154,30 +154,47 @@ async def _act(clients: Services, action: Action, budget: _Budget) -> list[str]:
 
 async def _event(clients: Services, action: Action, budget: _Budget, gate: asyncio.Semaphore) -> list[str]:
     """One event, once: skipped if marked, marked once every identity it names is done."""
-    async with gate:
-        if not budget.open():
-            raise _Deferred
-        mark = keys.event_mark(action.schema, action.source, action.event_id)
-        if await clients.store.marks.seen(mark):
-            return ["duplicate"]
-        outcomes = await _act(clients, action, budget)
-        await clients.store.marks.mark_done(mark, dt.datetime.now(dt.UTC))
-        return outcomes
+    return await _once(
+        clients,
+        action.schema,
+        action.source,
+        action.event_id,
+        budget,
+        gate,
+        lambda: _act(clients, action, budget),
+    )
 
 
 async def _notice(
     clients: Services, notice: Lifecycle, budget: _Budget, gate: asyncio.Semaphore
 ) -> list[str]:
     """One Graph lifecycle notification, once, like any event."""
+
+    async def renew() -> list[str]:
+        return [await clients.graph.on_lifecycle(notice)]
+
+    return await _once(clients, notice.schema, notice.source, notice.event_id, budget, gate, renew)
+
+
+async def _once(
+    clients: Services,
+    schema: str,
+    source: str,
+    event_id: str,
+    budget: _Budget,
+    gate: asyncio.Semaphore,
+    work: Callable[[], Awaitable[list[str]]],
+) -> list[str]:
+    """Do an event's work unless it was done (its mark), then mark it: a redelivery skips it."""
     async with gate:
         if not budget.open():
             raise _Deferred
-        mark = keys.event_mark(notice.schema, notice.source, notice.event_id)
+        mark = keys.event_mark(schema, source, event_id)
         if await clients.store.marks.seen(mark):
             return ["duplicate"]
-        outcome = await clients.graph.on_lifecycle(notice)
+        outcomes = await work()
         await clients.store.marks.mark_done(mark, dt.datetime.now(dt.UTC))
-        return [outcome]
+        return outcomes
 
 
 async def _work_through(
