@@ -125,6 +125,20 @@ def table_client(settings: Settings, credential: Any | None = None) -> AsyncTabl
     return TableClient(settings.tables_endpoint, settings.table_name, credential=credential, **options)
 
 
+def acs_client(settings: Settings, credential: Any | None = None) -> AsyncIdentityClient:
+    """The ACS Identity client the settings ask for (`compose`'s, unless a test injects its own):
+    by connection string, or by endpoint with the credential."""
+    from azure.communication.identity.aio import CommunicationIdentityClient
+
+    from . import telemetry
+
+    options = {**ACS_CLIENT_OPTIONS, **transport_options(), **telemetry.acs_client_options()}
+    if settings.acs_connection_string:
+        return CommunicationIdentityClient.from_connection_string(settings.acs_connection_string, **options)
+    assert settings.acs_endpoint and credential  # settings.load asks for one or the other
+    return CommunicationIdentityClient(settings.acs_endpoint, credential, **options)
+
+
 def compose(
     settings: Settings,
     *,
@@ -137,8 +151,6 @@ def compose(
     and the clock every service reads."""
     # Imported here, on the first request, not when the host indexes function_app: the SDKs and
     # the modules built on them are most of the import time, and some functions never need them.
-    from azure.communication.identity.aio import CommunicationIdentityClient
-
     from . import telemetry
     from .acs import AcsGateway
     from .auth import EasyAuthAuthenticator, JwksCache, JwtAuthenticator
@@ -159,14 +171,7 @@ def compose(
         credential = _credential(settings)
 
     if acs is None:
-        acs_options = {**ACS_CLIENT_OPTIONS, **transport_options(), **telemetry.acs_client_options()}
-        if settings.acs_connection_string:
-            acs = CommunicationIdentityClient.from_connection_string(
-                settings.acs_connection_string, **acs_options
-            )
-        else:
-            assert settings.acs_endpoint and credential  # settings.load asks for one or the other
-            acs = CommunicationIdentityClient(settings.acs_endpoint, credential, **acs_options)
+        acs = acs_client(settings, credential)
     if table is None:
         table = table_client(settings, credential)
 

@@ -6,11 +6,12 @@ Loaded as a plugin by conftest.py, after it has pointed SSL_CERT_FILE at the sta
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import pytest
 
 from devstack.service_settings import settings_for_host
-from shared.compose import compose, install, reset_services, table_client
+from shared.compose import acs_client, compose, install, reset_services, table_client
 from shared.settings import SETTING_NAMES, get_settings, reset_settings
 from tests.service_helpers import Users
 
@@ -49,9 +50,10 @@ async def keyless_service(stack, emulator, monkeypatch):
         yield users
 
 
-class TableCalls:
-    """The service's Table Storage client with chosen calls replaced: what a test injects through
-    compose's `table` seam (shared/compose.py) to fail, hold or count a Table call."""
+class ClientCalls:
+    """An SDK client of the service's (Table Storage, ACS Identity) with chosen calls replaced:
+    what a test injects through compose's seams (shared/compose.py) to fail, hold or count a call.
+    `Pause` (tests/test_retention.py) holds a call of it as of any object."""
 
     def __init__(self, real) -> None:
         self.real = real
@@ -75,10 +77,26 @@ class TableCalls:
                 self.replaced.pop(name, None)
 
 
+@dataclass
+class Seams:
+    table: ClientCalls
+    acs: ClientCalls
+
+
 @pytest.fixture
-async def table_calls(service) -> TableCalls:
-    """`service`, serving with a Table client whose calls a test may replace (`TableCalls`)."""
+async def seams(service) -> Seams:
+    """`service`, serving with Table and ACS clients whose calls a test may replace or hold."""
     settings = get_settings()
-    calls = TableCalls(table_client(settings))
-    install(compose(settings, table=calls))
-    return calls
+    injected = Seams(ClientCalls(table_client(settings)), ClientCalls(acs_client(settings)))
+    install(compose(settings, table=injected.table, acs=injected.acs))
+    return injected
+
+
+@pytest.fixture
+def table_calls(seams: Seams) -> ClientCalls:
+    return seams.table
+
+
+@pytest.fixture
+def acs_calls(seams: Seams) -> ClientCalls:
+    return seams.acs

@@ -10,13 +10,12 @@ import datetime as dt
 
 import jwt
 import pytest
-from azure.core.exceptions import ResourceExistsError, ServiceResponseError
+from azure.core.exceptions import ResourceExistsError, ServiceRequestError, ServiceResponseError
 from azure.data.tables import TableTransactionError
 
 import function_app
 from shared.auth import Caller
 from shared.compose import services
-from shared.errors import Unavailable
 from shared.policy import TokenRequest
 from shared.store import keys
 from shared.store.record import IdentityRecord
@@ -133,13 +132,15 @@ def _none_first(get):
     return read
 
 
-async def test_a_lost_race_whose_discard_failed_stays_on_file_and_is_swept(service, emulator, monkeypatch):
+async def test_a_lost_race_whose_discard_failed_stays_on_file_and_is_swept(
+    service, acs_calls, emulator, monkeypatch
+):
     winner = body_of(await _post_token(service, "race-sweep"))
     clients = services()
     tokens, store = clients.tokens, clients.store
 
     async def acs_down(*_args, **_kwargs):
-        raise Unavailable("ACS is down.", code="acs_unavailable")
+        raise ServiceRequestError(message="ACS cannot be reached")
 
     async def table_down(*_args, **_kwargs):
         raise ServiceResponseError(message="storage went away")
@@ -148,9 +149,8 @@ async def test_a_lost_race_whose_discard_failed_stays_on_file_and_is_swept(servi
     key = keys.user_key(caller.issuer, caller.subject)
     long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=120)
     live = _live(emulator)
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch, acs_calls.replacing(delete_user=acs_down):
         patch.setattr(tokens, "clock", lambda: long_ago)  # files the loser's row long ago
-        patch.setattr(tokens.acs, "delete", acs_down)
         patch.setattr(store.pending, "queue_discard", table_down)
         # The loser of a race that read no mapping, then found the winner's on insert.
         patch.setattr(store.identities, "get", _none_first(store.identities.get))

@@ -19,6 +19,7 @@ from collections import Counter
 from contextlib import contextmanager
 
 import pytest
+from azure.core.exceptions import ServiceResponseError
 
 import function_app
 from shared import cleanup as cleanup_module
@@ -110,7 +111,9 @@ LATER = cleanup_module.RETIRE_GRACE + dt.timedelta(minutes=1)
 # ---- 1: retention races a returning user ------------------------------------------------------------
 
 
-async def test_a_user_returning_while_retention_runs_keeps_their_identity(service, emulator, monkeypatch):
+async def test_a_user_returning_while_retention_runs_keeps_their_identity(
+    service, acs_calls, emulator, monkeypatch
+):
     """The review's sequence: a user 91 days stale refreshes, ACS slow (800 ms), while cleanup runs
     both of retention's steps. Before: 200 with a token, then the identity and mapping deleted.
     Now the refresh writes its use before it asks ACS, so retention, running while the refresh is
@@ -118,7 +121,7 @@ async def test_a_user_returning_while_retention_runs_keeps_their_identity(servic
     await drain_cleanup()
     stale = await _stale_user(service, "back-in-acs")
     emulator.faults(latencyMs=800)
-    in_acs = Pause(monkeypatch, services().tokens.acs, "issue")
+    in_acs = Pause(monkeypatch, acs_calls, "get_token")  # the refresh's token
     refresh = asyncio.create_task(_post(service, "token/refresh", "back-in-acs"))
     await in_acs.wait()  # the refresh is in ACS; retention runs now, claim and commit
     report = await retention_runs()
@@ -177,14 +180,14 @@ async def test_a_claimed_identity_is_not_a_blocked_one(service, emulator):
 
 
 async def test_a_user_arriving_after_retention_committed_gets_no_token_for_the_doomed_identity(
-    service, emulator, monkeypatch
+    service, acs_calls, emulator, monkeypatch
 ):
     """The commit is the point of no return: a request after it is refused (409), never handed a
     token for an identity about to be deleted, and then told it was retired, and starts over."""
     await drain_cleanup()
     stale = await _stale_user(service, "too-late")
     await services().cleanup.run(ignore_backoff=True)  # the claim
-    in_delete = Pause(monkeypatch, services().cleanup.acs, "delete")
+    in_delete = Pause(monkeypatch, acs_calls, "delete_user")
     run = asyncio.create_task(_run_at(LATER))
     await in_delete.wait()  # committed, ACS not yet asked
     refused = await _post(service, "token/refresh", "too-late")
@@ -306,22 +309,20 @@ async def test_a_delete_acs_did_not_answer_blocks_until_acs_says_whether_it_happ
 
 
 async def test_a_delete_acs_carried_out_without_answering_is_finished_by_the_timer(
-    service, emulator, monkeypatch
+    service, acs_calls, emulator
 ):
     """The other outcome: ACS deleted it, and the answer was lost. The timer's question finds it
     gone and forgets it; nobody was handed a token meanwhile."""
     await drain_cleanup()
     stale = await _stale_user(service, "deleted-no-answer")
     await services().cleanup.run(ignore_backoff=True)
-    gateway = services().cleanup.acs
-    real_delete = gateway.delete
+    real_delete = acs_calls.real.delete_user
 
-    async def deleted_then_lost(communication_user_id, **options):
-        await real_delete(communication_user_id, **options)
-        raise TimeoutError  # the answer never came
+    async def deleted_then_lost(*args, **kwargs):
+        await real_delete(*args, **kwargs)
+        raise ServiceResponseError(message="the connection dropped before ACS answered")
 
-    with monkeypatch.context() as patch:
-        patch.setattr(gateway, "delete", deleted_then_lost)
+    with acs_calls.replacing(delete_user=deleted_then_lost):
         report = await _run_at(LATER)
     assert report["retry_retire"] == 1, report
     blocked = await _post(service, "token/refresh", "deleted-no-answer")
@@ -356,14 +357,14 @@ async def test_a_run_that_lost_its_lease_never_asks_acs_to_delete(service, emula
 
 
 async def test_an_admin_delete_during_a_committed_retirement_keeps_its_strength(
-    service, emulator, monkeypatch
+    service, acs_calls, emulator, monkeypatch
 ):
     """Retention committed, ACS throttled: an admin's delete (202) replaces retention's, so ACS's
     refusal of retention's delete no longer gives the identity back; the admin's completes."""
     await drain_cleanup()
     stale = await _stale_user(service, "admin-during-retire")
     await services().cleanup.run(ignore_backoff=True)
-    in_delete = Pause(monkeypatch, services().cleanup.acs, "delete")
+    in_delete = Pause(monkeypatch, acs_calls, "delete_user")
     run = asyncio.create_task(_run_at(LATER))
     await in_delete.wait()
     emulator.faults(throttleRate=1.0, retryAfterSeconds=None)

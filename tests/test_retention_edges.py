@@ -13,6 +13,7 @@ import time
 
 import jwt
 import pytest
+from azure.core.exceptions import ServiceResponseError
 
 import function_app
 from shared import cleanup as cleanup_module
@@ -31,6 +32,11 @@ from tests.test_retention import (
     _stale_user,
     _user_deleted,
 )
+
+
+async def _answer_lost(*_args, **_kwargs):
+    """ACS's delete whose answer never came (azure-core: ServiceResponseError)."""
+    raise ServiceResponseError(message="the connection dropped before ACS answered")
 
 
 async def _queued(key: str, op: str) -> list:
@@ -141,22 +147,18 @@ async def test_a_first_issue_losing_its_race_checks_the_winners_mapping_for_even
     assert (await _mapping(service, "lost-race-event")) is None
 
 
-async def test_a_use_noted_while_the_timer_asks_acs_saves_the_identity(service, emulator, monkeypatch):
+async def test_a_use_noted_while_the_timer_asks_acs_saves_the_identity(
+    service, acs_calls, emulator, monkeypatch
+):
     """Retention committed and its delete got no answer. The next run asks ACS whether the identity
     is still there; meanwhile the user is refused (409) and their use noted. Before, the run judged
     on the mapping it read before asking, and deleted. Now it reads again: the use wins."""
     await drain_cleanup()
     stale = await _stale_user(service, "probe-window")
     await services().cleanup.run(ignore_backoff=True)
-    gateway = services().cleanup.acs
-
-    async def lost(*_a, **_k):
-        raise TimeoutError
-
-    with monkeypatch.context() as patch:
-        patch.setattr(gateway, "delete", lost)
+    with acs_calls.replacing(delete_user=_answer_lost):
         assert (await _run_at(LATER))["retry_retire"] == 1
-    probe = Pause(monkeypatch, gateway, "exists")
+    probe = Pause(monkeypatch, acs_calls, "get_token")  # the timer asks ACS: is it still there?
     run = asyncio.create_task(_run_at(LATER + cleanup_module.MAX_BACKOFF))
     await probe.wait()
     blocked = await _post(service, "token/refresh", "probe-window")
@@ -203,17 +205,11 @@ async def test_the_dry_run_reads_one_mapping_a_row_it_looks_at(service, monkeypa
     assert reads.calls == 1
 
 
-async def test_the_dry_run_lists_a_committed_retirement_as_deleting(service, monkeypatch):
+async def test_the_dry_run_lists_a_committed_retirement_as_deleting(service, acs_calls):
     await drain_cleanup()
     stale = await _stale_user(service, "preview-deleting")
     await services().cleanup.run(ignore_backoff=True)
-    gateway = services().cleanup.acs
-
-    async def lost(*_a, **_k):
-        raise TimeoutError
-
-    with monkeypatch.context() as patch:
-        patch.setattr(gateway, "delete", lost)
+    with acs_calls.replacing(delete_user=_answer_lost):
         assert (await _run_at(LATER))["retry_retire"] == 1
     assert (await _mapping(service, "preview-deleting")).pending == "retiring"
     states = {
