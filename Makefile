@@ -94,7 +94,7 @@ timer:
 demo-bundle: $(NODE_STAMP)
 	npm run --silent build:demo
 
-lint: $(PY_STAMP)
+lint: $(PY_STAMP) $(PROTO_STAMP)  # mypy reads the generated protobuf modules
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
