@@ -58,7 +58,7 @@ from devstack.service_settings import read_local_settings
 from .load import percentile
 from .users import Users
 
-COLUMNS = {"service": {}, "baseline": {"STORM_PROTECTION": "off"}}
+COLUMNS = {"service": {"STORM_PROTECTION": "on"}, "baseline": {"STORM_PROTECTION": "off"}}
 # The cleanup timer of a storm's host must not call ACS during a run (its probes issue tokens):
 # once a year, i.e. never within one.
 STORM_HOST_SETTINGS = {"CLEANUP_SCHEDULE": "0 0 0 1 1 *"}

@@ -119,6 +119,10 @@ param demoPageEnabled bool = false
 @description('RATE_LIMIT_PER_MINUTE: per-user limit on token requests; infra turns the limiter on (0 = off).')
 param rateLimitPerMinute int = 30
 
+@allowed(['on', 'off'])
+@description('STORM_PROTECTION: past ACS\'s limits, fresh tokens are answered again and identical requests share one ACS call (off: one ACS call each).')
+param stormProtection string = 'on'
+
 @description('Browser origins allowed by the platform CORS, comma-separated (e.g. https://app.contoso.com). Empty = none.')
 param corsAllowedOrigins string = ''
 
@@ -250,6 +254,7 @@ var serviceSettings = {
   TEAMS_CLIENT_APP_ID: teamsClientAppId
   DEMO_PAGE_ENABLED: demoPageEnabled ? 'true' : 'false'
   RATE_LIMIT_PER_MINUTE: string(rateLimitPerMinute)
+  STORM_PROTECTION: stormProtection
   GRAPH_ENDPOINT: graphEndpoint
   GRAPH_NOTIFICATION_URL: graphNotificationUrl
 }

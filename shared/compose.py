@@ -205,7 +205,12 @@ def compose(
         authenticator=authenticator,
         jwks=jwks,
         tokens=TokenService(
-            store, gateway, clock, revocation=revocation, retention_days=settings.retention_days
+            store,
+            gateway,
+            clock,
+            revocation=revocation,
+            retention_days=settings.retention_days,
+            storm_protection=settings.storm_protection,
         ),
         revocation=revocation,
         cleanup=Cleanup(store, gateway, retention_days=settings.retention_days, clock=clock, graph=graph),

@@ -48,6 +48,9 @@ class RevocationService:
         # claim or commit ("retire", "retiring") is not a revocation: this one goes ahead.
         if record.pending in ("revoke", "delete"):
             return Outcome("pending", record.communication_user_id)
+        # Marked first: from here no worker answers a token issued before again (shared/storm.py);
+        # if the mark cannot be written, ACS is not asked and the caller retries (503).
+        await self.store.identities.note_revoked(record, self.clock())
         try:
             await self.acs.revoke(record.communication_user_id, **REQUEST_PATH_OPTIONS)
         except NotFound:

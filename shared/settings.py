@@ -116,6 +116,8 @@ TABLE: tuple[Setting[Any, Any], ...] = (
         "your app's event types that delete a user's identity"),
     EVENTS_CREDENTIALS_CHANGED_TYPES := Setting("EVENTS_CREDENTIALS_CHANGED_TYPES", names, (), None,
         "your app's event types that revoke a user's tokens"),
+    STORM_PROTECTION := Setting("STORM_PROTECTION", lowered, "on", choice("on", "off"),
+        "on: fresh tokens answered again, identical requests share one ACS call; off: one call each"),
     RATE_LIMIT_PER_MINUTE := Setting("RATE_LIMIT_PER_MINUTE", integer, 0, within(0, 100_000, " (off)"),
         "per-user requests a minute on the token routes (then 429 and Retry-After); 0: off"),
     TEAMS_CLIENT_APP_ID := Setting("TEAMS_CLIENT_APP_ID", text, None, _guid,
@@ -155,6 +157,7 @@ class Settings:
     managed_identity_client_id: str | None
     retention_days: int = IDENTITY_RETENTION_DAYS.default
     rate_limit_per_minute: int | None = None  # None: off (local default); infra turns it on
+    storm_protection: bool = True  # shared/storm.py; off: the bench's baseline
     revoke_on_graph_user_updated: bool = EVENTS_REVOKE_ON_USER_UPDATED.default
     user_deleted_event_types: tuple[str, ...] = ()
     credentials_changed_event_types: tuple[str, ...] = ()
@@ -240,6 +243,7 @@ def load(env: Mapping[str, str]) -> Settings:
     teams_client_app_id = TEAMS_CLIENT_APP_ID.read(env)
     demo_page_enabled = DEMO_PAGE_ENABLED.read(env)
     rate_limit = RATE_LIMIT_PER_MINUTE.read(env)
+    storm_protection = STORM_PROTECTION.read(env) == "on"
     user_deleted = EVENTS_USER_DELETED_TYPES.read(env)
     credentials_changed = EVENTS_CREDENTIALS_CHANGED_TYPES.read(env)
     graph_endpoint = GRAPH_ENDPOINT.read(env).rstrip("/")
@@ -264,6 +268,7 @@ def load(env: Mapping[str, str]) -> Settings:
         managed_identity_client_id=AZURE_CLIENT_ID.read(env),
         retention_days=retention_days,
         rate_limit_per_minute=rate_limit or None,
+        storm_protection=storm_protection,
         revoke_on_graph_user_updated=revoke_on_updated,
         user_deleted_event_types=user_deleted,
         credentials_changed_event_types=credentials_changed,

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
-import time
 from dataclasses import dataclass
 
 from . import telemetry
 from .acs import AcsGateway, IssuedToken
 from .auth import Caller
 from .clock import Clock, utcnow
+from .deletions import GoneIdentities, missing
 from .errors import Code, Conflict, NotFound, ServiceError, Unavailable
 from .policy import TokenRequest
 from .revocation import RevocationService
@@ -28,6 +29,7 @@ from .sessions import Sessions
 from .store.keys import user_key
 from .store.record import BLOCKING, IdentityRecord
 from .store.stores import Stores
+from .storm import Issuer, SingleFlight
 
 log = logging.getLogger("acs_token_service.tokens")
 
@@ -40,27 +42,12 @@ class TokenResult:
     identity_created: bool
 
 
+CREATIONS_WAITED = 3  # creations of one user's identity a request waits for before it gives up
 CREATIONS_IN_FLIGHT = 4  # ACS creations not yet on file, per worker: what one crash can leak at most
-# More identities gone than this within the window is a wrong ACS resource, not deletions.
-GONE_BUDGET = 5
-GONE_WINDOW_SECONDS = 600
 
 # A use this close to retention's cutoff (days) is written before the token is issued, and must
 # land: were it best effort, a failed write would let retention take an identity in use.
 AT_RISK_DAYS = 2
-
-# What a refresh after a deletion says, by who or what deleted the identity (Identities.remove's reason).
-DELETION_DETAIL = {
-    "user": "You deleted your ACS identity on {day}: POST /api/token creates a new one.",
-    "admin": "An administrator deleted your ACS identity on {day}: POST /api/token creates a new one.",
-    "event": "Your ACS identity was deleted on {day}: your identity provider reported your account "
-    "deleted or disabled.",
-    "retired": "Your ACS identity was retired on {day} after a long time without use: POST /api/token "
-    "creates a new one.",
-    "gone": "Your ACS identity no longer exists in Azure Communication Services (noticed on {day}): "
-    "POST /api/token creates a new one.",
-    "deleted": "Your ACS identity was deleted on {day}: POST /api/token creates a new one.",
-}
 
 
 class TokenService:
@@ -72,6 +59,7 @@ class TokenService:
         *,
         revocation: RevocationService | None = None,
         retention_days: int | None = None,
+        storm_protection: bool = True,
     ) -> None:
         self.store = store
         self.acs = acs
@@ -79,23 +67,55 @@ class TokenService:
         self.revocation = revocation or RevocationService(store, acs)
         self.sessions = Sessions(store, self.revocation)
         self.retention_days = retention_days
-        self._gone: list[float] = []  # when ACS last said a mapped identity does not exist
+        self.gone = GoneIdentities(store)
         self._creating = asyncio.Semaphore(CREATIONS_IN_FLIGHT)
+        # Past ACS's limits (shared/storm.py); off, every request is its own ACS call (the bench's baseline).
+        self.storm_protection = storm_protection
+        # The service's clock, read when it issues, as tests move it.
+        self.issuer = Issuer(acs, clock=lambda: self.clock(), enabled=storm_protection)
+        self._creations: SingleFlight[str, TokenResult] = SingleFlight()
 
     @telemetry.counts_tokens
     async def issue(self, caller: Caller, request: TokenRequest) -> TokenResult:
+        return await self._issue(caller, request)
+
+    async def _issue(self, caller: Caller, request: TokenRequest) -> TokenResult:
         key = user_key(caller.issuer, caller.subject)
-        record = await self.store.identities.get(key)
-        if record is not None:
-            record = await self.sessions.checked(caller, record, self.clock())
-            if issued := await self._issue_unless_gone(record, request):
-                return issued
-            # The mapping healed: a new identity, older bearers still refused on it.
-            return await self._create(caller, key, request, sessions_ended_at=record.sessions_ended_at)
-        # A first issue (or one after a deletion): was the user ended by an event meanwhile?
-        ended = await self.sessions.ended(key, caller)
-        self.sessions.check(caller, ended, self.clock())
-        return await self._create(caller, key, request, sessions_ended_at=ended)
+        for _ in range(CREATIONS_WAITED):
+            if self.storm_protection and self._creations.in_flight(key):
+                await self._wait_for_creation(key)  # this worker is creating the user's identity now
+                continue
+            record = await self.store.identities.get(key)
+            if record is not None:
+                record = await self.sessions.checked(caller, record, self.clock())
+                if issued := await self._issue_unless_gone(record, request, reuse=False):
+                    return issued
+                # The mapping healed: a new identity, older bearers still refused on it.
+                return await self._create(caller, key, request, sessions_ended_at=record.sessions_ended_at)
+            # A first issue (or one after a deletion): was the user ended by an event meanwhile?
+            ended = await self.sessions.ended(key, caller)
+            self.sessions.check(caller, ended, self.clock())
+            if not self.storm_protection:
+                return await self._create(caller, key, request, sessions_ended_at=ended)
+            if not self._creations.in_flight(key):  # none began while this one read: it leads
+                create = functools.partial(self._create, caller, key, request, sessions_ended_at=ended)
+                return await self._creations.run(key, create)
+        raise Conflict(
+            "Your identity is being created by other requests; retry.",
+            code=Code.IDENTITY_CHANGED,
+            retry_after=1,
+        )
+
+    async def _wait_for_creation(self, key: str) -> None:
+        """Wait for the creation in flight, then go on as any request. A failure that is everyone's
+        (ACS or Storage down or throttled) is answered at once, not retried by each waiter; one that
+        was the leader's own (its bearer, a lost race) is not."""
+        try:
+            await self._creations.wait(key)
+        except Unavailable:
+            raise
+        except Exception:  # noqa: BLE001, S110 - the leader's own: this request goes on
+            pass
 
     @telemetry.counts_tokens
     async def refresh(self, caller: Caller, request: TokenRequest) -> TokenResult:
@@ -104,43 +124,21 @@ class TokenService:
         if record is None:
             raise await self._missing(caller, key)
         record = await self.sessions.checked(caller, record, self.clock())
-        if issued := await self._issue_unless_gone(record, request):
+        if issued := await self._issue_unless_gone(record, request, reuse=True):
             return issued
-        today = self.clock().date().isoformat()  # refresh never creates: the next POST /api/token does
-        raise NotFound(DELETION_DETAIL["gone"].format(day=today), code=Code.IDENTITY_DELETED)
+        raise missing((self.clock(), "gone"))  # refresh never creates: the next POST /api/token does
 
-    async def _issue_unless_gone(self, record: IdentityRecord, request: TokenRequest) -> TokenResult | None:
+    async def _issue_unless_gone(
+        self, record: IdentityRecord, request: TokenRequest, *, reuse: bool
+    ) -> TokenResult | None:
         """A token for the mapped identity; None when ACS no longer has it, and the mapping is forgotten."""
         try:
-            return await self._issue_existing(record, request)
+            return await self._issue_existing(record, request, reuse=reuse)
         except NotFound as err:
             if err.code != Code.IDENTITY_GONE:
                 raise
-        await self._forget_gone(record)
+        await self.gone.forget(record)
         return None
-
-    async def _forget_gone(self, record: IdentityRecord) -> None:
-        """ACS no longer has the identity the mapping names (deleted elsewhere, or a crash between
-        ACS's delete and ours): forget it, so the user gets a working identity instead of a mapping
-        that fails forever. A burst of these is a wrong ACS resource (ACS_ENDPOINT), not deleted
-        identities: then nothing is forgotten and the operator is told."""
-        now = time.monotonic()
-        self._gone = [t for t in self._gone if now - t < GONE_WINDOW_SECONDS] + [now]
-        if len(self._gone) > GONE_BUDGET:
-            log.error(
-                "ACS says %d identities the table names do not exist within %d s: is ACS_ENDPOINT the "
-                "resource that created them? Nothing is forgotten until this stops.",
-                len(self._gone),
-                GONE_WINDOW_SECONDS,
-            )
-            raise Unavailable(
-                "ACS does not know identities this service created; the operator must check the ACS "
-                "resource it is configured for.",
-                code=Code.ACS_IDENTITY_MISMATCH,
-                retry_after=60,
-            )
-        log.warning("ACS no longer has a mapped identity: the mapping is forgotten")
-        await self.store.identities.remove(record, reason="gone")
 
     async def identity(self, caller: Caller) -> IdentityRecord:
         key = user_key(caller.issuer, caller.subject)
@@ -152,16 +150,11 @@ class TokenService:
     async def _missing(self, caller: Caller, key: str) -> ServiceError:
         """Why the caller has no identity: never had one, or had one that was deleted (and how)."""
         self.sessions.check(caller, await self.sessions.ended(key, caller), self.clock())
-        deletion = await self.store.lookups.deletion(key)
-        if deletion is None:
-            return NotFound(
-                "You have no ACS identity yet: POST /api/token first.", code=Code.IDENTITY_NOT_FOUND
-            )
-        when, reason = deletion
-        detail = DELETION_DETAIL.get(reason, DELETION_DETAIL["deleted"]).format(day=when.date().isoformat())
-        return NotFound(detail, code=Code.IDENTITY_DELETED)
+        return missing(await self.store.lookups.deletion(key))
 
-    async def _issue_existing(self, record: IdentityRecord, request: TokenRequest) -> TokenResult:
+    async def _issue_existing(
+        self, record: IdentityRecord, request: TokenRequest, *, reuse: bool = False
+    ) -> TokenResult:
         record = await self._in_use(record)
         if record.pending in BLOCKING:
             if record.pending == "retiring":
@@ -175,7 +168,7 @@ class TokenService:
                 code=Code.REVOKE_PENDING if kind == "revoke" else Code.DELETE_PENDING,
                 retry_after=30,
             )
-        token = await self.acs.issue(record.communication_user_id, request.scopes, request.minutes)
+        token = await self.issuer.token(record, request.scopes, request.minutes, reuse=reuse)
         now = self.clock()
         if record.last_used_on != now.date().isoformat():
             try:
@@ -236,6 +229,7 @@ class TokenService:
         # nothing. SECURITY.md states what a crash leaks, measured.
         window = _Window(self._creating)
         async with window:
+            asked_at = self.clock()
             communication_user_id, token = await self.acs.create_with_token(request.scopes, request.minutes)
             now = self.clock()
             record = IdentityRecord(
@@ -267,6 +261,8 @@ class TokenService:
         log.info("identity created")
         result = TokenResult(communication_user_id, token, request.scopes, identity_created=True)
         await self.sessions.recheck(caller, current, self.clock())
+        # The same user's requests waiting on this creation take its token.
+        self.issuer.remember(current, request.scopes, request.minutes, token, asked_at)
         return result
 
     async def discard(self, communication_user_id: str) -> bool:

@@ -68,5 +68,5 @@ def test_acs_down_over_http_is_503_with_retry_after(stack, emulator, route):
     token = _user_token(stack, "http-dan")
     assert _post(stack, "token", token).status_code == 200
     emulator.faults(down=True)
-    response = _post(stack, route, token)
+    response = _post(stack, route, token, {"expiresInMinutes": 61})  # a token ACS must be asked for
     assert response.status_code == 503 and int(response.headers["Retry-After"]) >= 1

@@ -268,7 +268,7 @@ def test_a_large_batch_stays_within_acs_limits_and_its_redelivery_completes_it(s
     change), more revocations than ACS takes from a resource in 30 s (500). The webhook used to
     work through them one at a time and answer 200 after all, later than Event Grid waits for
     (30 s) once ACS is slow. Now one delivery starts at most ACS_CALLS_PER_DELIVERY of them and
-    answers 503 well within BUDGET_SECONDS; Event Grid redelivers the whole batch (it retries 5xx),
+    answers 503 before CUTOFF_SECONDS; Event Grid redelivers the whole batch (it retries 5xx),
     whose done events are skipped: every event revoked once, none twice, none lost."""
     cap, extra, people = act.ACS_CALLS_PER_DELIVERY, 120, 60
     signed_in = _sign_in_many(stack, [f"evt-batch-{uuid.uuid4().hex[:8]}-{i}" for i in range(people)])
@@ -282,7 +282,9 @@ def test_a_large_batch_stays_within_acs_limits_and_its_redelivery_completes_it(s
     answered_in = time.monotonic() - started
     assert first.value.status_code == 503
     assert json.loads(first.value.response.text())["code"] == "events_deferred"
-    assert answered_in < act.BUDGET_SECONDS
+    # Work in flight at the budget's end finishes, up to the cut-off: answered well inside Event
+    # Grid's 30 s either way (each revocation also marks the mapping first: shared/storm.py).
+    assert answered_in < act.CUTOFF_SECONDS
     assert _revocations(emulator) - before == cap  # one delivery within ACS's limits
 
     publisher.send(events, retry_total=0)  # the redelivery: 200

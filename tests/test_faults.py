@@ -9,8 +9,9 @@ import pytest
 import requests
 
 
-def _post(stack, route: str, token: str) -> requests.Response:
-    return requests.post(f"{stack['api']}/{route}", headers={"Authorization": f"Bearer {token}"}, timeout=90)
+def _post(stack, route: str, token: str, body: dict | None = None) -> requests.Response:
+    headers = {"Authorization": f"Bearer {token}"}
+    return requests.post(f"{stack['api']}/{route}", headers=headers, json=body, timeout=90)
 
 
 @pytest.mark.slow
@@ -29,7 +30,10 @@ def test_flaky_acs_still_serves_99_percent_of_500_requests(stack, emulator):
     before = emulator.stats()["calls"]["issueAccessToken"]
 
     def one(i: int) -> int:
-        return _post(stack, "token/refresh" if i % 2 else "token", tokens[users[i % len(users)]]).status_code
+        # Each request a lifetime of its own: no two share a token (shared/storm.py), so each asks ACS.
+        body = {"expiresInMinutes": 60 + i // len(users)}
+        route = "token/refresh" if i % 2 else "token"
+        return _post(stack, route, tokens[users[i % len(users)]], body).status_code
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
         codes = list(pool.map(one, range(500)))
@@ -46,7 +50,7 @@ def test_acs_down_answers_503_with_retry_after_within_the_request_timeout(stack,
     assert first.status_code == 200, first.text  # once seen as a 503 here: the body says which
     emulator.faults(down=True)
     started = time.monotonic()
-    response = _post(stack, "token/refresh", token)
+    response = _post(stack, "token/refresh", token, {"expiresInMinutes": 61})  # ACS must be asked
     elapsed = time.monotonic() - started
     assert response.status_code == 503 and int(response.headers["Retry-After"]) >= 1
     assert response.json()["code"] == "acs_unavailable"
@@ -67,7 +71,7 @@ def test_throttling_without_retry_after_over_http_is_503_within_seconds(stack, e
     emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
     before = emulator.stats()["calls"]["issueAccessToken"]
     started = time.monotonic()
-    response = _post(stack, "token/refresh", token)
+    response = _post(stack, "token/refresh", token, {"expiresInMinutes": 61})  # not the fresh one again
     elapsed = time.monotonic() - started
     assert response.status_code == 503, response.text
     assert response.json()["code"] == "acs_throttled" and int(response.headers["Retry-After"]) >= 1
@@ -115,6 +119,8 @@ async def test_persistent_429s_without_retry_after_are_503_on_every_token_route(
         (function_app.teams_token, "teams/token", "exchangeTeamsToken", {"teamsAccessToken": teams}),
     ):
         token = service.token("throttled-new-tom") if route == "token" else bearer
+        if route == "token/refresh":
+            body = {"expiresInMinutes": 61}  # not the fresh token answered again: ACS is asked
         before = emulator.stats()["calls"][operation]
         response = await handler(request("POST", route, token=token, body=body))
         assert response.status_code == 503, (route, response.get_body())

@@ -20,6 +20,7 @@ from shared import cleanup as cleanup_module
 from shared.compose import services
 from shared.errors import Unavailable
 from shared.store.keys import IDENTITY_ROW, user_key
+from tests.service_fixtures import configure
 from tests.service_helpers import body_of, drain_cleanup, request
 from tests.test_retention import (
     LATER,
@@ -39,6 +40,28 @@ async def _answer_lost(*_args, **_kwargs):
     raise ServiceResponseError(message="the connection dropped before ACS answered")
 
 
+class _HeldBlock:
+    """Holds the write of a revoke's block on the mapping (the merge of pending="revoke")."""
+
+    def __init__(self, monkeypatch, table) -> None:
+        self.reached, self._go = asyncio.Event(), asyncio.Event()
+        real = table.merge
+
+        async def merge(partition, row, values, **kwargs):
+            if values.get("pending") == "revoke" and not self._go.is_set():
+                self.reached.set()
+                await self._go.wait()
+            return await real(partition, row, values, **kwargs)
+
+        monkeypatch.setattr(table, "merge", merge)
+
+    async def wait(self) -> None:
+        await asyncio.wait_for(self.reached.wait(), 30)
+
+    def release(self) -> None:
+        self._go.set()
+
+
 async def _queued(key: str, op: str) -> list:
     return [w async for w in services().store.pending.pending_work() if w.user_key == key and w.op == op]
 
@@ -55,7 +78,7 @@ async def test_a_revoke_whose_block_lands_after_the_timer_ran_is_completed_not_s
     await services().cleanup.run(ignore_backoff=True)  # retention's claim
     assert (await _mapping(service, "late-block")).pending == "retire"
     store = services().store
-    slow_block = Pause(monkeypatch, store.table, "merge")  # the block: the first merge
+    slow_block = _HeldBlock(monkeypatch, store.table)
     emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
     try:
         revoke = asyncio.create_task(
@@ -112,6 +135,8 @@ async def test_a_first_issue_losing_its_race_checks_the_winners_mapping_for_even
     """Two first issues of one user with a bearer older than a UserDeleted event that arrives
     between their ACS creates and their inserts. The winner's mapping is in, not yet checked;
     before, the loser was handed a token on it. Now the loser checks it as any request does."""
+    # Two first issues racing to insert are two workers' (one worker's wait for each other).
+    await configure(monkeypatch, service.stack, managed_identity=False, STORM_PROTECTION="off")
     bearer = service.token("lost-race-event", now=time.time() - 60)
     claims = jwt.decode(bearer, options={"verify_signature": False})
     store, tokens = services().store, services().tokens

@@ -28,9 +28,15 @@ from tests.service_helpers import Users
 GRAPH_SOURCE = "/tenants/{tid}/applications/00000000-0000-0000-0000-000000000000"
 
 
-def _post(stack, route: str, bearer: str, method: str = "POST") -> requests.Response:
+def _post(
+    stack, route: str, bearer: str, method: str = "POST", body: dict | None = None
+) -> requests.Response:
     return requests.request(
-        method, f"{stack['api']}/{route}", headers={"Authorization": f"Bearer {bearer}"}, timeout=60
+        method,
+        f"{stack['api']}/{route}",
+        headers={"Authorization": f"Bearer {bearer}"},
+        json=body,
+        timeout=60,
     )
 
 
@@ -221,7 +227,8 @@ def test_a_mapping_that_names_an_identity_acs_no_longer_has_heals(stack, emulato
     first = _post(stack, "token", bearer).json()
     acs = CommunicationIdentityClient.from_connection_string(stack["acs_connection_string"])
     acs.delete_user(CommunicationUserIdentifier(first["communicationUserId"]))  # deleted behind our back
-    refreshed = _post(stack, "token/refresh", bearer)  # refresh never creates: it says what happened
+    # Refresh never creates: it says what happened (asking ACS: a fresh token it would answer again).
+    refreshed = _post(stack, "token/refresh", bearer, body={"expiresInMinutes": 61})
     assert refreshed.status_code == 404 and refreshed.json()["code"] == "identity_deleted", refreshed.text
     assert "POST /api/token creates a new one" in refreshed.json()["detail"]
     healed = _post(stack, "token", bearer)

@@ -111,7 +111,10 @@ async def test_metrics_and_spans_of_a_real_flow_hold_no_secrets(otel, service, e
         return response
 
     bodies = [body_of(await call(function_app.issue_token, "token", alice))]
-    bodies.append(body_of(await call(function_app.refresh_token, "token/refresh", alice)))
+    # Another lifetime: a token of its own from ACS, not the fresh one answered again (shared/storm.py).
+    bodies.append(
+        body_of(await call(function_app.refresh_token, "token/refresh", alice, {"expiresInMinutes": 61}))
+    )
     bodies.append(
         body_of(await call(function_app.teams_token, "teams/token", tina, {"teamsAccessToken": teams_token}))
     )

@@ -128,6 +128,7 @@ class PendingSteps(RetentionSteps):
         counts["deleted"] += 1
 
     async def _revoke(self, work: PendingWork, record: IdentityRecord, counts: Counter) -> None:
+        await self.store.identities.note_revoked(record, self.clock())  # first, as a request's (storm.py)
         try:
             await self.acs.revoke(work.communication_user_id, **TIMER_OPTIONS)
         except NotFound:
@@ -146,7 +147,12 @@ class PendingSteps(RetentionSteps):
             await self.store.pending.finish(work)
             counts["revoked"] += 1
             return
-        if not await self.store.identities.clear_pending(record):
+        current = await self.store.identities.get(work.user_key)  # the mark changed its etag
+        if current is None or current.pending_id != record.pending_id:
+            await self.store.pending.retry_later(work, self.clock())  # changed meanwhile: judged again
+            counts["revoked_still_blocked"] += 1
+            return
+        if not await self.store.identities.clear_pending(current):
             # Blocked again (or touched) since it was read: keep the work, the next run sees why.
             await self.store.pending.retry_later(work, self.clock())
             counts["revoked_still_blocked"] += 1

@@ -263,11 +263,35 @@ class Identities:
     @telemetry.table_operation("clear_pending")
     async def clear_pending(self, record: IdentityRecord) -> bool:
         """Unblock the user after a revoke completed, unless a newer request replaced this one."""
-        unblocked = {"pending": "", "pendingId": ""}
+        unblocked: Entity = {"pending": "", "pendingId": ""}
         return (
             await self.table.merge_if_unchanged(record.user_key, keys.IDENTITY_ROW, record.etag, unblocked)
             is not None
         )
+
+    @telemetry.table_operation("note_revoked")
+    async def note_revoked(self, record: IdentityRecord, when: dt.datetime) -> None:
+        """Mark the identity's tokens revoked as of `when`, before ACS is asked: no worker answers a
+        token again across it (shared/storm.py). Only ever forward: a late, older mark never
+        replaces a newer one, which would make tokens the newer revocation revoked current again."""
+        current = record
+        for _ in range(5):
+            if current.tokens_revoked_at is not None and current.tokens_revoked_at >= when:
+                return
+            try:
+                await self.table.merge(
+                    record.user_key, keys.IDENTITY_ROW, {"tokensRevokedAt": when}, etag=current.etag
+                )
+                return
+            except Missing:
+                return  # deleted meanwhile: nothing can be answered for it any more
+            except Changed:
+                pass
+            latest = await self.get(record.user_key)
+            if latest is None:
+                return
+            current = latest
+        raise Changed("The identity mapping keeps changing; try again.")
 
     @telemetry.table_operation("remove")
     async def remove(self, record: IdentityRecord, *, reason: DeletionReason = "deleted") -> None:

@@ -33,6 +33,8 @@ class IdentityRecord:
     pending: PendingState = ""
     pending_id: str = ""
     sessions_ended_at: dt.datetime | None = None  # an event ended the user's sessions then
+    # Its tokens were revoked then: no token issued before may be answered again (shared/storm.py).
+    tokens_revoked_at: dt.datetime | None = None
     # False from the mapping insert until its first issue looked for an event that came meanwhile
     sessions_checked: bool = True
     etag: str | None = None
@@ -56,6 +58,8 @@ class IdentityRecord:
             entity["tid"] = self.tenant_id
         if self.sessions_ended_at:
             entity["sessionsEndedAt"] = self.sessions_ended_at
+        if self.tokens_revoked_at:
+            entity["tokensRevokedAt"] = self.tokens_revoked_at
         if not self.sessions_checked:
             entity["sessionsUnchecked"] = True
         return entity
@@ -75,6 +79,7 @@ class IdentityRecord:
             pending=entity.get("pending", ""),
             pending_id=entity.get("pendingId", ""),
             sessions_ended_at=entity.get("sessionsEndedAt") or None,
+            tokens_revoked_at=entity.get("tokensRevokedAt") or None,
             sessions_checked=not entity.get("sessionsUnchecked", False),
             etag=entity.metadata.get("etag") if hasattr(entity, "metadata") else None,
         )
