@@ -204,7 +204,7 @@ class TokenService:
     async def _requeue_if_lost(self, record: IdentityRecord) -> None:
         """A block whose queued work is gone would refuse the user for good: queue it again."""
         try:
-            if await self.store.identities.requeue_blocked(record, self.clock()):
+            if await self.store.pending.requeue_blocked(record, self.clock()):
                 log.warning("a blocked mapping had no queued work: queued again")
         except Exception as err:  # noqa: BLE001 - the answer is 409 either way; the next try looks again
             log.warning("could not check a blocked mapping's work: %s", type(err).__name__)

@@ -182,30 +182,6 @@ class Identities:
             current = await self.get(record.user_key)  # changed since (a use, a block): look again
         return None  # still unchecked: the next request looks again
 
-    @telemetry.table_operation("requeue_blocked")
-    async def requeue_blocked(self, record: IdentityRecord, now: dt.datetime) -> bool:
-        """A mapping blocked for a revoke or delete whose queued work is gone (its block landed
-        after the timer had finished the work): queue it again under the block's id, so that the
-        user is not blocked for good. True when it had to be queued."""
-        op: PendingOp
-        if record.pending == "revoke":
-            op = "revoke"
-        elif record.pending == "delete":
-            op = "delete"
-        else:
-            return False
-        if await self.pending.queued_id(record.user_key, record.communication_user_id, op) is not None:
-            return False
-        await self.pending.queue(
-            op,
-            user_key=record.user_key,
-            communication_user_id=record.communication_user_id,
-            pending_id=record.pending_id,
-            now=now,
-            retry_in=dt.timedelta(0),
-        )
-        return True
-
     # ---- revocations and deletions -----------------------------------------------------------------
 
     async def _if_still_mapped(

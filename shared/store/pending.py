@@ -16,6 +16,7 @@ from typing import Literal
 from .. import telemetry
 from . import keys
 from .errors import Changed, Missing
+from .record import IdentityRecord
 from .table import Entity, Table
 
 # revoke, delete: a request's; retire: retention's; settle: a mapping insert without a clear
@@ -79,6 +80,30 @@ class Pending:
             keys.PENDING_PARTITION, keys.pending_row(user_key, communication_user_id, op)
         )
         return queued.get("pendingId") if queued is not None else None
+
+    @telemetry.table_operation("requeue_blocked")
+    async def requeue_blocked(self, record: IdentityRecord, now: dt.datetime) -> bool:
+        """A mapping blocked for a revoke or delete whose queued work is gone (its block landed
+        after the timer had finished the work): queue it again under the block's id, so that the
+        user is not blocked for good. True when it had to be queued."""
+        op: PendingOp
+        if record.pending == "revoke":
+            op = "revoke"
+        elif record.pending == "delete":
+            op = "delete"
+        else:
+            return False
+        if await self.queued_id(record.user_key, record.communication_user_id, op) is not None:
+            return False
+        await self.queue(
+            op,
+            user_key=record.user_key,
+            communication_user_id=record.communication_user_id,
+            pending_id=record.pending_id,
+            now=now,
+            retry_in=dt.timedelta(0),
+        )
+        return True
 
     @telemetry.table_operation("queue_discard")
     async def queue_discard(self, communication_user_id: str, now: dt.datetime) -> None:
