@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import ipaddress
 import json
 import logging
 import random
@@ -29,8 +28,10 @@ from .acs_state import (
     check_scopes,
     validation_error,
 )
+from .hooks import hook_body, require_loopback
 from .signing import SigningKey
 
+HOOKS = "emulator hooks"  # as their 403 names them (devstack/hooks.py)
 log = logging.getLogger("devstack.acs")
 
 API_VERSIONS = frozenset(
@@ -236,36 +237,17 @@ class AcsEmulator:
 
     # ---- test hooks: no auth, loopback only, never faulted ---------------------------------------
 
-    @staticmethod
-    def _loopback_only(request: web.Request) -> None:
-        try:
-            if request.remote and ipaddress.ip_address(request.remote).is_loopback:
-                return
-        except ValueError:
-            pass
-        raise web.HTTPForbidden(text="emulator hooks answer loopback callers only")
-
-    async def _hook_body(self, request: web.Request) -> dict:
-        self._loopback_only(request)
-        try:
-            body = await request.json() if request.can_read_body else {}
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise web.HTTPBadRequest(text="body must be JSON") from None
-        if not isinstance(body, dict):
-            raise web.HTTPBadRequest(text="body must be a JSON object")
-        return body
-
     async def hook_stats(self, request: web.Request) -> web.Response:
-        self._loopback_only(request)
+        require_loopback(request, HOOKS)
         return _json(200, self.resource.stats())
 
     async def hook_verify(self, request: web.Request) -> web.Response:
-        body = await self._hook_body(request)
+        body = await hook_body(request, HOOKS)
         valid, reason = self.resource.verify(body.get("token"))
         return _json(200, {"valid": valid, "reason": reason})
 
     async def hook_faults(self, request: web.Request) -> web.Response:
-        body = await self._hook_body(request)
+        body = await hook_body(request, HOOKS)
         try:
             self.resource.faults.update(body)
         except ValueError as err:
@@ -273,11 +255,11 @@ class AcsEmulator:
         return _json(200, vars(self.resource.faults))
 
     async def hook_get_faults(self, request: web.Request) -> web.Response:
-        self._loopback_only(request)
+        require_loopback(request, HOOKS)
         return _json(200, vars(self.resource.faults))
 
     async def hook_reset(self, request: web.Request) -> web.Response:
-        self._loopback_only(request)
+        require_loopback(request, HOOKS)
         self.resource.reset()
         return _json(200, self.resource.stats())
 

@@ -27,7 +27,6 @@ state changes; `null` clears) and `POST reset`.
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import json
 import uuid
 from collections import Counter
@@ -37,8 +36,10 @@ from urllib.parse import parse_qsl
 import jwt
 from aiohttp import web
 
+from .hooks import hook_body, require_loopback
 from .signing import SigningKey
 
+HOOKS = "Graph stand-in hooks"  # as their 403 names them (devstack/hooks.py)
 GRAPH_AUDIENCES = (
     "https://graph.microsoft.com",
     "https://graph.microsoft.com/",
@@ -342,32 +343,13 @@ class GraphStandIn:
 
     # ---- test hooks: no auth, loopback only, never faulted ---------------------------------------
 
-    @staticmethod
-    def _loopback_only(request: web.Request) -> None:
-        try:
-            if request.remote and ipaddress.ip_address(request.remote).is_loopback:
-                return
-        except ValueError:
-            pass
-        raise web.HTTPForbidden(text="Graph stand-in hooks answer loopback callers only")
-
-    async def _hook_body(self, request: web.Request) -> dict:
-        self._loopback_only(request)
-        try:
-            body = await request.json() if request.can_read_body else {}
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise web.HTTPBadRequest(text="body must be JSON") from None
-        if not isinstance(body, dict):
-            raise web.HTTPBadRequest(text="body must be a JSON object")
-        return body
-
     async def hook_list(self, request: web.Request) -> web.Response:
-        self._loopback_only(request)
+        require_loopback(request, HOOKS)
         now = dt.datetime.now(dt.UTC)
         return web.json_response({"value": [s.to_json() for s in self.state.live(now).values()]})
 
     async def hook_set_expiry(self, request: web.Request) -> web.Response:
-        body = await self._hook_body(request)
+        body = await hook_body(request, HOOKS)
         found = self.state.subscriptions.get(request.match_info["id"])
         if found is None:
             raise web.HTTPNotFound(text="no such subscription")
@@ -378,20 +360,20 @@ class GraphStandIn:
         return web.json_response(found.to_json())
 
     async def hook_remove(self, request: web.Request) -> web.Response:
-        self._loopback_only(request)
+        require_loopback(request, HOOKS)
         if self.state.subscriptions.pop(request.match_info["id"], None) is None:
             raise web.HTTPNotFound(text="no such subscription")
         return web.Response(status=204)
 
     async def hook_stats(self, request: web.Request) -> web.Response:
-        self._loopback_only(request)
+        require_loopback(request, HOOKS)
         now = dt.datetime.now(dt.UTC)
         return web.json_response(
             {"calls": dict(self.state.calls), "liveSubscriptions": len(self.state.live(now))}
         )
 
     async def hook_faults(self, request: web.Request) -> web.Response:
-        body = await self._hook_body(request)
+        body = await hook_body(request, HOOKS)
         try:
             self.state.faults.update(body)
         except ValueError as err:
@@ -399,6 +381,6 @@ class GraphStandIn:
         return web.json_response(vars(self.state.faults))
 
     async def hook_reset(self, request: web.Request) -> web.Response:
-        self._loopback_only(request)
+        require_loopback(request, HOOKS)
         self.state = GraphState()
         return web.json_response({"calls": {}, "liveSubscriptions": 0})

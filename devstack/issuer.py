@@ -12,7 +12,6 @@ faulted or not), `POST faults {"down", "latencyMs", "maxAgeSeconds"}` (omitted f
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import time
 import uuid
@@ -23,8 +22,10 @@ from dataclasses import dataclass, fields
 import jwt
 from aiohttp import web
 
+from .hooks import require_loopback
 from .signing import SigningKey
 
+HOOKS = "issuer hooks"  # as their 403 names them (devstack/hooks.py)
 # Stable, obviously fake namespace: the same USER always gets the same oid on every stack.
 _OBJECT_ID_NAMESPACE = uuid.UUID("5d1a4c8e-0b7e-4d8e-9a51-3f0c2c1d7e00")
 DEV_TENANT_ID = "72f988bf-0000-4000-8000-0000000de7e1"
@@ -155,22 +156,13 @@ class DevIssuer:
 
     # ---- test hooks (loopback only, never faulted) ------------------------------------------------
 
-    @staticmethod
-    def _loopback_only(request: web.Request) -> None:
-        try:
-            if request.remote and ipaddress.ip_address(request.remote).is_loopback:
-                return
-        except ValueError:
-            pass
-        raise web.HTTPForbidden(text="issuer hooks answer loopback callers only")
-
     async def hook_stats(self, request: web.Request) -> web.Response:
-        self._loopback_only(request)
+        require_loopback(request, HOOKS)
         calls = {"discovery": self.calls["discovery"], "jwks": self.calls["jwks"]}
         return web.json_response({"calls": calls})
 
     async def hook_faults(self, request: web.Request) -> web.Response:
-        self._loopback_only(request)
+        require_loopback(request, HOOKS)
         try:
             self.faults.update(await request.json() if request.can_read_body else {})
         except ValueError as err:  # also not JSON at all (JSONDecodeError, UnicodeDecodeError)
@@ -180,6 +172,6 @@ class DevIssuer:
         return web.json_response(vars(self.faults))
 
     async def hook_reset(self, request: web.Request) -> web.Response:
-        self._loopback_only(request)
+        require_loopback(request, HOOKS)
         self.faults, self.calls = IssuerFaults(), Counter()
         return web.json_response(vars(self.faults))
