@@ -128,7 +128,9 @@ class PendingSteps(RetentionSteps):
         counts["deleted"] += 1
 
     async def _revoke(self, work: PendingWork, record: IdentityRecord, counts: Counter) -> None:
-        await self.store.identities.note_revoked(record, self.clock())  # first, as a request's (storm.py)
+        marked = await self.store.identities.note_revoked(
+            record, self.clock()
+        )  # first, as a request's (storm.py)
         try:
             await self.acs.revoke(work.communication_user_id, **TIMER_OPTIONS)
         except NotFound:
@@ -147,7 +149,7 @@ class PendingSteps(RetentionSteps):
             await self.store.pending.finish(work)
             counts["revoked"] += 1
             return
-        current = await self.store.identities.get(work.user_key)  # the mark changed its etag
+        current = marked  # the mapping as the mark left it: changed since, the clear below fails
         if current is None or current.pending_id != record.pending_id:
             await self.store.pending.retry_later(work, self.clock())  # changed meanwhile: judged again
             counts["revoked_still_blocked"] += 1

@@ -246,26 +246,27 @@ class Identities:
         )
 
     @telemetry.table_operation("note_revoked")
-    async def note_revoked(self, record: IdentityRecord, when: dt.datetime) -> None:
+    async def note_revoked(self, record: IdentityRecord, when: dt.datetime) -> IdentityRecord | None:
         """Mark the identity's tokens revoked as of `when`, before ACS is asked: no worker answers a
         token again across it (shared/storm.py). Only ever forward: a late, older mark never
-        replaces a newer one, which would make tokens the newer revocation revoked current again."""
+        replaces a newer one, which would make tokens the newer revocation revoked current again.
+        The mapping as marked (its etag, for a write that follows), None once it is gone."""
         current = record
         for _ in range(5):
             if current.tokens_revoked_at is not None and current.tokens_revoked_at >= when:
-                return
+                return current
             try:
-                await self.table.merge(
+                etag = await self.table.merge(
                     record.user_key, keys.IDENTITY_ROW, {"tokensRevokedAt": when}, etag=current.etag
                 )
-                return
+                return replace(current, tokens_revoked_at=when, etag=etag)
             except Missing:
-                return  # deleted meanwhile: nothing can be answered for it any more
+                return None  # deleted meanwhile: nothing can be answered for it any more
             except Changed:
                 pass
             latest = await self.get(record.user_key)
             if latest is None:
-                return
+                return None
             current = latest
         raise Changed("The identity mapping keeps changing; try again.")
 
