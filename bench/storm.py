@@ -28,8 +28,7 @@ Two columns, each through a dev host of its own, launched the same way from the 
 into the next column's counts:
 - "service": the service as configured;
 - "baseline": the same with the app setting STORM_PROTECTION=off, which switches coalescing,
-  fresh-token reuse and adaptive throttling off once they exist (until then both columns do the
-  same and should look alike).
+  fresh-token reuse and adaptive throttling off.
 Both share the stack's ACS emulator and Azurite; each column sets the limits again (fresh windows)
 and takes its ACS counts as the difference of the emulator's stats before and after.
 """

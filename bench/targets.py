@@ -9,12 +9,8 @@ WRITE_VERBS = ("insert", "upsert", "update", "delete", "batch", "create")
 E2E_REFRESH_RATIO = 0.5
 IMPORT_OVERHEAD_MS = 100.0
 
-# The token storm's targets (issue 18, bench/storm.py), on the "service" column. They are about
-# coalescing, fresh-token reuse and adaptive throttling, which the service does not have yet, so
-# until then they are reported (status INFO, with what they would be) and fail no run. The change
-# that adds those protections (and makes the service read STORM_PROTECTION) sets this to True:
-# from then on each is PASS or FAIL like every other target, and a FAIL makes `make bench` exit 1.
-STORM_TARGETS_ENFORCED = False
+# The token storm's targets (issue 18, bench/storm.py), on the "service" column: coalescing,
+# fresh-token reuse and adaptive throttling (shared/storm.py, shared/throttle.py) must meet them.
 STORM_ACS_429_SHARE = 0.01  # ACS 429s, at most this share of the service's ACS calls
 STORM_TOKENS_PER_ISSUE = 3.0  # tokens answered per ACS issue call, at least
 
@@ -200,8 +196,8 @@ def evaluate(results: dict) -> list[dict]:
     return targets
 
 
-def storm_targets(storm: dict, *, enforced: bool = STORM_TARGETS_ENFORCED) -> list[dict]:
-    """The issue's three storm targets on the service column; INFO (would PASS/FAIL) until enforced."""
+def storm_targets(storm: dict) -> list[dict]:
+    """The issue's three storm targets on the service column."""
     column = storm["columns"]["service"]
     answers = column["answers"]
     wrong = answers["429 without Retry-After"] + answers["other"]
@@ -227,16 +223,10 @@ def storm_targets(storm: dict, *, enforced: bool = STORM_TARGETS_ENFORCED) -> li
             per_issue is not None and per_issue >= STORM_TOKENS_PER_ISSUE,
         ),
     ]
-    out = []
-    for name, value, goal, met in checks:
-        if enforced:
-            status = "PASS" if met else "FAIL"
-        else:
-            name = f"(info until enforced) {name}"
-            status = "INFO"
-            goal = f"{goal}; would {'PASS' if met else 'FAIL'} (STORM_TARGETS_ENFORCED is off)"
-        out.append({"target": name, "value": value, "goal": goal, "met": bool(met), "status": status})
-    return out
+    return [
+        {"target": name, "value": value, "goal": goal, "met": bool(met), "status": "PASS" if met else "FAIL"}
+        for name, value, goal, met in checks
+    ]
 
 
 def failed(targets: list[dict]) -> list[dict]:

@@ -1,10 +1,12 @@
 """The ACS Identity gateway: the aio SDK client, its retry discipline, and its errors translated.
 
-azure-core already retries any answer that carries Retry-After, and connection failures; a 429
-*without* Retry-After on a POST it does not retry, so the gateway backs off itself for those
-(THROTTLE_BACKOFF_SECONDS). What is left when retries run out becomes a 503 with Retry-After for
-our caller, never a 500, because from the caller's side the service is temporarily unable, not
-broken.
+The gateway, not azure-core, retries ACS's answers (the client's `retry_status` is 0; azure-core
+still retries connection failures): every attempt passes the worker's throttle (shared/throttle.py)
+and every retry is drawn from its budget, so that random faults are retried while a refusing ACS
+is not retried into. With protection on, a Retry-After of ACS's is passed to our caller, never
+waited out in the request. A 429 becomes our 429 `acs_throttled`; other failures left when retries
+run out become a 503 with Retry-After, never a 500: from the caller's side the service is
+temporarily unable, not broken.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,19 +29,25 @@ from azure.core.exceptions import (
 )
 
 from . import telemetry
-from .errors import BadRequest, Code, Forbidden, NotFound, ServiceError, Unavailable
+from .errors import BadRequest, Code, Forbidden, NotFound, ServiceError, Throttled, Unavailable
+from .throttle import CREATE_AND_ISSUE, DELETE, ISSUE, REVOKE, TEAMS_EXCHANGE, Throttle
 
 log = logging.getLogger("acs_token_service.acs")
 TEAMS_TOKEN_INVALID = Code.TEAMS_TOKEN_INVALID
 TEAMS_APP_REJECTED = Code.TEAMS_APP_REJECTED  # ACS: "AAD application is not the expected one."
 TEAMS_APP_INVALID = Code.TEAMS_APP_INVALID  # ACS: the appId we sent is missing or malformed
 
-# azure-core retries a 429 on a POST only when it carries Retry-After (RetryPolicyBase.is_retry:
-# without the header only GET, PUT, DELETE and the like are retried), and ACS's docs promise no
-# Retry-After on Identity 429s. A 429 means ACS did nothing, so any call may be tried again: after
-# each of these waits (jittered down to half, so callers that collided spread out), at most 3.75 s
-# in all, well inside an HTTP client's patience; then 503 acs_throttled.
-THROTTLE_BACKOFF_SECONDS = (0.25, 0.5, 1.0, 2.0)
+# The answers worth another try, as azure-core's retry policy has them (RetryPolicyBase.is_retry's
+# "safe status code list"); a 429 means ACS did nothing, so any call may be tried again.
+RETRIED = frozenset({408, 429, 500, 502, 503, 504})
+# A call's retries and the waits before them (jittered down to half, so callers that collided
+# spread out): 7.75 s at most in all, well inside an HTTP client's patience. With 30% throttling
+# and 10% errors, six retries fail 0.16% of calls (three, azure-core's default, 2.6%).
+RETRY_BACKOFF_SECONDS = (0.25, 0.5, 1.0, 2.0, 2.0, 2.0)
+# Revocations and deletions try once more, then queue for the timer; a probe asks once.
+QUEUED_RETRIES = 1
+# With protection off, a Retry-After is waited out in the request as azure-core does, up to this.
+LONGEST_WAIT = 30
 
 
 @dataclass(frozen=True)
@@ -55,21 +64,18 @@ def _parse_expiry(value: object) -> dt.datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
-def _retry_after(err: HttpResponseError, default: int = 5) -> int:
+def _retry_after_header(err: HttpResponseError) -> int | None:
+    """ACS's Retry-After in whole seconds, if it sent one (seconds; an HTTP date is not expected)."""
     response = getattr(err, "response", None)
     value = response.headers.get("Retry-After") if response is not None else None
     try:
-        return max(1, int(float(value))) if value else default
+        return max(0, math.ceil(float(value))) if value else None
     except ValueError:
-        return default
+        return None
 
 
-def _throttled_without_retry_after(err: Exception) -> bool:
-    """A 429 that azure-core did not retry: it came without Retry-After."""
-    if not isinstance(err, HttpResponseError) or err.status_code != 429:
-        return False
-    response = getattr(err, "response", None)
-    return response is None or not response.headers.get("Retry-After")
+def _retry_after(err: HttpResponseError, default: int = 5) -> int:
+    return _retry_after_header(err) or default
 
 
 def _teams_rejection(err: HttpResponseError) -> ServiceError:
@@ -102,6 +108,8 @@ def _acs_not_found(err: Exception) -> bool:
 
 def translate(err: Exception) -> ServiceError:
     """Map an SDK failure to what our caller should see."""
+    if isinstance(err, ServiceError):  # the throttle's own refusal
+        return err
     if isinstance(err, ServiceRequestError | ServiceResponseError):
         return Unavailable("Azure Communication Services cannot be reached.", code=Code.ACS_UNAVAILABLE)
     if isinstance(err, ClientAuthenticationError):
@@ -117,9 +125,7 @@ def translate(err: Exception) -> ServiceError:
     if isinstance(err, HttpResponseError):
         status = err.status_code or 0
         if status == 429:
-            return Unavailable(
-                "ACS is throttling; retry later.", code=Code.ACS_THROTTLED, retry_after=_retry_after(err)
-            )
+            return Throttled("ACS is throttling this service; retry later.", retry_after=_retry_after(err))
         if status >= 500:
             return Unavailable(
                 "ACS failed to answer.", code=Code.ACS_UNAVAILABLE, retry_after=_retry_after(err)
@@ -131,33 +137,59 @@ def translate(err: Exception) -> ServiceError:
 
 class AcsGateway:
     def __init__(
-        self, client: CommunicationIdentityClient, throttle_backoff: tuple[float, ...] | None = None
+        self,
+        client: CommunicationIdentityClient,
+        throttle: Throttle | None = None,
+        backoff: tuple[float, ...] | None = None,
     ) -> None:
         self.client = client
-        self.throttle_backoff = THROTTLE_BACKOFF_SECONDS if throttle_backoff is None else throttle_backoff
+        self.throttle = throttle or Throttle()
+        self.backoff = RETRY_BACKOFF_SECONDS if backoff is None else backoff
 
-    async def _backing_off[T](self, call: Callable[[], Awaitable[T]]) -> T:
-        """Make the call, again after a wait while ACS answers 429 without Retry-After.
-
-        Only for the calls a caller waits on for a token: revoke and delete fall back to the
-        pending queue instead, which the cleanup timer retries.
-        """
-        for delay in self.throttle_backoff:
+    async def _call[T](
+        self, operation: str, call: Callable[[], Awaitable[T]], *, retries: int | None = None
+    ) -> T:
+        """Make the call through the throttle, again (from the budget) after an answer worth
+        retrying. ACS's last answer is raised as azure-core raised it, for the caller to translate."""
+        retries = len(self.backoff) if retries is None else min(retries, len(self.backoff))
+        self.throttle.started()
+        for attempt in range(retries + 1):
             try:
-                return await call()
+                probe = self.throttle.admit(operation)
+            except Throttled:
+                telemetry.acs_refused_here(operation)
+                raise
+            try:
+                result = await call()
             except HttpResponseError as err:
-                if not _throttled_without_retry_after(err):
+                status, retry_after = err.status_code or 0, _retry_after_header(err)
+                self.throttle.answered(operation, probe, refused=status == 429, retry_after=retry_after)
+                if status not in RETRIED or attempt == retries:
                     raise
-            await asyncio.sleep(random.uniform(delay / 2, delay))  # jitter
-        return await call()
+                if retry_after and self.throttle.enabled:
+                    raise  # ACS said when: the caller is told, the throttle refuses until then
+                if not self.throttle.may_retry():
+                    raise
+                delay = self.backoff[attempt]
+                await asyncio.sleep(
+                    min(retry_after, LONGEST_WAIT) if retry_after else random.uniform(delay / 2, delay)
+                )
+            except BaseException:
+                self.throttle.abandoned(operation, probe)
+                raise
+            else:
+                self.throttle.answered(operation, probe, refused=False)
+                return result
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     @telemetry.acs_operation("createIdentity")
     async def create_with_token(self, scopes: tuple[str, ...], minutes: int) -> tuple[str, IssuedToken]:
         try:
-            user, token = await self._backing_off(
+            user, token = await self._call(
+                CREATE_AND_ISSUE,
                 lambda: self.client.create_user_and_token(
                     list(scopes), token_expires_in=dt.timedelta(minutes=minutes)
-                )
+                ),
             )
         except Exception as err:  # noqa: BLE001 - translate() re-raises what it does not know
             raise translate(err) from None
@@ -166,12 +198,13 @@ class AcsGateway:
     @telemetry.acs_operation("issueAccessToken")
     async def issue(self, communication_user_id: str, scopes: tuple[str, ...], minutes: int) -> IssuedToken:
         try:
-            token = await self._backing_off(
+            token = await self._call(
+                ISSUE,
                 lambda: self.client.get_token(
                     CommunicationUserIdentifier(communication_user_id),
                     list(scopes),
                     token_expires_in=dt.timedelta(minutes=minutes),
-                )
+                ),
             )
         except Exception as err:  # noqa: BLE001
             raise translate(err) from None
@@ -180,13 +213,17 @@ class AcsGateway:
     @telemetry.acs_operation("issueAccessToken")
     async def exists(self, communication_user_id: str, **options) -> bool:
         """Does ACS still have the identity? ACS has no read of one: issuing a token (never handed
-        out) tells, since it fails once the identity is gone. Asked once, without backing off."""
+        out) tells, since it fails once the identity is gone. Asked once, through the throttle."""
         try:
-            await self.client.get_token(
-                CommunicationUserIdentifier(communication_user_id),
-                ["chat"],
-                token_expires_in=dt.timedelta(minutes=60),
-                **options,
+            await self._call(
+                ISSUE,
+                lambda: self.client.get_token(
+                    CommunicationUserIdentifier(communication_user_id),
+                    ["chat"],
+                    token_expires_in=dt.timedelta(minutes=60),
+                    **options,
+                ),
+                retries=0,
             )
         except Exception as err:  # noqa: BLE001
             translated = translate(err)
@@ -199,7 +236,13 @@ class AcsGateway:
     async def revoke(self, communication_user_id: str, **options) -> None:
         """Revoke every token of the identity. `options` are per-call azure-core settings."""
         try:
-            await self.client.revoke_tokens(CommunicationUserIdentifier(communication_user_id), **options)
+            await self._call(
+                REVOKE,
+                lambda: self.client.revoke_tokens(
+                    CommunicationUserIdentifier(communication_user_id), **options
+                ),
+                retries=QUEUED_RETRIES,
+            )
         except Exception as err:  # noqa: BLE001
             raise translate(err) from None
 
@@ -207,7 +250,13 @@ class AcsGateway:
     async def delete(self, communication_user_id: str, **options) -> None:
         """Delete the identity (which revokes its tokens); an identity already gone counts as done."""
         try:
-            await self.client.delete_user(CommunicationUserIdentifier(communication_user_id), **options)
+            await self._call(
+                DELETE,
+                lambda: self.client.delete_user(
+                    CommunicationUserIdentifier(communication_user_id), **options
+                ),
+                retries=QUEUED_RETRIES,
+            )
         except Exception as err:  # noqa: BLE001
             if _acs_not_found(err):  # deleted already, in ACS's words: not an error to log
                 return
@@ -227,8 +276,9 @@ class AcsGateway:
         says whose fault it is: `userId` (the token is another user's), `appId` (our app id).
         """
         try:
-            token = await self._backing_off(
-                lambda: self.client.get_token_for_teams_user(teams_token, client_id, user_object_id)
+            token = await self._call(
+                TEAMS_EXCHANGE,
+                lambda: self.client.get_token_for_teams_user(teams_token, client_id, user_object_id),
             )
         except ClientAuthenticationError as err:
             if getattr(getattr(err, "error", None), "code", None) == "InvalidAccessToken":

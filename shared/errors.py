@@ -143,6 +143,17 @@ class Unavailable(ServiceError):
         super().__init__(detail, code=code, headers={"Retry-After": str(max(1, retry_after))})
 
 
+class Throttled(Unavailable):
+    """429: ACS is refusing this service's calls (its limits), or the service refuses for it first
+    (shared/throttle.py). An `Unavailable`, so work that can wait (a revocation) is queued, but 429,
+    not 503: the service is not broken, it is being asked for more than ACS allows."""
+
+    status, code, title = 429, Code.ACS_THROTTLED, "Too many requests"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail, code=Code.ACS_THROTTLED, retry_after=retry_after)
+
+
 class SettingError(Unavailable):
     """A setting is missing or invalid: the operator must fix the app settings."""
 

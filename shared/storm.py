@@ -23,12 +23,18 @@ from dataclasses import dataclass
 
 from .acs import AcsGateway, IssuedToken
 from .clock import Clock
+from .errors import Throttled
 from .store.record import IdentityRecord
+from .throttle import ISSUE
 
 # A token is answered again only while at least this share of its lifetime remains: 90% of a
 # 60-minute token is 54 minutes, so it is reused for its first 6. Clients refresh well before
 # expiry (the JS credential 10 minutes before), so a reused token costs them nothing.
 FRESH_SHARE = 0.9
+# While ACS is refusing issues (shared/throttle.py), a token this worker issued that still has at
+# least this share of its lifetime is answered again instead of calling ACS: its holder is not
+# about to lose its session, and ACS's scarce calls go to the refreshes of tokens about to expire.
+STILL_GOOD_SHARE = 0.5
 # Per worker, bounded: an entry holds an ACS token (~1.5 KB) and its key, about 2 KB in all.
 FRESH_TOKENS_MAX = 10_000
 # After a revocation's mark, its ACS call: at most a request's timeouts and one retry (well under a
@@ -79,14 +85,16 @@ class FreshTokens:
         self._tokens: OrderedDict[Hashable, Issued] = OrderedDict()
         self.limit = limit
 
-    def get(self, key: Hashable, now: dt.datetime) -> IssuedToken | None:
+    def get(self, key: Hashable, now: dt.datetime, *, share: float = FRESH_SHARE) -> IssuedToken | None:
+        """The token issued under `key`, if at least `share` of its lifetime remains."""
         issued = self._tokens.get(key)
         if issued is None:
             return None
-        if now - issued.at > (issued.token.expires_on - issued.at) * (1 - FRESH_SHARE):
-            del self._tokens[key]
+        lifetime = issued.token.expires_on - issued.at
+        if now - issued.at > lifetime * (1 - min(share, STILL_GOOD_SHARE)):
+            del self._tokens[key]  # no use of it remains
             return None
-        return issued.token
+        return issued.token if now - issued.at <= lifetime * (1 - share) else None
 
     def put(self, key: Hashable, token: IssuedToken, at: dt.datetime) -> None:
         self._tokens[key] = Issued(token, at)
@@ -119,12 +127,21 @@ class Issuer:
             return await self.acs.issue(record.communication_user_id, scopes, minutes)
         if reuse and (fresh := self.fresh.get(key, self.clock())) is not None:
             return fresh
+        if self.acs.throttle.refusing(ISSUE) and (
+            held := self.fresh.get(key, self.clock(), share=STILL_GOOD_SHARE)
+        ):
+            return held  # ACS's few calls are for those whose tokens are about to expire
 
         async def from_acs() -> tuple[IssuedToken, dt.datetime]:
             asked_at = self.clock()
             return await self.acs.issue(record.communication_user_id, scopes, minutes), asked_at
 
-        token, asked_at = await self._flights.run(key, from_acs)
+        try:
+            token, asked_at = await self._flights.run(key, from_acs)
+        except Throttled:
+            if held := self.fresh.get(key, self.clock(), share=STILL_GOOD_SHARE):
+                return held
+            raise
         self.fresh.put(key, token, asked_at)
         return token
 

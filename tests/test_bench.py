@@ -80,8 +80,7 @@ def test_bench_runs_end_to_end_in_a_quick_configuration(stack, emulator, tmp_pat
         assert column["acs_calls_total"] > 0 and column["acs_issue_calls"] > 0
     storm_status = [t["status"] for t in results["targets"] if "storm:" in t["target"]]
     assert len(storm_status) == 3
-    # Reported, never failing, until the protections exist (bench/targets.py).
-    assert set(storm_status) <= ({"PASS", "FAIL"} if targets.STORM_TARGETS_ENFORCED else {"INFO"})
+    assert set(storm_status) <= {"PASS", "FAIL"}
 
     assert "Refresh" in report.render(results) and "Token storm" in report.render(results)
     png = chart.draw(results, tmp_path / "throughput.png")

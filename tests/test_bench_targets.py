@@ -122,19 +122,9 @@ PROTECTED = _storm({"200": 900, "429 with Retry-After": 600}, acs_429=1, acs_cal
 UNPROTECTED = _storm({"200": 150, "other": 1350}, acs_429=800, acs_calls=1000, issue_calls=1000)
 
 
-def test_storm_targets_are_reported_but_fail_no_run_until_enforced():
-    for storm in (PROTECTED, UNPROTECTED):
-        reported = targets.evaluate({"storm": storm})
-        storm_targets = [t for t in reported if "storm:" in t["target"]]
-        assert len(storm_targets) == 3 and {t["status"] for t in storm_targets} == {"INFO"}
-    # What they would say is in the goal, so that the report shows it.
-    assert all("would FAIL" in t["goal"] for t in targets.storm_targets(UNPROTECTED))
-    assert all("would PASS" in t["goal"] for t in targets.storm_targets(PROTECTED))
-
-
-def test_storm_targets_pass_or_fail_once_enforced():
-    assert {t["status"] for t in targets.storm_targets(PROTECTED, enforced=True)} == {"PASS"}
-    assert {t["status"] for t in targets.storm_targets(UNPROTECTED, enforced=True)} == {"FAIL"}
+def test_storm_targets_pass_or_fail():
+    assert {t["status"] for t in targets.storm_targets(PROTECTED)} == {"PASS"}
+    assert {t["status"] for t in targets.storm_targets(UNPROTECTED)} == {"FAIL"}
     # Each target on its own: a 429 without Retry-After, 2% ACS 429s, fewer than 3 tokens per issue.
     edges = [
         _storm({"200": 900, "429 without Retry-After": 1}, acs_429=0, acs_calls=150, issue_calls=150),
@@ -142,7 +132,8 @@ def test_storm_targets_pass_or_fail_once_enforced():
         _storm({"200": 449}, acs_429=0, acs_calls=150, issue_calls=150),
     ]
     for failing, storm in enumerate(edges):
-        statuses = [t["status"] for t in targets.storm_targets(storm, enforced=True)]
+        assert len([t for t in targets.evaluate({"storm": storm}) if "storm:" in t["target"]]) == 3
+        statuses = [t["status"] for t in targets.storm_targets(storm)]
         assert statuses == ["PASS"] * failing + ["FAIL"] + ["PASS"] * (2 - failing), statuses
 
 

@@ -40,7 +40,7 @@ def test_flaky_acs_still_serves_99_percent_of_500_requests(stack, emulator):
     emulator.faults(throttleRate=0, errorRate=0)
     ok = codes.count(200)
     assert ok >= 495, {c: codes.count(c) for c in set(codes)}
-    assert set(codes) <= {200, 503}  # a request that still fails is a clean 503, never a 500
+    assert set(codes) <= {200, 429, 503}  # a request that still fails is a clean 429 or 503, never a 500
     assert emulator.stats()["calls"]["issueAccessToken"] - before > 500  # the faults really struck
 
 
@@ -59,12 +59,13 @@ def test_acs_down_answers_503_with_retry_after_within_the_request_timeout(stack,
 
 # ---- 429 without Retry-After ------------------------------------------------------------------------
 # azure-core retries a 429 on a POST only when it carries Retry-After (azure/core/pipeline/policies/
-# _retry.py, RetryPolicyBase.is_retry), and ACS's docs promise no Retry-After on Identity 429s, so
-# the service backs off by itself (shared.acs.THROTTLE_BACKOFF_SECONDS) and then answers 503.
+# _retry.py, RetryPolicyBase.is_retry), and ACS's docs promise no Retry-After on Identity 429s. The
+# gateway retries ACS's answers itself (shared.acs.RETRY_BACKOFF_SECONDS, from the worker's retry
+# budget), then answers 429 acs_throttled: overload is never a 5xx.
 
 
-def test_throttling_without_retry_after_over_http_is_503_within_seconds(stack, emulator):
-    from shared.acs import THROTTLE_BACKOFF_SECONDS
+def test_throttling_without_retry_after_over_http_is_429_within_seconds(stack, emulator):
+    from shared.acs import RETRY_BACKOFF_SECONDS
 
     token = stack.token("no-retry-after-user").strip()
     assert _post(stack, "token", token).status_code == 200
@@ -73,10 +74,10 @@ def test_throttling_without_retry_after_over_http_is_503_within_seconds(stack, e
     started = time.monotonic()
     response = _post(stack, "token/refresh", token, {"expiresInMinutes": 61})  # not the fresh one again
     elapsed = time.monotonic() - started
-    assert response.status_code == 503, response.text
+    assert response.status_code == 429, response.text
     assert response.json()["code"] == "acs_throttled" and int(response.headers["Retry-After"]) >= 1
-    assert emulator.stats()["calls"]["issueAccessToken"] - before == 1 + len(THROTTLE_BACKOFF_SECONDS)
-    assert sum(THROTTLE_BACKOFF_SECONDS) / 2 <= elapsed < sum(THROTTLE_BACKOFF_SECONDS) + 2
+    assert emulator.stats()["calls"]["issueAccessToken"] - before == 1 + len(RETRY_BACKOFF_SECONDS)
+    assert sum(RETRY_BACKOFF_SECONDS) / 2 <= elapsed < sum(RETRY_BACKOFF_SECONDS) + 2
 
 
 async def test_the_service_waits_out_a_429_without_retry_after(service, emulator):
@@ -101,14 +102,14 @@ async def test_the_service_waits_out_a_429_without_retry_after(service, emulator
     assert emulator.stats()["calls"]["createIdentity"] == before + 2  # one 429, one success
 
 
-async def test_persistent_429s_without_retry_after_are_503_on_every_token_route(
+async def test_persistent_429s_without_retry_after_are_429_on_every_token_route(
     service, emulator, monkeypatch
 ):
     import function_app
     from devstack.acs_state import TEAMS_AUDIENCE
     from tests.service_helpers import body_of, request
 
-    monkeypatch.setattr("shared.acs.THROTTLE_BACKOFF_SECONDS", (0.01, 0.02, 0.04))  # keep the test fast
+    monkeypatch.setattr("shared.acs.RETRY_BACKOFF_SECONDS", (0.01, 0.02, 0.04))  # keep the test fast
     bearer = service.token("throttled-tess")
     assert (await function_app.issue_token(request("POST", "token", token=bearer))).status_code == 200
     teams = service.token("throttled-tess", audience=TEAMS_AUDIENCE, app_id=service.stack["teams_app_id"])
@@ -123,13 +124,13 @@ async def test_persistent_429s_without_retry_after_are_503_on_every_token_route(
             body = {"expiresInMinutes": 61}  # not the fresh token answered again: ACS is asked
         before = emulator.stats()["calls"][operation]
         response = await handler(request("POST", route, token=token, body=body))
-        assert response.status_code == 503, (route, response.get_body())
+        assert response.status_code == 429, (route, response.get_body())
         assert body_of(response)["code"] == "acs_throttled" and int(response.headers["Retry-After"]) >= 1
         assert emulator.stats()["calls"][operation] - before == 4, route  # 1 + 3 backoff attempts
 
 
 async def test_a_revoke_throttled_without_retry_after_is_kept_pending(service, emulator):
-    """Revocation does not back off in the request: it queues the work for the timer (202)."""
+    """Revocation tries once more (QUEUED_RETRIES), then queues the work for the timer (202)."""
     import function_app
     from shared.compose import services
     from tests.service_helpers import body_of, request
@@ -142,7 +143,7 @@ async def test_a_revoke_throttled_without_retry_after_is_kept_pending(service, e
     before = emulator.stats()["calls"]["revokeAccessTokens"]
     response = await function_app.revoke_tokens(request("POST", "token/revoke", token=bearer))
     assert response.status_code == 202 and body_of(response)["status"] == "pending"
-    assert emulator.stats()["calls"]["revokeAccessTokens"] == before + 1  # azure-core did not retry
+    assert emulator.stats()["calls"]["revokeAccessTokens"] == before + 2  # one retry, then queued
     emulator.faults(throttleRate=0.0)
     report = await services().cleanup.run(ignore_backoff=True)  # the timer completes it
     assert report["revoked"] >= 1 and emulator.verify(issued["token"])["reason"] == "revoked"

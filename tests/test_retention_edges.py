@@ -211,6 +211,11 @@ async def test_the_probe_asks_acs_once_without_backing_off(service, emulator):
         assert emulator.stats()["calls"]["issueAccessToken"] == before + 1
     finally:
         emulator.faults(throttleRate=0.0, retryAfterSeconds=1)
+    with pytest.raises(Unavailable):  # ACS asked for 30 s: the worker does not ask before then
+        await gateway.exists(created["communicationUserId"], **options)
+    assert emulator.stats()["calls"]["issueAccessToken"] == before + 1
+    real = gateway.throttle.clock
+    gateway.throttle.clock = lambda: real() + 31
     await gateway.delete(created["communicationUserId"])
     assert not await gateway.exists(created["communicationUserId"], **options)
 

@@ -198,4 +198,18 @@ def test_a_token_is_fresh_for_its_first_tenth():
     fresh.put("k", token, at)
     assert fresh.get("k", at + dt.timedelta(minutes=6)) is token
     assert fresh.get("k", at + dt.timedelta(minutes=6, seconds=1)) is None
+
+
+def test_a_token_is_still_good_while_ACS_refuses_for_its_first_half_then_forgotten():
+    """While ACS refuses issues, a token with half its life left is answered again (storm.Issuer)."""
+    from shared.acs import IssuedToken
+    from shared.storm import STILL_GOOD_SHARE, FreshTokens
+
+    at = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.UTC)
+    token = IssuedToken("t", at + dt.timedelta(minutes=60))
+    fresh = FreshTokens()
+    fresh.put("k", token, at)
+    assert fresh.get("k", at + dt.timedelta(minutes=30), share=STILL_GOOD_SHARE) is token
+    assert fresh.get("k", at + dt.timedelta(minutes=30)) is None  # not fresh: no reuse otherwise
+    assert fresh.get("k", at + dt.timedelta(minutes=30, seconds=1), share=STILL_GOOD_SHARE) is None
     assert fresh.get("k", at + dt.timedelta(minutes=1)) is None  # and forgotten

@@ -149,14 +149,14 @@ async def test_followers_of_a_failed_first_issue_share_its_answer_and_create_not
 async def test_followers_of_a_throttled_first_issue_are_not_made_to_wait_twice(
     service, emulator, monkeypatch
 ):
-    """README: a throttled request backs off at most THROTTLE_BACKOFF_SECONDS in all, then 503
+    """README: a throttled request backs off at most RETRY_BACKOFF_SECONDS in all, then 429
     `acs_throttled`. A first issue that waited on another's throttled creation gets that answer,
     instead of a whole backoff of its own (twice the documented bound, in the first version)."""
     import time
 
     import shared.acs
 
-    monkeypatch.setattr(shared.acs, "THROTTLE_BACKOFF_SECONDS", (0.2, 0.2))
+    monkeypatch.setattr(shared.acs, "RETRY_BACKOFF_SECONDS", (0.2, 0.2))
     monkeypatch.setattr(shared.acs.random, "uniform", lambda low, high: high)  # no jitter: 0.4 s in all
     await services().close()
     from shared.compose import reset_services
@@ -175,7 +175,7 @@ async def test_followers_of_a_throttled_first_issue_are_not_made_to_wait_twice(
         answers = await asyncio.gather(*(timed() for _ in range(4)))  # within CREATIONS_IN_FLIGHT
     finally:
         emulator.faults(throttleRate=0.0)
-    assert {r.status_code for r, _ in answers} == {503}
+    assert {r.status_code for r, _ in answers} == {429}
     assert {body_of(r)["code"] for r, _ in answers} == {"acs_throttled"}
     slowest = max(elapsed for _, elapsed in answers)
     assert slowest < 0.4 + 0.3, f"a follower answered after {slowest:.2f} s: it backed off twice"

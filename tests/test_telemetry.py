@@ -97,6 +97,29 @@ def _secrets_of(stack, *, subjects, bodies, bearers) -> set[str]:
     return {s for s in secrets if len(s) >= 8}
 
 
+async def test_calls_the_throttle_answers_itself_are_counted_apart_from_acs_429s(otel, service, emulator):
+    """shared/throttle.py: after ACS's 429 with Retry-After, the next call is answered here."""
+    bearers = [service.token(user) for user in ("tel-shed-1", "tel-shed-2")]
+    for bearer in bearers:
+        issued = await function_app.issue_token(request("POST", "token", token=bearer))
+        assert issued.status_code == 200
+    before = _points(otel.reader)
+    emulator.faults(throttleRate=1.0, retryAfterSeconds=30)
+    for bearer in bearers:
+        refused = await function_app.refresh_token(
+            request("POST", "token/refresh", token=bearer, body={"expiresInMinutes": 61})
+        )
+        assert refused.status_code == 429
+    after = _points(otel.reader)
+    assert (
+        _delta(before, after, "acs_token_service.acs.throttled", **{"acs.operation": "issueAccessToken"}) == 1
+    )
+    assert (
+        _delta(before, after, "acs_token_service.acs.refused_here", **{"acs.operation": "issueAccessToken"})
+        == 1
+    )
+
+
 async def test_metrics_and_spans_of_a_real_flow_hold_no_secrets(otel, service, emulator):
     stack = service.stack
     alice, bob, tina = "tel-subject-8f2c41", "tel-subject-3b9d07", "tel-subject-5e1a66"
@@ -118,7 +141,8 @@ async def test_metrics_and_spans_of_a_real_flow_hold_no_secrets(otel, service, e
     bodies.append(
         body_of(await call(function_app.teams_token, "teams/token", tina, {"teamsAccessToken": teams_token}))
     )
-    emulator.faults(throttleRate=1.0, retryAfterSeconds=1)
+    # Without Retry-After: one with it would hold every revoke for that long (shared/throttle.py).
+    emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
     pending = await call(function_app.revoke_tokens, "token/revoke", alice)
     assert pending.status_code == 202
     emulator.faults(throttleRate=0)
@@ -151,7 +175,7 @@ async def test_metrics_and_spans_of_a_real_flow_hold_no_secrets(otel, service, e
     assert delta(duration, **{"acs.operation": "revokeAccessTokens", "outcome": "acs_throttled"}) == 1
     assert delta(duration, **{"acs.operation": "revokeAccessTokens", "outcome": "ok"}) == 1
     assert delta(duration, **{"acs.operation": "deleteIdentity", "outcome": "ok"}) == 1
-    # One throttled revoke call, but every 429 azure-core retried is counted.
+    # One throttled revoke call, but every 429 the gateway retried is counted.
     assert delta("acs.throttled", **{"acs.operation": "revokeAccessTokens"}) >= 2
 
     spans = otel.spans.get_finished_spans()

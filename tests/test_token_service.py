@@ -315,9 +315,9 @@ async def test_health_is_ok_and_shows_no_secret(service, stack):
     }
 
 
-async def test_throttled_acs_is_retried_until_it_answers(service, emulator):
+async def test_a_429_without_retry_after_is_retried_until_acs_answers(service, emulator):
     token = service.token("liam")
-    emulator.faults(throttleRate=1.0, retryAfterSeconds=1)
+    emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
     before = emulator.stats()["calls"]["createIdentity"]
 
     async def lift_throttle():
@@ -331,19 +331,17 @@ async def test_throttled_acs_is_retried_until_it_answers(service, emulator):
     assert emulator.stats()["calls"]["createIdentity"] >= before + 2
 
 
-async def test_acs_throttling_that_persists_is_503_with_retry_after(service, emulator, monkeypatch):
-    import shared.compose
+async def test_acs_throttling_that_persists_is_429_with_retry_after(service, emulator, monkeypatch):
+    import shared.acs
 
     # The same six retries, without waiting out the production backoff (7.75 s) they are not about.
-    monkeypatch.setitem(shared.compose.ACS_CLIENT_OPTIONS, "retry_backoff_factor", 0.01)
-    monkeypatch.setitem(shared.compose.ACS_CLIENT_OPTIONS, "retry_backoff_max", 0.05)
+    monkeypatch.setattr(shared.acs, "RETRY_BACKOFF_SECONDS", (0.01,) * len(shared.acs.RETRY_BACKOFF_SECONDS))
     await reset_services()
-    emulator.faults(throttleRate=1.0, retryAfterSeconds=0)
+    emulator.faults(throttleRate=1.0, retryAfterSeconds=0)  # "0": azure-core would retry at once
     before = emulator.stats()["calls"]["createIdentity"]
     response = await _post_token(service, "mia")
-    retries = shared.compose.ACS_CLIENT_OPTIONS["retry_status"]
-    assert emulator.stats()["calls"]["createIdentity"] - before == 1 + retries
-    assert response.status_code == 503
+    assert emulator.stats()["calls"]["createIdentity"] - before == 1 + len(shared.acs.RETRY_BACKOFF_SECONDS)
+    assert response.status_code == 429
     assert body_of(response)["code"] == "acs_throttled" and int(response.headers["Retry-After"]) >= 1
 
 

@@ -4,6 +4,7 @@ Monitor, configured off the event loop."""
 from .measure import (
     acs_client_options,
     acs_operation,
+    acs_refused_here,
     counts_revocations,
     counts_tokens,
     table_operation,
@@ -14,6 +15,7 @@ from .setup import configure, configure_in_background
 __all__ = [
     "acs_client_options",
     "acs_operation",
+    "acs_refused_here",
     "configure",
     "configure_in_background",
     "counts_revocations",

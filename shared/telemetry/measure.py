@@ -53,7 +53,12 @@ ACS_DURATION = _meter.create_histogram(
 ACS_THROTTLED = _meter.create_counter(
     "acs_token_service.acs.throttled",
     unit="{response}",
-    description="429 answers from ACS, each attempt counted (azure-core retries them internally)",
+    description="429 answers from ACS, each attempt counted",
+)
+ACS_REFUSED_HERE = _meter.create_counter(
+    "acs_token_service.acs.refused_here",
+    unit="{call}",
+    description="ACS calls the worker's throttle answered itself (429) instead of making, by operation",
 )
 
 # The ACS operation in progress, for the per-attempt response policy below.
@@ -128,11 +133,8 @@ def acs_operation(operation: str) -> Callable:
 
 
 class AcsResponsePolicy(SansIOHTTPPolicy):
-    """Sees every attempt's response (it sits after azure-core's retry policy): counts 429s.
-
-    azure-core retries a 429 that carries Retry-After by itself, so the gateway sees only the
-    last answer; this policy is where each throttled attempt becomes visible.
-    """
+    """Sees every attempt's response (it sits after azure-core's retry policy): counts 429s, each
+    attempt's, whoever retries it, with ACS's Retry-After on the span."""
 
     def on_response(self, request, response) -> None:
         if response.http_response.status_code != 429:
@@ -144,6 +146,12 @@ class AcsResponsePolicy(SansIOHTTPPolicy):
         if retry_after.isdigit():
             event["retry_after_s"] = int(retry_after)
         trace.get_current_span().add_event("acs.throttled", event)
+
+
+def acs_refused_here(operation: str) -> None:
+    """A call the throttle answered without making it (shared/throttle.py)."""
+    ACS_REFUSED_HERE.add(1, {"acs.operation": operation})
+    trace.get_current_span().add_event("acs.refused_here", {"acs.operation": operation})
 
 
 def acs_client_options() -> dict[str, Any]:

@@ -1,0 +1,316 @@
+"""Adaptive throttling against ACS (issue 18, item 3; shared/throttle.py): refused here before ACS
+is called into, with 429 and a Retry-After derived from ACS's; retries from a per-worker budget;
+while ACS refuses, ACS's calls go to the tokens about to expire. The throttle's logic with a clock
+and a chance of our own; the service against the emulator over HTTP, through the real SDK.
+
+azure-core retries any answer carrying Retry-After, and POST 500/503/504, by itself
+(azure/core/pipeline/policies/_retry.py, RetryPolicyBase.is_retry); the service turns that off
+(`retry_status` 0) so that the gateway decides, and a refusing ACS is not retried into.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import pytest
+
+import function_app
+from shared.compose import services
+from shared.errors import Throttled
+from shared.throttle import (
+    ADAPTIVE_RETRY_AFTER,
+    ISSUE,
+    MIN_REQUESTS,
+    RETRY_CAP,
+    RETRY_RATIO,
+    WINDOW_SECONDS,
+    RetryBudget,
+    Throttle,
+)
+from tests.service_fixtures import configure
+from tests.service_helpers import Users, body_of, request
+
+# ---- the throttle's logic ----------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _throttle(chance: float = 0.0) -> tuple[Throttle, Clock]:
+    clock = Clock()
+    return Throttle(clock=clock, chance=lambda: chance), clock
+
+
+def test_a_retry_after_closes_the_gate_until_then_and_one_call_reopens_it():
+    throttle, clock = _throttle()
+    assert throttle.admit(ISSUE) is False
+    throttle.answered(ISSUE, False, refused=True, retry_after=5)
+    with pytest.raises(Throttled) as refused:
+        throttle.admit(ISSUE)
+    assert refused.value.status == 429 and refused.value.headers["Retry-After"] == "5"
+    clock.now += 4.2
+    with pytest.raises(Throttled) as refused:
+        throttle.admit(ISSUE)
+    assert refused.value.headers["Retry-After"] == "1"  # what is left of ACS's, rounded up
+    throttle.admit("revokeAccessTokens")  # ACS limits each operation on its own
+    clock.now += 1
+    assert throttle.admit(ISSUE) is True  # the probe
+    with pytest.raises(Throttled):
+        throttle.admit(ISSUE)  # one call at a time until ACS has accepted one
+    throttle.answered(ISSUE, True, refused=False)
+    assert throttle.admit(ISSUE) is False and throttle.admit(ISSUE) is False
+
+
+def test_a_probe_that_gets_no_answer_lets_the_next_call_probe():
+    throttle, clock = _throttle()
+    throttle.answered(ISSUE, False, refused=True, retry_after=1)
+    clock.now += 1
+    probe = throttle.admit(ISSUE)
+    throttle.abandoned(ISSUE, probe)  # ACS unreachable, or the request cancelled
+    assert throttle.admit(ISSUE) is True
+
+
+def test_a_refused_probe_closes_the_gate_again():
+    throttle, clock = _throttle()
+    throttle.answered(ISSUE, False, refused=True, retry_after=1)
+    clock.now += 1
+    throttle.answered(ISSUE, throttle.admit(ISSUE), refused=True, retry_after=3)
+    with pytest.raises(Throttled) as refused:
+        throttle.admit(ISSUE)
+    assert refused.value.headers["Retry-After"] == "3"
+
+
+def test_adaptive_rejection_follows_how_much_acs_refuses():
+    """SRE book, "Handling Overload": p = max(0, (requests - K * accepts) / (requests + 1))."""
+    throttle, _ = _throttle(chance=0.5)
+    for _ in range(MIN_REQUESTS):
+        throttle.answered(ISSUE, False, refused=True)  # 429s without Retry-After
+    assert throttle.refusing(ISSUE)
+    with pytest.raises(Throttled) as refused:  # p = 10/11 > 0.5
+        throttle.admit(ISSUE)
+    assert 1 <= int(refused.value.headers["Retry-After"]) <= ADAPTIVE_RETRY_AFTER
+    for _ in range(11):  # 11 requests (the local refusal counts), then 11 accepted: 22 - 2 * 11 = 0
+        throttle.answered(ISSUE, False, refused=False)
+    assert not throttle.refusing(ISSUE)
+    throttle.admit(ISSUE)
+
+
+def test_random_refusals_of_30_percent_are_never_answered_here():
+    throttle, _ = _throttle(chance=0.0)  # any p > 0 would refuse
+    for i in range(1000):
+        throttle.answered(ISSUE, throttle.admit(ISSUE), refused=i % 10 < 3)
+    assert not throttle.refusing(ISSUE)
+
+
+def test_a_few_refusals_are_too_few_to_refuse_anyone():
+    throttle, _ = _throttle(chance=0.0)
+    for _ in range(MIN_REQUESTS - 1):
+        throttle.answered(ISSUE, False, refused=True)
+    throttle.admit(ISSUE)
+
+
+def test_refusals_older_than_the_window_are_forgotten():
+    throttle, clock = _throttle(chance=0.0)
+    for _ in range(50):
+        throttle.answered(ISSUE, False, refused=True)
+    with pytest.raises(Throttled):
+        throttle.admit(ISSUE)
+    clock.now += WINDOW_SECONDS + 1
+    assert not throttle.refusing(ISSUE)
+    throttle.admit(ISSUE)
+
+
+def test_the_retry_budget_rations_retries_to_a_share_of_calls():
+    clock = Clock()
+    budget = RetryBudget(clock)
+    spent = 0
+    while budget.withdraw():
+        spent += 1
+    assert spent == RETRY_CAP  # it starts full
+    for _ in range(10):
+        budget.deposit()
+    assert [budget.withdraw() for _ in range(10)].count(True) == round(10 * RETRY_RATIO)
+    clock.now += 1  # it refills a little with time
+    assert budget.withdraw()
+
+
+def test_off_nothing_is_refused_here_and_retries_are_not_rationed():
+    throttle = Throttle(enabled=False, chance=lambda: 0.0)
+    for _ in range(100):
+        throttle.answered(ISSUE, False, refused=True, retry_after=30)
+    throttle.admit(ISSUE)
+    assert not throttle.refusing(ISSUE)
+    assert all(throttle.may_retry() for _ in range(1000))
+
+
+# ---- the service against the emulator ------------------------------------------------------------------
+
+
+def _calls(emulator, operation: str = "issueAccessToken") -> int:
+    return emulator.stats()["calls"].get(operation, 0)
+
+
+async def _post(service, route: str, user: str, body: dict | None = None):
+    handler = {
+        "token": function_app.issue_token,
+        "token/refresh": function_app.refresh_token,
+        "token/revoke": function_app.revoke_tokens,
+    }[route]
+    return await handler(request("POST", route, token=service.token(user), body=body))
+
+
+def _throttled(response) -> bool:
+    return (
+        response.status_code == 429
+        and body_of(response)["code"] == "acs_throttled"
+        and int(response.headers["Retry-After"]) >= 1
+    )
+
+
+def _later(throttle: Throttle, seconds: float) -> None:
+    real = throttle.clock
+    throttle.clock = lambda: real() + seconds
+
+
+async def test_a_429_with_retry_after_is_answered_at_once_and_acs_is_not_asked_until_then(service, emulator):
+    for user in ("ra-ann", "ra-ben"):
+        assert (await _post(service, "token", user)).status_code == 200
+    emulator.faults(throttleRate=1.0, retryAfterSeconds=30)
+    before = _calls(emulator)
+    first = await _post(service, "token/refresh", "ra-ann", {"expiresInMinutes": 61})
+    assert _throttled(first) and 29 <= int(first.headers["Retry-After"]) <= 30
+    assert _calls(emulator) == before + 1  # not retried: neither by azure-core nor by the gateway
+    emulator.faults(throttleRate=0.0)  # ACS would answer now; it asked for 30 s
+    second = await _post(service, "token/refresh", "ra-ben", {"expiresInMinutes": 61})
+    assert _throttled(second) and int(second.headers["Retry-After"]) <= 30
+    assert _calls(emulator) == before + 1  # answered here
+    _later(services().tokens.acs.throttle, 31)
+    third = await _post(service, "token/refresh", "ra-ben", {"expiresInMinutes": 61})
+    assert third.status_code == 200 and _calls(emulator) == before + 2
+
+
+async def test_past_the_issue_limit_acs_refuses_one_call_and_the_rest_are_answered_here(service, emulator):
+    users = [f"limit-{i}" for i in range(12)]
+    for user in users:
+        assert (await _post(service, "token", user)).status_code == 200
+    emulator.faults(limits={"issueAccessToken": 5, "windowSeconds": 60})
+    before, limited = _calls(emulator), emulator.stats()["limited"]["issueAccessToken"]
+    answers = [await _post(service, "token/refresh", u, {"expiresInMinutes": 62}) for u in users]
+    assert [a.status_code for a in answers] == [200] * 5 + [429] * 7
+    assert all(_throttled(a) for a in answers[5:])
+    assert emulator.stats()["limited"]["issueAccessToken"] - limited == 1
+    assert _calls(emulator) - before == 6
+
+
+async def test_a_refusing_acs_without_retry_after_is_not_retried_into(service, emulator, monkeypatch):
+    """ACS's 429s carry no Retry-After: after MIN_REQUESTS refusals the worker refuses itself."""
+    import shared.acs
+
+    monkeypatch.setattr(shared.acs, "RETRY_BACKOFF_SECONDS", (0.01,) * 6)
+    from shared.compose import reset_services
+
+    await reset_services()
+    assert (await _post(service, "token", "adaptive-amy")).status_code == 200
+    throttle = services().tokens.acs.throttle
+    throttle.chance = lambda: 0.0  # refuse whenever p > 0: the count below is exact
+    emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
+    before = _calls(emulator)
+    answers = [
+        await _post(service, "token/refresh", "adaptive-amy", {"expiresInMinutes": 61 + i}) for i in range(20)
+    ]
+    assert all(_throttled(a) for a in answers)
+    # Every attempt reaches ACS until MIN_REQUESTS refusals are on file, then none: 20 requests.
+    assert _calls(emulator) - before == MIN_REQUESTS
+    emulator.faults(throttleRate=0.0)
+    _later(throttle, WINDOW_SECONDS + 1)  # the refusals have left the window
+    assert (
+        await _post(service, "token/refresh", "adaptive-amy", {"expiresInMinutes": 90})
+    ).status_code == 200
+
+
+async def test_with_the_retry_budget_spent_a_throttled_call_is_not_retried(service, emulator):
+    assert (await _post(service, "token", "budget-bo")).status_code == 200
+    services().tokens.acs.throttle.budget.balance = 0.0
+    emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
+    before = _calls(emulator)
+    answer = await _post(service, "token/refresh", "budget-bo", {"expiresInMinutes": 61})
+    assert _throttled(answer) and _calls(emulator) == before + 1
+
+
+async def test_while_acs_refuses_its_calls_go_to_tokens_about_to_expire(service, emulator, monkeypatch):
+    """Kim holds a token this worker issued 20 minutes ago (two thirds of its life left): while ACS
+    is refusing, kim's refresh is answered that token and costs no call. Lee's has less than half
+    left: lee's refresh is the one ACS is asked for."""
+    import shared.acs
+
+    monkeypatch.setattr(shared.acs, "RETRY_BACKOFF_SECONDS", (0.01,) * 6)
+    from shared.compose import reset_services
+
+    await reset_services()
+    tokens = services().tokens
+    throttle = tokens.acs.throttle
+    throttle.chance = lambda: 1.0  # never refuse here: only the choice of who calls ACS is tested
+    real = tokens.clock
+    kim = await _post(service, "token", "expiring-kim")
+    assert (await _post(service, "token", "expiring-mo")).status_code == 200
+    tokens.clock = lambda: real() - dt.timedelta(minutes=30)  # lee's token was issued earlier
+    lee = await _post(service, "token", "expiring-lee")
+    tokens.clock = lambda: real() + dt.timedelta(minutes=20)
+    emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
+    for i in range(2):  # another user's refused calls: ACS is refusing
+        assert _throttled(await _post(service, "token/refresh", "expiring-mo", {"expiresInMinutes": 70 + i}))
+    emulator.faults(throttleRate=0.0)
+    assert throttle.refusing(ISSUE)
+    before = _calls(emulator)
+    again = await _post(service, "token/refresh", "expiring-kim")
+    assert again.status_code == 200 and body_of(again)["token"] == body_of(kim)["token"]
+    assert body_of(again)["expiresOn"] == body_of(kim)["expiresOn"]  # its real expiry
+    assert _calls(emulator) == before
+    renewed = await _post(service, "token/refresh", "expiring-lee")
+    assert renewed.status_code == 200 and body_of(renewed)["token"] != body_of(lee)["token"]
+    assert _calls(emulator) == before + 1
+
+
+async def test_a_throttled_answer_falls_back_to_a_token_with_half_its_life_left(service, emulator):
+    tokens = services().tokens
+    real = tokens.clock
+    first = body_of(await _post(service, "token", "fallback-fay"))
+    tokens.clock = lambda: real() + dt.timedelta(minutes=10)  # past reuse, within half its life
+    emulator.faults(throttleRate=1.0, retryAfterSeconds=30)
+    before = _calls(emulator)
+    answer = await _post(service, "token/refresh", "fallback-fay")
+    assert answer.status_code == 200 and body_of(answer)["token"] == first["token"]
+    assert _calls(emulator) == before + 1  # ACS was asked and refused
+
+
+async def test_a_revoke_refused_here_is_queued_without_calling_acs(service, emulator):
+    for user in ("rv-ann", "rv-ben"):
+        assert (await _post(service, "token", user)).status_code == 200
+    emulator.faults(throttleRate=1.0, retryAfterSeconds=30)
+    before = _calls(emulator, "revokeAccessTokens")
+    for user in ("rv-ann", "rv-ben"):
+        response = await _post(service, "token/revoke", user)
+        assert response.status_code == 202 and body_of(response)["status"] == "pending"
+    assert _calls(emulator, "revokeAccessTokens") == before + 1  # the second never reached ACS
+
+
+async def test_protection_off_waits_out_a_retry_after_in_the_request(stack, emulator, monkeypatch):
+    """The storm bench's baseline: ACS's Retry-After waited out and retried, as azure-core does."""
+    await configure(monkeypatch, stack, managed_identity=False, STORM_PROTECTION="off")
+    users = Users(stack)
+    assert (await _post(users, "token", "off-olga")).status_code == 200
+    emulator.faults(throttleRate=1.0, retryAfterSeconds=1)
+    before = _calls(emulator)
+
+    async def lift_throttle():
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(emulator.faults, throttleRate=0.0)
+
+    answer, _ = await asyncio.gather(_post(users, "token/refresh", "off-olga"), lift_throttle())
+    assert answer.status_code == 200 and _calls(emulator) - before == 2
