@@ -48,6 +48,8 @@ RETRY_BACKOFF_SECONDS = (0.25, 0.5, 1.0, 2.0, 2.0, 2.0)
 QUEUED_RETRIES = 1
 # With protection off, a Retry-After is waited out in the request as azure-core does, up to this.
 LONGEST_WAIT = 30
+# A Retry-After is honoured up to this (s): ACS's windows are 30 s; a day's would stop a worker.
+LONGEST_RETRY_AFTER = 300
 
 
 @dataclass(frozen=True)
@@ -65,13 +67,15 @@ def _parse_expiry(value: object) -> dt.datetime:
 
 
 def _retry_after_header(err: HttpResponseError) -> int | None:
-    """ACS's Retry-After in whole seconds, if it sent one (seconds; an HTTP date is not expected)."""
+    """ACS's Retry-After in whole seconds, at most LONGEST_RETRY_AFTER, if it sent one in seconds
+    (an HTTP date is not expected); anything else, "inf" or "nan" among it, counts as none."""
     response = getattr(err, "response", None)
     value = response.headers.get("Retry-After") if response is not None else None
     try:
-        return max(0, math.ceil(float(value))) if value else None
-    except ValueError:
+        seconds = float(value) if value else math.nan
+    except (ValueError, TypeError):
         return None
+    return min(LONGEST_RETRY_AFTER, max(0, math.ceil(seconds))) if math.isfinite(seconds) else None
 
 
 def _retry_after(err: HttpResponseError, default: int = 5) -> int:
@@ -159,27 +163,30 @@ class AcsGateway:
             except Throttled:
                 telemetry.acs_refused_here(operation)
                 raise
+            reported = False
             try:
                 result = await call()
+                self.throttle.answered(operation, probe, refused=False)
+                reported = True
+                return result
             except HttpResponseError as err:
                 status, retry_after = err.status_code or 0, _retry_after_header(err)
-                self.throttle.answered(operation, probe, refused=status == 429, retry_after=retry_after)
+                throttled = status == 429
+                self.throttle.answered(operation, probe, refused=throttled, retry_after=retry_after)
+                reported = True
                 if status not in RETRIED or attempt == retries:
                     raise
-                if retry_after and self.throttle.enabled:
+                if throttled and retry_after and self.throttle.enabled:
                     raise  # ACS said when: the caller is told, the throttle refuses until then
                 if not self.throttle.may_retry():
                     raise
-                delay = self.backoff[attempt]
-                await asyncio.sleep(
-                    min(retry_after, LONGEST_WAIT) if retry_after else random.uniform(delay / 2, delay)
-                )
-            except BaseException:
-                self.throttle.abandoned(operation, probe)
-                raise
-            else:
-                self.throttle.answered(operation, probe, refused=False)
-                return result
+                delay = random.uniform(self.backoff[attempt] / 2, self.backoff[attempt])
+                if throttled and retry_after:  # protection off: waited out, as azure-core did
+                    delay = min(retry_after, LONGEST_WAIT)
+                await asyncio.sleep(delay)
+            finally:
+                if not reported:  # no answer (unreachable, cancelled, anything else): nothing learnt
+                    self.throttle.abandoned(operation, probe)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     @telemetry.acs_operation("createIdentity")

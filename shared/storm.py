@@ -121,15 +121,14 @@ class Issuer:
         self, record: IdentityRecord, scopes: tuple[str, ...], minutes: int, *, reuse: bool = True
     ) -> IssuedToken:
         """`reuse=False` (POST /api/token): a token from ACS, shared only with requests in flight,
-        so that a mapping whose identity ACS no longer has is found out, and heals, at once."""
+        so that a mapping whose identity ACS no longer has is found out, and heals, at once. With
+        `reuse`, while ACS refuses issues, a token with half its life left is answered again."""
         key = self._key(record, scopes, minutes)
         if key is None:
             return await self.acs.issue(record.communication_user_id, scopes, minutes)
         if reuse and (fresh := self.fresh.get(key, self.clock())) is not None:
             return fresh
-        if self.acs.throttle.refusing(ISSUE) and (
-            held := self.fresh.get(key, self.clock(), share=STILL_GOOD_SHARE)
-        ):
+        if reuse and self.acs.throttle.refusing(ISSUE) and (held := self._still_good(key)):
             return held  # ACS's few calls are for those whose tokens are about to expire
 
         async def from_acs() -> tuple[IssuedToken, dt.datetime]:
@@ -139,11 +138,14 @@ class Issuer:
         try:
             token, asked_at = await self._flights.run(key, from_acs)
         except Throttled:
-            if held := self.fresh.get(key, self.clock(), share=STILL_GOOD_SHARE):
+            if reuse and (held := self._still_good(key)):
                 return held
             raise
         self.fresh.put(key, token, asked_at)
         return token
+
+    def _still_good(self, key: Hashable) -> IssuedToken | None:
+        return self.fresh.get(key, self.clock(), share=STILL_GOOD_SHARE)
 
     def remember(
         self,

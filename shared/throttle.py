@@ -37,7 +37,7 @@ WINDOW_SECONDS = 30  # ACS counts its limits per 30 s; so do we
 K = 2.0  # the SRE book's multiplier: ACS is sent up to twice what it accepts
 # Fewer answers than this in the window are too few to tell a refusing ACS from bad luck: a few
 # throttled calls are retried, not answered by refusing everybody for the rest of the window.
-MIN_REQUESTS = 10
+MIN_REQUESTS = 30
 # An adaptive refusal has no Retry-After of ACS's to pass on: it asks for up to this many seconds,
 # more the more ACS refuses.
 ADAPTIVE_RETRY_AFTER = 10
@@ -154,14 +154,14 @@ class Throttle:
         if not self.enabled:
             return
         gate, now = self._gate(operation), self.clock()
-        gate.answers.add(now, accepted=not refused)
         if probe:
             gate.probing = False
-        if not refused:
-            gate.half_open = False
-        elif retry_after:
+            gate.half_open = refused  # only the probe's own answer reopens the gate
+        if refused and retry_after:  # the gate's to answer: not counted against the next window
             gate.closed_until = max(gate.closed_until, now + retry_after)
             gate.half_open = True
+            return
+        gate.answers.add(now, accepted=not refused)
 
     def abandoned(self, operation: str, probe: bool) -> None:
         """A call that got no answer (unreachable, cancelled): it tells nothing about ACS's limits."""

@@ -67,6 +67,29 @@ def test_a_retry_after_closes_the_gate_until_then_and_one_call_reopens_it():
     assert throttle.admit(ISSUE) is False and throttle.admit(ISSUE) is False
 
 
+def test_only_the_probes_answer_reopens_the_gate():
+    """A call sent before the gate closed and accepted after it does not let everyone through."""
+    throttle, clock = _throttle()
+    early = throttle.admit(ISSUE)
+    throttle.answered(ISSUE, False, refused=True, retry_after=2)
+    throttle.answered(ISSUE, early, refused=False)  # the early call's late answer
+    clock.now += 2
+    assert throttle.admit(ISSUE) is True
+    with pytest.raises(Throttled):
+        throttle.admit(ISSUE)
+
+
+def test_429s_with_retry_after_are_the_gates_not_counted_against_the_next_window():
+    """A reconnect wave refused with Retry-After, then ACS accepts again: nobody is refused here."""
+    throttle, clock = _throttle(chance=0.0)
+    for _ in range(3 * MIN_REQUESTS):  # in flight together when ACS said "in 1 s"
+        throttle.answered(ISSUE, False, refused=True, retry_after=1)
+    clock.now += 1
+    throttle.answered(ISSUE, throttle.admit(ISSUE), refused=False)
+    assert not throttle.refusing(ISSUE)
+    throttle.admit(ISSUE)
+
+
 def test_a_probe_that_gets_no_answer_lets_the_next_call_probe():
     throttle, clock = _throttle()
     throttle.answered(ISSUE, False, refused=True, retry_after=1)
@@ -95,7 +118,7 @@ def test_adaptive_rejection_follows_how_much_acs_refuses():
     with pytest.raises(Throttled) as refused:  # p = 10/11 > 0.5
         throttle.admit(ISSUE)
     assert 1 <= int(refused.value.headers["Retry-After"]) <= ADAPTIVE_RETRY_AFTER
-    for _ in range(11):  # 11 requests (the local refusal counts), then 11 accepted: 22 - 2 * 11 = 0
+    for _ in range(MIN_REQUESTS + 1):  # the local refusal counts too: (2n - 2n) = 0 with n accepted
         throttle.answered(ISSUE, False, refused=False)
     assert not throttle.refusing(ISSUE)
     throttle.admit(ISSUE)
@@ -263,7 +286,7 @@ async def test_while_acs_refuses_its_calls_go_to_tokens_about_to_expire(service,
     lee = await _post(service, "token", "expiring-lee")
     tokens.clock = lambda: real() + dt.timedelta(minutes=20)
     emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
-    for i in range(2):  # another user's refused calls: ACS is refusing
+    for i in range(5):  # another user's refused calls (7 each, over MIN_REQUESTS): ACS is refusing
         assert _throttled(await _post(service, "token/refresh", "expiring-mo", {"expiresInMinutes": 70 + i}))
     emulator.faults(throttleRate=0.0)
     assert throttle.refusing(ISSUE)
@@ -287,6 +310,18 @@ async def test_a_throttled_answer_falls_back_to_a_token_with_half_its_life_left(
     answer = await _post(service, "token/refresh", "fallback-fay")
     assert answer.status_code == 200 and body_of(answer)["token"] == first["token"]
     assert _calls(emulator) == before + 1  # ACS was asked and refused
+
+
+async def test_post_token_asks_acs_even_while_a_still_good_token_is_held(service, emulator):
+    """POST /api/token never answers a held token (a mapping whose identity is gone must heal)."""
+    tokens = services().tokens
+    real = tokens.clock
+    assert (await _post(service, "token", "heal-hal")).status_code == 200
+    tokens.clock = lambda: real() + dt.timedelta(minutes=10)
+    emulator.faults(throttleRate=1.0, retryAfterSeconds=30)
+    before = _calls(emulator)
+    assert _throttled(await _post(service, "token", "heal-hal"))
+    assert _calls(emulator) == before + 1
 
 
 async def test_a_revoke_refused_here_is_queued_without_calling_acs(service, emulator):
@@ -314,3 +349,47 @@ async def test_protection_off_waits_out_a_retry_after_in_the_request(stack, emul
 
     answer, _ = await asyncio.gather(_post(users, "token/refresh", "off-olga"), lift_throttle())
     assert answer.status_code == 200 and _calls(emulator) - before == 2
+
+
+# ---- ACS's answers the emulator cannot give ----------------------------------------------------------
+# A fake ACS client, only for the gateway's own logic: which answers it retries and what it raises.
+
+
+class _Answers:
+    """get_token's answers, in order: an HTTP status with headers, or a token."""
+
+    def __init__(self, *answers) -> None:
+        self.answers = list(answers)
+        self.calls = 0
+
+    async def get_token(self, *args, **kwargs):
+        from types import SimpleNamespace
+
+        from azure.core.exceptions import HttpResponseError
+
+        self.calls += 1
+        answer = self.answers.pop(0)
+        if isinstance(answer, tuple):
+            status, headers = answer
+            response = type("Response", (), {"status_code": status, "headers": headers, "reason": "x"})()
+            raise HttpResponseError(message=f"status {status}", response=response)
+        return SimpleNamespace(token=answer, expires_on="2030-01-01T00:00:00+00:00")
+
+
+async def test_an_unreadable_retry_after_is_no_retry_after_and_never_a_500():
+    from shared.acs import AcsGateway
+
+    for value in ("inf", "nan", "1e400", "Wed, 21 Oct 2015 07:28:00 GMT", "-5"):
+        client = _Answers((429, {"Retry-After": value}), "token")
+        gateway = AcsGateway(client, backoff=(0.0,))  # type: ignore[arg-type]
+        issued = await gateway.issue("8:acs:x", ("chat",), 60)  # retried as a 429 without one
+        assert issued.token == "token" and client.calls == 2, value
+        gateway.throttle.admit(ISSUE)  # and the gate is not left closed or half-open
+
+
+async def test_a_5xx_with_retry_after_is_retried_in_the_request():
+    from shared.acs import AcsGateway
+
+    client = _Answers((503, {"Retry-After": "1"}), (500, {}), "token")
+    gateway = AcsGateway(client, backoff=(0.0, 0.0))  # type: ignore[arg-type]
+    assert (await gateway.issue("8:acs:x", ("chat",), 60)).token == "token" and client.calls == 3
