@@ -70,23 +70,30 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from .issuer import mint_user_token
+    from .issuer import TENANT_TEMPLATE, mint_user_token
     from .signing import SigningKey
 
     state_dir = _state_dir(args.state_dir)
     env = load_env(state_dir)
     if not 1 <= args.minutes <= 24 * 60:
         raise SystemExit("devstack: --minutes must be from 1 to 1440")
-    key = SigningKey.load(state_dir / layout.ISSUER_KEY_FILE)
+    issuers = env.get("issuers") or {"dev": env["issuer"]}  # a stack started before there were more
+    if args.issuer not in issuers:
+        raise SystemExit(f"devstack: this stack has no issuer {args.issuer!r}; it has {', '.join(issuers)}")
+    issuer, tenant = issuers[args.issuer], args.tenant or env["tenant_id"]
+    if args.issuer == "entra":  # each tenant its own `iss`, and its `tid` the same tenant
+        tenant = args.tenant or env["entra_tenants"][0]
+        issuer = issuer.replace(TENANT_TEMPLATE, tenant)
+    key = SigningKey.load(state_dir / layout.ISSUER_KEY_FILES[args.issuer])
     print(
         mint_user_token(
             key=key,
-            issuer=env["issuer"],
+            issuer=issuer,
             audience=args.audience or env["audience"],
             user=args.user,
             roles=args.role,
             minutes=args.minutes,
-            tenant_id=env["tenant_id"],
+            tenant_id=tenant,
             app_id=args.app_id,
         )
     )
@@ -239,6 +246,13 @@ def parser() -> argparse.ArgumentParser:
     token.add_argument("--minutes", type=int, default=60, help="lifetime (default 60)")
     token.add_argument("--audience", help="override aud (e.g. the ACS Teams scope)")
     token.add_argument("--app-id", help="appid/azp claim, as on an Entra token for a client app")
+    token.add_argument(
+        "--issuer",
+        choices=tuple(layout.ISSUER_KEY_FILES),
+        default="dev",
+        help="which dev issuer signs it: dev (AUTH_ISSUER's), entra (multi-tenant), second",
+    )
+    token.add_argument("--tenant", help="tid (and, for --issuer entra, the tenant in iss); a GUID")
     token.add_argument("--state-dir")
     token.set_defaults(func=cmd_token)
 

@@ -1,7 +1,13 @@
-"""A dev OpenID Connect issuer: discovery document, JWKS, and signed user tokens.
+"""Dev OpenID Connect issuers: discovery documents, JWKS, and signed user tokens.
 
-It stands in for the app's own identity provider (Entra ID, B2C, ...). Tokens are minted from the
-stack's state folder by `python -m devstack token`, so the private key never crosses HTTP.
+They stand in for the app's own identity providers (Entra ID, B2C, ...), on one server:
+- the dev issuer at its root (the one AUTH_ISSUER names by default);
+- an Entra-style multi-tenant issuer under `/entra`: each tenant's `iss` is
+  `{root}/entra/{tenant id}/v2.0`, all signed with one key set, and the `common` discovery
+  document names the template `{root}/entra/{tenantid}/v2.0`, as login.microsoftonline.com does;
+- a second plain OpenID Connect issuer at `/second`, with a key of its own.
+Tokens are minted from the stack's state folder by `python -m devstack token [--issuer ...]`, so
+private keys never cross HTTP.
 
 Test hooks under `/_issuer/` (no auth, loopback only, never faulted), so that tests can show what
 the service does while its IdP is down or hanging: `GET stats` (requests received per endpoint,
@@ -29,16 +35,34 @@ HOOKS = "issuer hooks"  # as their 403 names them (devstack/hooks.py)
 # Stable, obviously fake namespace: the same USER always gets the same oid on every stack.
 _OBJECT_ID_NAMESPACE = uuid.UUID("5d1a4c8e-0b7e-4d8e-9a51-3f0c2c1d7e00")
 DEV_TENANT_ID = "72f988bf-0000-4000-8000-0000000de7e1"
+# The Entra-style issuer's tenants: any GUID is a tenant to it; these are the ones the docs and
+# tests use (a customer A, a customer B, and one no allow-list names).
+ENTRA_TENANTS = (
+    "aaaaaaaa-0000-4000-8000-00000000000a",
+    "bbbbbbbb-0000-4000-8000-00000000000b",
+    "cccccccc-0000-4000-8000-00000000000c",
+)
+ENTRA_PATH, SECOND_PATH = "/entra", "/second"
+TENANT_TEMPLATE = "{tenantid}"
+
+
+def issuers_of(root: str) -> dict[str, str]:
+    """The `iss` of each dev issuer on the server at `root` (the Entra one as its template)."""
+    return {
+        "dev": root,
+        "entra": f"{root}{ENTRA_PATH}/{TENANT_TEMPLATE}/v2.0",
+        "second": f"{root}{SECOND_PATH}",
+    }
 
 
 def object_id_for(user: str) -> str:
     return str(uuid.uuid5(_OBJECT_ID_NAMESPACE, user))
 
 
-def discovery_document(issuer: str) -> dict:
+def discovery_document(issuer: str, jwks_uri: str | None = None) -> dict:
     return {
         "issuer": issuer,
-        "jwks_uri": f"{issuer}/discovery/keys",
+        "jwks_uri": jwks_uri or f"{issuer}/discovery/keys",
         "authorization_endpoint": f"{issuer}/oauth2/authorize",
         "token_endpoint": f"{issuer}/oauth2/token",
         "response_types_supported": ["id_token", "code"],
@@ -119,20 +143,43 @@ class IssuerFaults:
 
 
 class DevIssuer:
-    def __init__(self, *, issuer: str, key: SigningKey) -> None:
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        key: SigningKey,
+        entra_key: SigningKey | None = None,
+        second_key: SigningKey | None = None,
+    ) -> None:
         self.issuer = issuer
         self.key = key
+        # Keys of the other issuers: each its own, so that one's never validates another's tokens.
+        self.entra_key = entra_key or SigningKey.generate()
+        self.second_key = second_key or SigningKey.generate()
         self.faults = IssuerFaults()
         self.calls: Counter[str] = Counter()
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._count_every_request])
         app.router.add_get("/.well-known/openid-configuration", self.discovery)
         app.router.add_get("/discovery/keys", self.jwks)
+        app.router.add_get(
+            ENTRA_PATH + "/{tenant}/v2.0/.well-known/openid-configuration", self.entra_discovery
+        )
+        app.router.add_get(ENTRA_PATH + "/common/discovery/v2.0/keys", self.entra_jwks)
+        app.router.add_get(SECOND_PATH + "/.well-known/openid-configuration", self.second_discovery)
+        app.router.add_get(SECOND_PATH + "/discovery/keys", self.second_jwks)
         app.router.add_get("/_issuer/stats", self.hook_stats)
         app.router.add_post("/_issuer/faults", self.hook_faults)
         app.router.add_post("/_issuer/reset", self.hook_reset)
         return app
+
+    @web.middleware
+    async def _count_every_request(self, request: web.Request, handler) -> web.StreamResponse:
+        """Every request but the hooks', whatever its path: a test can show none was made."""
+        if not request.path.startswith("/_issuer/"):
+            self.calls["any"] += 1
+        return await handler(request)
 
     async def _fault(self, request: web.Request, endpoint: str) -> None:
         """Count the request, then hang up or wait as the faults say."""
@@ -154,11 +201,32 @@ class DevIssuer:
         headers = {"Cache-Control": f"max-age={max_age}"} if max_age is not None else None
         return web.json_response({"keys": [self.key.jwk()]}, headers=headers)
 
+    async def entra_discovery(self, request: web.Request) -> web.Response:
+        """A tenant's document names its own issuer; `common`'s names the template (Entra's way)."""
+        await self._fault(request, "discovery")
+        tenant = request.match_info["tenant"]
+        issuer = f"{self.issuer}{ENTRA_PATH}/{TENANT_TEMPLATE if tenant == 'common' else tenant}/v2.0"
+        return web.json_response(
+            discovery_document(issuer, f"{self.issuer}{ENTRA_PATH}/common/discovery/v2.0/keys")
+        )
+
+    async def entra_jwks(self, request: web.Request) -> web.Response:
+        await self._fault(request, "jwks")
+        return web.json_response({"keys": [self.entra_key.jwk()]})
+
+    async def second_discovery(self, request: web.Request) -> web.Response:
+        await self._fault(request, "discovery")
+        return web.json_response(discovery_document(self.issuer + SECOND_PATH))
+
+    async def second_jwks(self, request: web.Request) -> web.Response:
+        await self._fault(request, "jwks")
+        return web.json_response({"keys": [self.second_key.jwk()]})
+
     # ---- test hooks (loopback only, never faulted) ------------------------------------------------
 
     async def hook_stats(self, request: web.Request) -> web.Response:
         require_loopback(request, HOOKS)
-        calls = {"discovery": self.calls["discovery"], "jwks": self.calls["jwks"]}
+        calls = {"discovery": self.calls["discovery"], "jwks": self.calls["jwks"], "any": self.calls["any"]}
         return web.json_response({"calls": calls})
 
     async def hook_faults(self, request: web.Request) -> web.Response:

@@ -14,6 +14,12 @@ DEFAULT_STATE_DIR = Path(".devstack")
 STATE_ENV = "DEVSTACK_STATE"  # points every `python -m devstack` command (and make) at another state dir
 STATE_MARKER = ".devstack-state"
 ISSUER_KEY_FILE = "issuer-key.pem"
+# The other dev issuers' keys (devstack/issuer.py), by the name `python -m devstack token --issuer` takes.
+ISSUER_KEY_FILES = {
+    "dev": ISSUER_KEY_FILE,
+    "entra": "issuer-entra-key.pem",
+    "second": "issuer-second-key.pem",
+}
 ENV_FILE = "env.json"
 HOST_LOG_FILE = "host.log"
 DEFAULT_AUDIENCE = "api://acs-token-service"

@@ -35,7 +35,7 @@ from .children import stop as stop_child
 from .cors import CorsPolicy
 from .dev_signin import DevSignin
 from .graph import GraphStandIn
-from .issuer import DEV_TENANT_ID, DevIssuer
+from .issuer import DEV_TENANT_ID, ENTRA_TENANTS, DevIssuer, issuers_of
 from .layout import (  # noqa: F401  (re-exported: stack.Ports and friends are the stack's API)
     DEFAULT_AUDIENCE,
     DEFAULT_FUNCTION_APP,
@@ -43,6 +43,7 @@ from .layout import (  # noqa: F401  (re-exported: stack.Ports and friends are t
     ENV_FILE,
     HOST_LOG_FILE,
     ISSUER_KEY_FILE,
+    ISSUER_KEY_FILES,
     STATE_ENV,
     STATE_MARKER,
     Ports,
@@ -224,6 +225,9 @@ def build_env(
         "issuer": f"http://127.0.0.1:{ports.issuer}",
         "audience": audience,
         "tenant_id": DEV_TENANT_ID,
+        # Every dev issuer's `iss` (the Entra-style one as its template) and that one's tenants.
+        "issuers": issuers_of(f"http://127.0.0.1:{ports.issuer}"),
+        "entra_tenants": list(ENTRA_TENANTS),
         "identity_endpoint": f"http://127.0.0.1:{ports.msi}/msi/token",
         "graph_endpoint": f"https://127.0.0.1:{ports.graph}",
         "graph_hooks": f"https://127.0.0.1:{ports.graph}/_graph/",
@@ -296,6 +300,9 @@ def prepare(
 
     issuer_key, acs_key, msi_key = SigningKey.generate(), SigningKey.generate(), SigningKey.generate()
     issuer_key.save(state_dir / ISSUER_KEY_FILE)
+    entra_key, second_key = SigningKey.generate(), SigningKey.generate()
+    entra_key.save(state_dir / ISSUER_KEY_FILES["entra"])
+    second_key.save(state_dir / ISSUER_KEY_FILES["second"])
     access_key = base64.b64encode(secrets.token_bytes(64)).decode("ascii")
     resource_id = new_resource_id()
     msi_secret = secrets.token_urlsafe(24)
@@ -328,7 +335,10 @@ def prepare(
     )
     apps = {
         "acs": (emulator.app(), _ssl_server_context(tls)),
-        "issuer": (DevIssuer(issuer=env["issuer"], key=issuer_key).app(), None),
+        "issuer": (
+            DevIssuer(issuer=env["issuer"], key=issuer_key, entra_key=entra_key, second_key=second_key).app(),
+            None,
+        ),
         "msi": (msi.app(), None),
         "graph": (GraphStandIn(managed_identity_key=msi_key).app(), _ssl_server_context(tls)),
     }

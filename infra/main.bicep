@@ -47,6 +47,12 @@ param authUserClaim string = 'sub'
 @description('AUTH_ALGORITHMS: allowed signing algorithms, comma-separated (RS*, PS*, ES*).')
 param authAlgorithms string = 'RS256'
 
+// Set, it replaces the four above: leave authIssuer and authAudience empty (the service refuses
+// both at once); authUserClaim and authAlgorithms are then left unset.
+@description('AUTH_ISSUERS (authMode jwt): several trusted issuers as a JSON array, e.g. an Entra multi-tenant template with a tenant allow-list and a second IdP (README, "Several identity providers"). Empty: AUTH_ISSUER and its settings.')
+param authIssuers string = ''
+var singleIssuer = empty(authIssuers)
+
 // ---- Token policy, identities, cleanup (TOKEN_*, IDENTITY_*, CLEANUP_SCHEDULE) ----
 
 @description('IDENTITY_TABLE: the Table Storage table of user-to-ACS-identity mappings (created on first use).')
@@ -236,8 +242,9 @@ var serviceSettings = {
   AUTH_MODE: authMode
   AUTH_ISSUER: authIssuer
   AUTH_AUDIENCE: authAudience
-  AUTH_USER_CLAIM: authUserClaim
-  AUTH_ALGORITHMS: authAlgorithms
+  AUTH_USER_CLAIM: singleIssuer ? authUserClaim : ''
+  AUTH_ALGORITHMS: singleIssuer ? authAlgorithms : ''
+  AUTH_ISSUERS: authIssuers
   ACS_ENDPOINT: acs.outputs.endpoint
   TABLES_ENDPOINT: storage.outputs.tableEndpoint
   IDENTITY_TABLE: identityTable

@@ -57,7 +57,8 @@ class Services:
 
     settings: Settings
     authenticator: JwtAuthenticator | EasyAuthAuthenticator
-    jwks: JwksCache | None
+    jwks: JwksCache | None  # the first trusted issuer's keys (jwt); every issuer's: `issuer_keys`
+    issuer_keys: dict[str, JwksCache]
     tokens: TokenService
     revocation: RevocationService
     cleanup: Cleanup
@@ -175,12 +176,19 @@ def compose(
         table = table_client(settings, credential)
 
     jwks = None
+    caches: dict[str, JwksCache] = {}
+    closers_of_keys = []
     authenticator: JwtAuthenticator | EasyAuthAuthenticator
     if settings.auth_mode == "easyauth":
         authenticator = EasyAuthAuthenticator(settings)
     else:
-        jwks = JwksCache(settings.issuer)
-        authenticator = JwtAuthenticator(settings, jwks)
+        # One key cache per trusted issuer: one issuer's keys never check another's tokens.
+        caches = {
+            t.issuer: JwksCache(t.issuer, metadata_issuer=t.metadata_issuer) for t in settings.trusted_issuers
+        }
+        jwks = next(iter(caches.values()))  # the first's (for one issuer, its only one)
+        authenticator = JwtAuthenticator(settings, caches)
+        closers_of_keys = [cache.close for cache in caches.values()]
     store = Stores(table, object_id_issuer=settings.object_id_issuer)
     # Past ACS's limits (shared/throttle.py); off, every call goes to ACS (the storm bench's baseline).
     gateway = AcsGateway(acs, Throttle(enabled=settings.storm_protection))
@@ -196,14 +204,13 @@ def compose(
         clock=clock,
     )
     closers = (
-        [acs.close, table.close, graph.close]
-        + ([jwks.close] if jwks else [])
-        + ([credential.close] if credential else [])
+        [acs.close, table.close, graph.close] + closers_of_keys + ([credential.close] if credential else [])
     )
     return Services(
         settings=settings,
         authenticator=authenticator,
         jwks=jwks,
+        issuer_keys=caches,
         tokens=TokenService(
             store,
             gateway,

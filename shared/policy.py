@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from . import jsonlimits
 from .errors import BadRequest, Code, PayloadTooLarge
+from .issuers import TrustedIssuer
 from .settings import SCOPES, Settings
 
 MAX_BODY_BYTES = 16 * 1024
@@ -42,7 +43,16 @@ def parse_json_object(body: bytes | None, max_bytes: int = MAX_BODY_BYTES) -> di
     return value
 
 
-def token_request(body: bytes | None, settings: Settings) -> TokenRequest:
+def token_request(
+    body: bytes | None, settings: Settings, trusted: TrustedIssuer | None = None
+) -> TokenRequest:
+    """The request under the settings' policy, or the caller's issuer's where it has its own
+    (AUTH_ISSUERS: `allowedScopes`, `maxExpiresInMinutes`)."""
+    allowed, max_minutes = settings.allowed_scopes, settings.max_minutes
+    if trusted is not None and trusted.allowed_scopes is not None:
+        allowed = trusted.allowed_scopes
+    if trusted is not None and trusted.max_minutes is not None:
+        max_minutes = trusted.max_minutes
     fields = parse_json_object(body)
     unknown = sorted(set(fields) - TOKEN_FIELDS)
     if unknown:
@@ -50,7 +60,7 @@ def token_request(body: bytes | None, settings: Settings) -> TokenRequest:
 
     scopes = fields.get("scopes", None)
     if scopes is None:
-        scopes = list(settings.default_scopes)
+        scopes = [s for s in settings.default_scopes if s in allowed] or list(allowed[:1])
     if not isinstance(scopes, list) or not scopes or not all(isinstance(s, str) for s in scopes):
         raise BadRequest("scopes must be a non-empty array of strings.", code=Code.INVALID_SCOPES)
     unknown_scopes = [s for s in scopes if s not in SCOPES]
@@ -59,16 +69,16 @@ def token_request(body: bytes | None, settings: Settings) -> TokenRequest:
             f"Unknown scope(s): {', '.join(unknown_scopes)}. Known: {', '.join(SCOPES)}.",
             code=Code.UNKNOWN_SCOPE,
         )
-    refused = [s for s in scopes if s not in settings.allowed_scopes]
+    refused = [s for s in scopes if s not in allowed]
     if refused:
         raise BadRequest(f"Scope(s) not allowed here: {', '.join(refused)}.", code=Code.SCOPE_NOT_ALLOWED)
 
-    minutes = fields.get("expiresInMinutes", settings.default_minutes)
+    minutes = fields.get("expiresInMinutes", min(settings.default_minutes, max_minutes))
     if not isinstance(minutes, int) or isinstance(minutes, bool):
         raise BadRequest("expiresInMinutes must be an integer.", code=Code.INVALID_EXPIRY)
-    if not settings.min_minutes <= minutes <= settings.max_minutes:
+    if not settings.min_minutes <= minutes <= max_minutes:
         raise BadRequest(
-            f"expiresInMinutes must be within {settings.min_minutes}..{settings.max_minutes}.",
+            f"expiresInMinutes must be within {settings.min_minutes}..{max_minutes}.",
             code=Code.INVALID_EXPIRY,
         )
     return TokenRequest(tuple(dict.fromkeys(scopes)), minutes)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from . import issuers
 from .config import Setting, choice, flag, https_url, integer, lowered, names, text, within
 
 SCOPES = ("chat", "voip", "chat.join", "chat.join.limited", "voip.join")
@@ -36,6 +37,10 @@ def _safe_algorithms(values: tuple[str, ...]) -> str | None:
 def _known_scopes(values: tuple[str, ...]) -> str | None:
     unknown = [s for s in values if s not in SCOPES]
     return f"unknown scopes {', '.join(unknown)}; known: {', '.join(SCOPES)}" if unknown else None
+
+
+def _issuer_list(value: str) -> tuple[issuers.TrustedIssuer, ...]:
+    return issuers.parse(value, safe_algorithms=SAFE_ALGORITHMS, scopes=SCOPES)
 
 
 def _acs_connection_string(value: str) -> str | None:
@@ -84,6 +89,8 @@ TABLE: tuple[Setting[Any, Any], ...] = (
         "the claim that names the user (oid: Graph events find Entra users without a lookup row)"),
     AUTH_ALGORITHMS := Setting("AUTH_ALGORITHMS", names, ("RS256",), _safe_algorithms,
         "allowed signing algorithms"),
+    AUTH_ISSUERS := Setting("AUTH_ISSUERS", _issuer_list, None, None,
+        "several trusted issuers, a JSON array (README: Several identity providers); replaces the 4 above"),
     ACS_ENDPOINT := Setting("ACS_ENDPOINT", text, None, None,
         "ACS, reached with managed identity (https); this or ACS_CONNECTION_STRING"),
     ACS_CONNECTION_STRING := Setting("ACS_CONNECTION_STRING", text, None, _acs_connection_string,
@@ -132,6 +139,7 @@ TABLE: tuple[Setting[Any, Any], ...] = (
         None, None, "export metrics and spans to Application Insights; shared/telemetry reads it"),
 )
 # fmt: on
+SINGLE_ISSUER = (AUTH_ISSUER, AUTH_AUDIENCE, AUTH_USER_CLAIM, AUTH_ALGORITHMS)  # what AUTH_ISSUERS replaces
 SETTING_NAMES = tuple(setting.name for setting in TABLE)
 
 
@@ -165,15 +173,18 @@ class Settings:
     demo_page_enabled: bool = DEMO_PAGE_ENABLED.default
     graph_endpoint: str = GRAPH_ENDPOINT.default  # where the Graph subscription is renewed
     graph_notification_url: str | None = None  # set = create it too (graph.py)
+    issuer_list: tuple[issuers.TrustedIssuer, ...] = ()  # AUTH_ISSUERS; () when AUTH_ISSUER is used
+
+    @property
+    def trusted_issuers(self) -> tuple[issuers.TrustedIssuer, ...]:
+        """AUTH_ISSUERS, or the one issuer AUTH_ISSUER and its settings name."""
+        single = issuers.TrustedIssuer(self.issuer, self.audiences, self.algorithms, self.user_claim)
+        return self.issuer_list or (single,)
 
     @property
     def object_id_issuer(self) -> str | None:
-        """The issuer whose users are keyed by their Entra object id, if they are.
-
-        With JWT validation and AUTH_USER_CLAIM=oid a user's key is user_key(issuer, oid): a
-        Microsoft Graph event, which names users by object id, finds the mapping directly, so first
-        issues need no Graph lookup row. Easy Auth passes the issuer per request, so it can't tell.
-        """
+        """The issuer whose users are keyed by Entra object id (JWT, AUTH_USER_CLAIM=oid): a Graph
+        event, which names users so, finds their mapping without a lookup row. Easy Auth can't tell."""
         return self.issuer if self.auth_mode == "jwt" and self.user_claim == "oid" else None
 
 
@@ -203,7 +214,10 @@ def load(env: Mapping[str, str]) -> Settings:
         )
     issuer = AUTH_ISSUER.read(env)
     audiences = AUTH_AUDIENCE.read(env)
-    if auth_mode == "jwt":
+    issuer_list = AUTH_ISSUERS.read(env) or ()
+    if issuer_list and (auth_mode != "jwt" or any(env.get(s.name) for s in SINGLE_ISSUER)):
+        raise AUTH_ISSUERS.error("needs AUTH_MODE=jwt, and replaces AUTH_ISSUER and its 3 settings: set one")
+    if auth_mode == "jwt" and not issuer_list:
         if issuer is None:
             raise AUTH_ISSUER.error("is required: the OpenID Connect issuer of your app's users")
         _require_url(AUTH_ISSUER, issuer, http_on_loopback=True)
@@ -237,6 +251,8 @@ def load(env: Mapping[str, str]) -> Settings:
     default_minutes = TOKEN_DEFAULT_MINUTES.read(env, default=max(TOKEN_DEFAULT_MINUTES.default, min_minutes))
     if not min_minutes <= default_minutes <= max_minutes:
         raise TOKEN_DEFAULT_MINUTES.error(f"must be within {min_minutes}..{max_minutes}")
+    if problem := issuers.problem(issuer_list, min_minutes=min_minutes, max_minutes=ACS_MAX_MINUTES):
+        raise AUTH_ISSUERS.error(problem)
 
     retention_days = IDENTITY_RETENTION_DAYS.read(env)
     revoke_on_updated = EVENTS_REVOKE_ON_USER_UPDATED.read(env)
@@ -276,6 +292,7 @@ def load(env: Mapping[str, str]) -> Settings:
         demo_page_enabled=demo_page_enabled,
         graph_endpoint=graph_endpoint,
         graph_notification_url=graph_notification_url,
+        issuer_list=issuer_list,
     )
 
 

@@ -285,3 +285,25 @@ def test_make_clean_removes_what_the_tools_leave(tmp_path):
     ).stdout
     for leftover in (".venv", "node_modules", ".devstack", ".pytest_cache", ".ruff_cache", ".hypothesis"):
         assert leftover in dry.split(), leftover
+
+
+@pytest.mark.parametrize("issuer", ["entra", "second"])
+def test_token_mints_for_each_dev_issuer_verifiable_by_its_own_discovery(stack, issuer):
+    """`--issuer entra --tenant T`: iss names T and tid is T; its keys come from the `common`
+    document, whose issuer is the template (as Entra's); `--issuer second`: a key of its own."""
+    tenant = stack["entra_tenants"][1]
+    token = _token(stack, "alice", "--issuer", issuer, "--tenant", tenant).strip()
+    claims = jwt.decode(token, options={"verify_signature": False})
+    template = stack["issuers"][issuer]
+    if issuer == "entra":
+        assert claims["iss"] == template.replace("{tenantid}", tenant) and claims["tid"] == tenant
+        metadata = template.replace("{tenantid}", "common")
+    else:
+        assert claims["iss"] == template
+        metadata = template
+    discovery = requests.get(metadata + "/.well-known/openid-configuration", timeout=10).json()
+    assert discovery["issuer"] == template
+    signing_key = jwt.PyJWKClient(discovery["jwks_uri"]).get_signing_key_from_jwt(token)
+    jwt.decode(token, signing_key.key, algorithms=["RS256"], audience=stack["audience"], issuer=claims["iss"])
+    dev_keys = requests.get(stack["issuer"] + "/discovery/keys", timeout=10).json()["keys"]
+    assert signing_key.key_id not in {k["kid"] for k in dev_keys}  # not the dev issuer's key

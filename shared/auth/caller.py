@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import Unauthenticated
+from ..issuers import ADMIN_ROLE, TrustedIssuer
 
 OID_CLAIM = "oid"
 TID_CLAIM = "tid"
@@ -24,12 +25,20 @@ class Caller:
     # When the issuer says it issued the bearer (`iat`), for refusing bearers from before an event
     # ended the user's sessions; None when the token (or an Easy Auth principal) carries none.
     issued_at: dt.datetime | None = None
+    # The trusted issuer that vouched for it, whose policy applies (None: Easy Auth's principal).
+    trusted: TrustedIssuer | None = None
+
+    @property
+    def admin_role(self) -> str:
+        return self.trusted.admin_role if self.trusted is not None else ADMIN_ROLE
 
     def has_role(self, role: str) -> bool:
         return role in self.roles
 
 
-def caller_from_claims(claims: Mapping, *, issuer: str, user_claim: str) -> Caller:
+def caller_from_claims(
+    claims: Mapping, *, issuer: str, user_claim: str, trusted: TrustedIssuer | None = None
+) -> Caller:
     """The Caller that verified claims name; refused when they name no user."""
     subject = claims.get(user_claim)
     if not isinstance(subject, str) or not subject:
@@ -53,4 +62,5 @@ def caller_from_claims(claims: Mapping, *, issuer: str, user_claim: str) -> Call
         object_id=oid if isinstance(oid, str) and oid else None,
         tenant_id=tid if isinstance(tid, str) and tid else None,
         issued_at=issued_at,
+        trusted=trusted,
     )

@@ -41,8 +41,18 @@ class JwksCache:
     fails and nothing usable is cached, they get 503 issuer_unavailable with Retry-After at once.
     """
 
-    def __init__(self, issuer: str, session_factory=aiohttp.ClientSession, clock=time.monotonic) -> None:
+    def __init__(
+        self,
+        issuer: str,
+        session_factory=aiohttp.ClientSession,
+        clock=time.monotonic,
+        *,
+        metadata_issuer: str | None = None,
+    ) -> None:
         self.issuer = issuer
+        # Where the discovery document is: the issuer's own, or for an Entra multi-tenant template
+        # the `common` tenant's, whose `issuer` is the template itself (shared/issuers.py).
+        self.metadata_issuer = metadata_issuer or issuer
         self._session_factory = session_factory
         self._session: aiohttp.ClientSession | None = None
         self.clock = clock
@@ -100,10 +110,13 @@ class JwksCache:
         return body
 
     async def _refresh(self) -> None:
-        discovery = await self._get_json(self.issuer.rstrip("/") + "/.well-known/openid-configuration")
+        discovery = await self._get_json(
+            self.metadata_issuer.rstrip("/") + "/.well-known/openid-configuration"
+        )
         if discovery.get("issuer") != self.issuer:
             raise Unavailable(
-                "The discovery document names another issuer than AUTH_ISSUER.", code=Code.ISSUER_MISMATCH
+                "The discovery document names another issuer than the one configured.",
+                code=Code.ISSUER_MISMATCH,
             )
         jwks_uri = discovery.get("jwks_uri")
         if not isinstance(jwks_uri, str):

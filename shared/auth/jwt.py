@@ -1,8 +1,11 @@
 """Bearer JWT validation: complete or nothing.
 
-The algorithm must be on the allow-list before any key is looked up (no "none", no HS256 keyed with
-a public key), the key comes from the issuer's own discovery document (`JwksCache`), and iss, aud,
-exp and nbf are all checked. Every JSON segment is parsed with bounds (`shared.jsonlimits`): never a 500.
+The token's `iss` selects the one trusted issuer it is checked against (shared/issuers.py): an
+issuer nobody trusts is refused before any key is looked up or fetched. The algorithm must be on
+that issuer's allow-list (no "none", no HS256 keyed with a public key), the key comes from that
+issuer's own discovery document (its `JwksCache`: one issuer's keys never check another's tokens),
+and iss, aud, exp and nbf are all checked; for an Entra multi-tenant issuer, `tid` must be the
+tenant its `iss` names. Every JSON segment is parsed with bounds (`shared.jsonlimits`): never a 500.
 
 A token that passed all of that is remembered (by its SHA-256, at most VERIFIED_CACHE_SIZE of them,
 like an API gateway's JWT cache): presented again, it costs a lookup instead of a signature check,
@@ -23,6 +26,7 @@ import jwt
 
 from .. import jsonlimits
 from ..errors import Unauthenticated
+from ..issuers import TrustedIssuer, TrustedIssuers
 from ..settings import Settings
 from .caller import Caller, caller_from_claims
 from .jwks import JwksCache
@@ -73,11 +77,13 @@ def _unverified_header(token: str) -> dict:
 class JwtAuthenticator:
     """The caller a bearer JWT names, after every check; tokens that passed are remembered."""
 
-    def __init__(self, settings: Settings, keys: JwksCache) -> None:
+    def __init__(self, settings: Settings, keys: Mapping[str, JwksCache]) -> None:
+        """`keys`: each trusted issuer's key cache, by its `issuer` (`Settings.trusted_issuers`)."""
         self.settings = settings
+        self.trusted = TrustedIssuers(settings.trusted_issuers)
         self.keys = keys
-        # sha256(token) -> (caller, exp, kid, key): tokens that passed every check.
-        self._verified: OrderedDict[bytes, tuple[Caller, int, str, jwt.PyJWK]] = OrderedDict()
+        # sha256(token) -> (caller, exp, kid, key, keys): tokens that passed every check.
+        self._verified: OrderedDict[bytes, tuple[Caller, int, str, jwt.PyJWK, JwksCache]] = OrderedDict()
         self.verifications = 0  # full validations (signature checked); tests and benchmarks read it
 
     async def authenticate(self, headers: Mapping[str, str]) -> Caller:
@@ -85,36 +91,47 @@ class JwtAuthenticator:
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         known = self._verified.get(digest)
         if known is not None:
-            caller, exp, kid, key = known
+            caller, exp, kid, key, keys = known
             # PyJWT's own expiry rule (expired when exp <= now - leeway), and the same key as now.
-            if time.time() < exp + LEEWAY_SECONDS and self.keys.is_current(kid, key):
+            if time.time() < exp + LEEWAY_SECONDS and keys.is_current(kid, key):
                 self._verified.move_to_end(digest)
                 return caller
             del self._verified[digest]  # the full path below says why it no longer passes
-        caller, exp, kid, key = await self._verify(token)
-        self._verified[digest] = (caller, exp, kid, key)
+        verified = await self._verify(token)
+        self._verified[digest] = verified
         if len(self._verified) > VERIFIED_CACHE_SIZE:
             self._verified.popitem(last=False)
-        return caller
+        return verified[0]
 
-    async def _verify(self, token: str) -> tuple[Caller, int, str, jwt.PyJWK]:
+    def _issuer(self, token: str) -> tuple[TrustedIssuer, str, str | None]:
+        """The trusted issuer the unverified `iss` selects, that `iss`, and a template's tenant."""
+        payload = unverified_segment(token, 1)
+        iss = payload.get("iss") if payload is not None else None
+        selected = self.trusted.select(iss)
+        if selected is None or not isinstance(iss, str):
+            raise Unauthenticated("The token is from an issuer this service does not trust.")
+        return selected[0], iss, selected[1]
+
+    async def _verify(self, token: str) -> tuple[Caller, int, str, jwt.PyJWK, JwksCache]:
         self.verifications += 1
         header = _unverified_header(token)
+        trusted, iss, tenant = self._issuer(token)
         alg, kid = header.get("alg"), header.get("kid")
-        if alg not in self.settings.algorithms:
+        if alg not in trusted.algorithms:
             if not isinstance(alg, str) or len(alg) > 20:  # never echo an attacker's blob in headers
                 raise Unauthenticated("The token's algorithm (alg) is not accepted.")
             raise Unauthenticated(f"Tokens signed with {alg!r} are not accepted.")
         if not isinstance(kid, str) or not kid:
             raise Unauthenticated("The token header has no key id (kid).")
-        key = await self.keys.key(kid)
+        keys = self.keys[trusted.issuer]
+        key = await keys.key(kid)
         try:
             claims = jwt.decode(
                 token,
                 key.key,
                 algorithms=[alg],
-                audience=list(self.settings.audiences),
-                issuer=self.settings.issuer,
+                audience=list(trusted.audiences),
+                issuer=iss,
                 leeway=LEEWAY_SECONDS,
                 options={"require": ["exp", "iss", "aud"], "verify_nbf": True, "verify_iat": True},
             )
@@ -128,5 +145,8 @@ class JwtAuthenticator:
             raise Unauthenticated("The token is from another issuer.") from None
         except jwt.PyJWTError:
             raise Unauthenticated("The token signature or claims are invalid.") from None
-        caller = caller_from_claims(claims, issuer=self.settings.issuer, user_claim=self.settings.user_claim)
-        return caller, int(claims["exp"]), kid, key
+        if tenant is not None and str(claims.get("tid", "")).lower() != tenant.lower():
+            # Entra: a multi-tenant token's tid must be the tenant in its iss (its keys are shared).
+            raise Unauthenticated("The token's tenant (tid) is not the one its issuer names.")
+        caller = caller_from_claims(claims, issuer=iss, user_claim=trusted.user_claim, trusted=trusted)
+        return caller, int(claims["exp"]), kid, key, keys

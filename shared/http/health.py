@@ -29,11 +29,14 @@ async def check(_req: func.HttpRequest) -> func.HttpResponse:
         checks["storage"] = "ok"
     except Exception as err:  # noqa: BLE001
         checks["storage"] = f"unavailable ({type(err).__name__})"
-    if clients.jwks is not None:
-        try:
-            await clients.jwks.key("\x00health")  # loads the key set; an unknown kid is expected
-        except ServiceError as err:
-            checks["issuer"] = "ok" if err.status == 401 else f"unavailable ({err.code})"
+    if clients.issuer_keys:
+        checks["issuer"] = "ok"
+        for keys in clients.issuer_keys.values():  # every trusted issuer's key set loads
+            try:
+                await keys.key("\x00health")  # an unknown kid is expected
+            except ServiceError as err:
+                if err.status != 401:
+                    checks["issuer"] = f"unavailable ({err.code})"
     else:
         checks["issuer"] = f"easyauth ({settings.auth_mode})"
     graph_ok = await _graph(clients, checks)

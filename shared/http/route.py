@@ -24,12 +24,12 @@ if TYPE_CHECKING:  # auth loads jwt and aiohttp with the clients, not when the h
     from ..auth import Caller
     from ..ratelimit import RateLimiter
 
-ADMIN_ROLE = "TokenService.Admin"
+from ..issuers import ADMIN_ROLE
 
 
 class Auth(Enum):
     USER = "a bearer token from the app's issuer"
-    ADMIN = f"a bearer token with the app role {ADMIN_ROLE}"
+    ADMIN = f"a bearer token with the app role {ADMIN_ROLE} (or its issuer's adminRole)"
     ANONYMOUS = "none here (a function-key route's key is checked by the host)"
 
 
@@ -86,8 +86,8 @@ async def _admit(req: func.HttpRequest, auth: Auth, limit: Limit | None) -> Call
     limiter = _limiter(clients, limit)
     if limiter is not None:
         limiter.check(f"{caller.issuer}\n{caller.subject}")
-    if auth is Auth.ADMIN and not caller.has_role(ADMIN_ROLE):
-        raise Forbidden(f"This route needs the app role {ADMIN_ROLE}.")
+    if auth is Auth.ADMIN and not caller.has_role(caller.admin_role):
+        raise Forbidden(f"This route needs the app role {caller.admin_role}.")
     return Call(req, caller, clients)
 
 

@@ -11,13 +11,13 @@ from .route import Auth, Call, Limit, route
 
 @route(auth=Auth.USER, limit=Limit.TOKENS)
 async def issue(call: Call) -> func.HttpResponse:
-    request = policy.token_request(call.req.get_body(), call.clients.settings)
+    request = policy.token_request(call.req.get_body(), call.clients.settings, call.caller.trusted)
     return bodies.token(await call.clients.tokens.issue(call.caller, request))
 
 
 @route(auth=Auth.USER, limit=Limit.TOKENS)
 async def refresh(call: Call) -> func.HttpResponse:
-    request = policy.token_request(call.req.get_body(), call.clients.settings)
+    request = policy.token_request(call.req.get_body(), call.clients.settings, call.caller.trusted)
     return bodies.token(await call.clients.tokens.refresh(call.caller, request))
 
 

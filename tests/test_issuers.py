@@ -1,0 +1,316 @@
+"""Several trusted issuers (issue 19; shared/issuers.py): AUTH_ISSUERS lists them, each with its own
+audience, algorithms, user claim, keys and policy, and an Entra multi-tenant template with a tenant
+allow-list. Against the stack's dev issuers over HTTP (devstack/issuer.py): the plain one, an
+Entra-style multi-tenant one (per-tenant `iss`, one key set, a `common` discovery document naming
+the template, as login.microsoftonline.com's does), and a second plain one with a key of its own.
+
+Entra's rules, as Microsoft.Identity.Web applies them to multi-tenant apps (AadIssuerValidator): the
+`iss` of a token from tenant T is the template with T in place of `{tenantid}`, the key set is the
+common one, and the `tid` claim must be the tenant the `iss` names.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import jwt
+import pytest
+import requests
+
+import function_app
+from devstack.issuer import ENTRA_TENANTS, mint_user_token, object_id_for
+from devstack.layout import ISSUER_KEY_FILES
+from devstack.signing import SigningKey
+from shared.compose import reset_services, services
+from shared.errors import SettingError
+from shared.issuers import TrustedIssuer, TrustedIssuers, parse
+from shared.settings import SAFE_ALGORITHMS, SCOPES, SINGLE_ISSUER, load, reset_settings
+from tests.service_fixtures import configure
+from tests.service_helpers import body_of, request
+
+TENANT_A, TENANT_B, TENANT_C = ENTRA_TENANTS
+TEMPLATE = "https://login.microsoftonline.com/{tenantid}/v2.0"
+
+
+def _parse(entries: list) -> tuple[TrustedIssuer, ...]:
+    return parse(json.dumps(entries), safe_algorithms=SAFE_ALGORITHMS, scopes=SCOPES)
+
+
+# ---- the list and its selection ------------------------------------------------------------------------
+
+
+def test_an_iss_selects_its_exact_issuer_or_an_allowed_tenant_of_a_template():
+    trusted = TrustedIssuers(
+        _parse(
+            [
+                {"issuer": "https://idp.example", "audiences": "api"},
+                {"issuer": TEMPLATE, "audiences": ["api"], "tenants": [TENANT_A.upper()], "userClaim": "oid"},
+            ]
+        )
+    )
+    exact, tenant = trusted.select("https://idp.example")
+    assert exact.issuer == "https://idp.example" and tenant is None
+    entra, tenant = trusted.select(TEMPLATE.replace("{tenantid}", TENANT_A))
+    assert entra.issuer == TEMPLATE and tenant == TENANT_A and entra.user_claim == "oid"
+    for refused in (
+        TEMPLATE.replace("{tenantid}", TENANT_B),  # not on the allow-list
+        TEMPLATE.replace("{tenantid}", "common"),
+        TEMPLATE.replace("{tenantid}", f"{TENANT_A}/x"),  # a path dressed as a tenant
+        TEMPLATE,  # the template itself
+        "https://idp.example/",  # compared verbatim
+        "https://evil.example",
+        None,
+        ["https://idp.example"],
+    ):
+        assert trusted.select(refused) is None, refused
+
+
+def test_any_tenant_is_accepted_only_when_the_entry_says_so():
+    (entry,) = _parse([{"issuer": TEMPLATE, "audiences": "api", "anyTenant": True}])
+    assert entry.tenant_of(TEMPLATE.replace("{tenantid}", TENANT_C)) == TENANT_C
+    with pytest.raises(ValueError, match="anyTenant"):
+        _parse([{"issuer": TEMPLATE, "audiences": "api"}])  # no allow-list: refused, not "any"
+
+
+@pytest.mark.parametrize(
+    "entries, names",
+    [
+        ("not json", "JSON array"),
+        ([], "at least one"),
+        ([{"audiences": "a"}], r"\[0\].issuer"),
+        ([{"issuer": "https://i.example"}], r"\[0\].audiences"),
+        ([{"issuer": "https://i.example", "audiences": "a", "algorithms": ["HS256"]}], "HS256 not allowed"),
+        ([{"issuer": "https://i.example", "audiences": "a", "tenants": [TENANT_A]}], "naming {tenantid}"),
+        ([{"issuer": TEMPLATE, "audiences": "a", "tenants": ["contoso"]}], "not tenant ids"),
+        ([{"issuer": TEMPLATE, "audiences": "a", "tenants": [TENANT_A], "anyTenant": True}], "not both"),
+        ([{"issuer": "https://i.example", "audiences": "a", "allowedScopes": ["email"]}], "unknown email"),
+        ([{"issuer": "https://i.example", "audiences": "a", "color": "red"}], "unknown field"),
+        ([{"issuer": "https://{tenant}/v2.0", "audiences": "a"}], "only placeholder"),
+        ([{"issuer": "https://i.example", "audiences": "a"}] * 2, "listed twice"),
+    ],
+)
+def test_a_wrong_issuer_list_names_what_is_wrong(entries, names):
+    with pytest.raises(ValueError, match=names):
+        parse(
+            entries if isinstance(entries, str) else json.dumps(entries),
+            safe_algorithms=SAFE_ALGORITHMS,
+            scopes=SCOPES,
+        )
+
+
+BASE = {"ACS_ENDPOINT": "https://a.example", "TABLES_ENDPOINT": "https://t.example"}
+
+
+def test_the_single_issuer_settings_are_one_trusted_issuer_as_before():
+    settings = load(
+        {**BASE, "AUTH_ISSUER": "https://idp.example", "AUTH_AUDIENCE": "api", "AUTH_USER_CLAIM": "oid"}
+    )
+    assert settings.trusted_issuers == (TrustedIssuer("https://idp.example", ("api",), ("RS256",), "oid"),)
+    assert settings.object_id_issuer == "https://idp.example"
+
+
+def test_auth_issuers_replaces_the_single_issuer_settings_and_checks_the_rest():
+    listed = json.dumps([{"issuer": "https://idp.example", "audiences": "api", "maxExpiresInMinutes": 120}])
+    settings = load({**BASE, "AUTH_ISSUERS": listed})
+    assert [t.issuer for t in settings.trusted_issuers] == ["https://idp.example"]
+    assert settings.object_id_issuer is None  # Graph lookup rows for every issuer's users
+    for single in SINGLE_ISSUER:
+        with pytest.raises(SettingError) as both:
+            load({**BASE, "AUTH_ISSUERS": listed, single.name: "x"})
+        assert both.value.setting == "AUTH_ISSUERS"
+    for wrong, says in (
+        ([{"issuer": "http://idp.example", "audiences": "a"}], "https"),
+        ([{"issuer": "https://idp.example", "audiences": "a", "maxExpiresInMinutes": 30}], "60..1440"),
+    ):
+        with pytest.raises(SettingError, match=says):
+            load({**BASE, "AUTH_ISSUERS": json.dumps(wrong)})
+
+
+# ---- on the stack --------------------------------------------------------------------------------------
+
+
+class Issuers:
+    """Tokens from each of the stack's dev issuers, and forgeries across them."""
+
+    def __init__(self, stack) -> None:
+        self.stack = stack
+        self.iss = stack["issuers"]
+        self.keys = {name: SigningKey.load(stack.state_dir / f) for name, f in ISSUER_KEY_FILES.items()}
+
+    def entra_iss(self, tenant: str) -> str:
+        return self.iss["entra"].replace("{tenantid}", tenant)
+
+    def token(
+        self, issuer: str, user: str, *, tenant: str | None = None, key: str | None = None, **claims
+    ) -> str:
+        """`issuer`'s token (`tenant`: an Entra tenant), signed with `key`'s key (default: its own)."""
+        if issuer == "entra":
+            tenant = tenant or TENANT_A
+        iss = self.entra_iss(tenant) if issuer == "entra" and tenant else self.iss[issuer]
+        token = mint_user_token(
+            key=self.keys[key or issuer],
+            issuer=iss,
+            audience=self.stack["audience"],
+            user=user,
+            tenant_id=tenant or self.stack["tenant_id"],
+            roles=claims.pop("roles", ()),
+        )
+        if not claims:
+            return token
+        payload = {**jwt.decode(token, options={"verify_signature": False}), **claims}
+        signing = self.keys[key or issuer]
+        return jwt.encode(payload, signing.private_key, algorithm="RS256", headers={"kid": signing.kid})
+
+    def requests_served(self) -> int:
+        return requests.get(self.stack["issuer"] + "/_issuer/stats", timeout=10).json()["calls"]["any"]
+
+
+@pytest.fixture
+async def issuers(stack, emulator, monkeypatch):
+    """The service trusting three issuers: the dev one (sub), the Entra-style one for tenants A and
+    B (oid), and the second one, whose users may only chat, for 2 hours at most, and whose admins
+    hold another role."""
+    entries = [
+        {"issuer": stack["issuers"]["dev"], "audiences": stack["audience"]},
+        {
+            "issuer": stack["issuers"]["entra"],
+            "audiences": [stack["audience"]],
+            "tenants": [TENANT_A, TENANT_B],
+            "userClaim": "oid",
+        },
+        {
+            "issuer": stack["issuers"]["second"],
+            "audiences": stack["audience"],
+            "allowedScopes": ["chat"],
+            "maxExpiresInMinutes": 120,
+            "adminRole": "Second.Admin",
+        },
+    ]
+    await configure(monkeypatch, stack, managed_identity=False)
+    for single in SINGLE_ISSUER:
+        monkeypatch.delenv(single.name, raising=False)
+    monkeypatch.setenv("AUTH_ISSUERS", json.dumps(entries))
+    reset_settings()
+    await reset_services()
+    yield Issuers(stack)
+    await reset_services()
+    reset_settings()
+
+
+async def _post(route: str, token: str, body: dict | None = None):
+    handler = {"token": function_app.issue_token, "token/refresh": function_app.refresh_token}[route]
+    return await handler(request("POST", route, token=token, body=body))
+
+
+def _refused(response) -> bool:
+    return response.status_code == 401 and "Bearer" in response.headers["WWW-Authenticate"]
+
+
+async def test_each_issuer_and_tenant_has_its_own_users(issuers):
+    tokens = {
+        "dev alice": issuers.token("dev", "iss-alice"),
+        "second alice": issuers.token("second", "iss-alice"),  # the same sub from another issuer
+        "entra A bob": issuers.token("entra", "iss-bob", tenant=TENANT_A),
+        "entra B bob": issuers.token("entra", "iss-bob", tenant=TENANT_B),  # the same oid in another tenant
+    }
+    identities = {}
+    for who, token in tokens.items():
+        response = await _post("token", token)
+        assert response.status_code == 200, (who, response.get_body())
+        identities[who] = body_of(response)["communicationUserId"]
+    assert len(set(identities.values())) == 4
+    for who, token in tokens.items():  # stable: each refresh finds the same identity
+        assert body_of(await _post("token/refresh", token))["communicationUserId"] == identities[who]
+    mapped = await services().store.identities.get(
+        __import__("shared.store.keys", fromlist=["user_key"]).user_key(
+            issuers.entra_iss(TENANT_B), object_id_for("iss-bob")
+        )
+    )
+    assert mapped.communication_user_id == identities["entra B bob"]  # keyed (tenant's iss, oid)
+
+
+async def test_a_tenant_not_on_the_allow_list_is_refused_without_asking_anyone(issuers):
+    assert (await _post("token", issuers.token("entra", "iss-warm-up", tenant=TENANT_A))).status_code == 200
+    before = issuers.requests_served()
+    assert _refused(await _post("token", issuers.token("entra", "iss-carol", tenant=TENANT_C)))
+    assert issuers.requests_served() == before
+
+
+async def test_an_iss_naming_one_tenant_with_another_tid_is_refused(issuers):
+    token = issuers.token("entra", "iss-mallory", tenant=TENANT_A, tid=TENANT_B)
+    response = await _post("token", token)
+    assert _refused(response) and "tid" in body_of(response)["detail"]
+
+
+async def test_one_issuers_key_never_validates_another_issuers_token(issuers):
+    for issuer, key in (("dev", "second"), ("second", "dev"), ("second", "entra"), ("entra", "dev")):
+        assert (
+            await _post("token", issuers.token(key, "iss-warm-" + key))
+        ).status_code == 200  # the key is known
+        forged = issuers.token(issuer, f"iss-forged-{issuer}-{key}", key=key)
+        assert _refused(await _post("token", forged)), (issuer, key)
+
+
+async def test_an_unknown_issuer_makes_no_discovery_request(issuers):
+    before = issuers.requests_served()
+    for iss in (
+        issuers.stack["issuer"] + "/evil",  # on the dev issuer's own server: it would be counted
+        issuers.entra_iss(str(uuid.uuid4())),
+        "http://169.254.169.254/metadata",  # the classic SSRF target
+    ):
+        token = issuers.token("dev", "iss-ssrf", iss=iss)
+        response = await _post("token", token)
+        assert _refused(response) and "does not trust" in body_of(response)["detail"], iss
+    assert issuers.requests_served() == before
+
+
+async def test_each_issuers_policy_applies_to_its_users(issuers):
+    second, dev = issuers.token("second", "iss-pat"), issuers.token("dev", "iss-pat")
+    voip = await _post("token", second, {"scopes": ["voip"]})
+    assert voip.status_code == 400 and body_of(voip)["code"] == "scope_not_allowed"
+    long = await _post("token", second, {"expiresInMinutes": 240})
+    assert long.status_code == 400 and body_of(long)["code"] == "invalid_expiry"
+    default = body_of(await _post("token", second))
+    assert default["scopes"] == ["chat"]  # the service's default scopes, within the issuer's
+    assert (await _post("token", dev, {"scopes": ["voip"], "expiresInMinutes": 240})).status_code == 200
+
+    async def retention(token: str) -> int:
+        return (
+            await function_app.manage_retention(request("GET", "manage/retention", token=token))
+        ).status_code
+
+    assert await retention(issuers.token("second", "iss-boss", roles=("TokenService.Admin",))) == 403
+    assert await retention(issuers.token("second", "iss-boss", roles=("Second.Admin",))) == 200
+    assert await retention(issuers.token("dev", "iss-boss", roles=("Second.Admin",))) == 403
+    assert await retention(issuers.token("dev", "iss-boss", roles=("TokenService.Admin",))) == 200
+
+
+async def test_graph_events_find_users_of_every_tenant(issuers, emulator):
+    """A Graph event names (tenant, object id): it reaches that tenant's user and no other's."""
+    issued = {}
+    for tenant in (TENANT_A, TENANT_B):
+        response = await _post("token", issuers.token("entra", "iss-gina", tenant=tenant))
+        assert response.status_code == 200, response.get_body()
+        issued[tenant] = body_of(response)
+    event = {
+        "specversion": "1.0",
+        "id": str(uuid.uuid4()),
+        "source": f"/tenants/{TENANT_B}/applications/00000000-0000-0000-0000-000000000000",
+        "type": "Microsoft.Graph.UserDeleted",
+        "subject": f"Users/{object_id_for('iss-gina')}",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "data": {
+            "changeType": "deleted",
+            "resource": f"Users/{object_id_for('iss-gina')}",
+            "resourceData": {"id": object_id_for("iss-gina"), "organizationId": TENANT_B},
+        },
+    }
+    headers = {"Content-Type": "application/cloudevents+json; charset=utf-8"}
+    delivered = await function_app.events(
+        request("POST", "events", raw=json.dumps(event).encode(), headers=headers)
+    )
+    assert delivered.status_code == 200, delivered.get_body()
+    assert not emulator.verify(issued[TENANT_B]["token"])["valid"]
+    assert emulator.verify(issued[TENANT_A]["token"])["valid"]
