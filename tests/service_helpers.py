@@ -78,6 +78,38 @@ def request(
     )
 
 
+async def post_as(users: Users, route: str, user: str, body: dict | None = None) -> func.HttpResponse:
+    """POST one of the user's own token routes as `user` would, through function_app's handler."""
+    import function_app
+
+    handler = {
+        "token": function_app.issue_token,
+        "token/refresh": function_app.refresh_token,
+        "token/revoke": function_app.revoke_tokens,
+    }[route]
+    return await handler(request("POST", route, token=users.token(user), body=body))
+
+
+def graph_user_event(kind: str, tenant_id: str, object_id: str) -> bytes:
+    """A Microsoft Graph user event as Event Grid delivers it (one CloudEvent), e.g. UserDeleted."""
+    import uuid
+
+    return json.dumps(
+        {
+            "specversion": "1.0",
+            "id": str(uuid.uuid4()),
+            "source": f"/tenants/{tenant_id}/applications/00000000-0000-0000-0000-000000000000",
+            "type": f"Microsoft.Graph.{kind}",
+            "subject": f"Users/{object_id}",
+            "data": {
+                "changeType": "deleted",
+                "resource": f"Users/{object_id}",
+                "resourceData": {"id": object_id, "organizationId": tenant_id},
+            },
+        }
+    ).encode()
+
+
 def body_of(response: func.HttpResponse) -> dict:
     return json.loads(response.get_body())
 

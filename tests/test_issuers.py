@@ -12,7 +12,6 @@ common one, and the `tid` claim must be the tenant the `iss` names.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 import jwt
@@ -28,7 +27,7 @@ from shared.errors import SettingError
 from shared.issuers import TrustedIssuer, TrustedIssuers, parse
 from shared.settings import SAFE_ALGORITHMS, SCOPES, SINGLE_ISSUER, load, reset_settings
 from tests.service_fixtures import configure
-from tests.service_helpers import body_of, request
+from tests.service_helpers import body_of, graph_user_event, request
 
 TENANT_A, TENANT_B, TENANT_C = ENTRA_TENANTS
 TEMPLATE = "https://login.microsoftonline.com/{tenantid}/v2.0"
@@ -294,23 +293,9 @@ async def test_graph_events_find_users_of_every_tenant(issuers, emulator):
         response = await _post("token", issuers.token("entra", "iss-gina", tenant=tenant))
         assert response.status_code == 200, response.get_body()
         issued[tenant] = body_of(response)
-    event = {
-        "specversion": "1.0",
-        "id": str(uuid.uuid4()),
-        "source": f"/tenants/{TENANT_B}/applications/00000000-0000-0000-0000-000000000000",
-        "type": "Microsoft.Graph.UserDeleted",
-        "subject": f"Users/{object_id_for('iss-gina')}",
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "data": {
-            "changeType": "deleted",
-            "resource": f"Users/{object_id_for('iss-gina')}",
-            "resourceData": {"id": object_id_for("iss-gina"), "organizationId": TENANT_B},
-        },
-    }
+    event = graph_user_event("UserDeleted", TENANT_B, object_id_for("iss-gina"))
     headers = {"Content-Type": "application/cloudevents+json; charset=utf-8"}
-    delivered = await function_app.events(
-        request("POST", "events", raw=json.dumps(event).encode(), headers=headers)
-    )
+    delivered = await function_app.events(request("POST", "events", raw=event, headers=headers))
     assert delivered.status_code == 200, delivered.get_body()
     assert not emulator.verify(issued[TENANT_B]["token"])["valid"]
     assert emulator.verify(issued[TENANT_A]["token"])["valid"]

@@ -17,7 +17,7 @@ from shared.policy import TokenRequest
 from shared.settings import load, reset_settings
 from shared.store import keys
 from tests.service_fixtures import configure
-from tests.service_helpers import Users, body_of, graph_rows, request
+from tests.service_helpers import Users, body_of, graph_rows, graph_user_event, request
 
 BASE = {
     "AUTH_ISSUER": "https://login.microsoftonline.com/t/v2.0",
@@ -32,25 +32,6 @@ def test_only_jwt_validation_with_the_oid_claim_keys_users_by_object_id():
     assert load({**BASE, "AUTH_USER_CLAIM": "oid"}).object_id_issuer == BASE["AUTH_ISSUER"]
     easy = {**BASE, "AUTH_MODE": "easyauth", "WEBSITE_AUTH_ENABLED": "True", "AUTH_USER_CLAIM": "oid"}
     assert load(easy).object_id_issuer is None  # the issuer comes with each request there
-
-
-def _graph_event(kind: str, tenant_id: str, object_id: str) -> bytes:
-    import json
-
-    return json.dumps(
-        {
-            "specversion": "1.0",
-            "id": str(uuid.uuid4()),
-            "source": f"/tenants/{tenant_id}/applications/00000000-0000-0000-0000-000000000000",
-            "type": f"Microsoft.Graph.{kind}",
-            "subject": f"Users/{object_id}",
-            "data": {
-                "changeType": "deleted",
-                "resource": f"Users/{object_id}",
-                "resourceData": {"id": object_id, "organizationId": tenant_id},
-            },
-        }
-    ).encode()
 
 
 async def _deliver(body: bytes):
@@ -74,11 +55,13 @@ async def test_graph_events_find_oid_keyed_users_without_a_lookup_row(stack, emu
 
         # The same object id in another tenant is not this user: nothing happens.
         other_tenant = str(uuid.uuid4())
-        ignored = await _deliver(_graph_event("UserDeleted", other_tenant, claims["oid"]))
+        ignored = await _deliver(graph_user_event("UserDeleted", other_tenant, claims["oid"]))
         assert ignored.status_code == 200, ignored.get_body()
         assert emulator.verify(issued["token"])["valid"]
 
-        deleted = await _deliver(_graph_event("UserDeleted", claims["tid"].upper(), claims["oid"].upper()))
+        deleted = await _deliver(
+            graph_user_event("UserDeleted", claims["tid"].upper(), claims["oid"].upper())
+        )
         assert deleted.status_code == 200, deleted.get_body()
         assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
         assert await store.identities.get(key) is None
@@ -102,10 +85,10 @@ async def test_a_graph_row_acts_only_on_the_entra_user_the_mapping_records(servi
             "userKey": key,
         }
     )
-    assert (await _deliver(_graph_event("UserDeleted", claims["tid"], stranger))).status_code == 200
+    assert (await _deliver(graph_user_event("UserDeleted", claims["tid"], stranger))).status_code == 200
     assert emulator.verify(issued["token"])["valid"]
 
-    assert (await _deliver(_graph_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
+    assert (await _deliver(graph_user_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
     assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
 
 
@@ -137,7 +120,7 @@ async def test_a_graph_event_reaches_every_app_key_of_the_entra_user(service, em
     store = services().store
     assert len(await graph_rows(store.table.client, claims["tid"], claims["oid"])) == 2
 
-    assert (await _deliver(_graph_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
+    assert (await _deliver(graph_user_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
     for caller, token in identities.values():
         assert emulator.verify(token) == {"valid": False, "reason": "identity deleted"}
         assert await store.identities.get(keys.user_key(caller.issuer, caller.subject)) is None
@@ -162,7 +145,7 @@ async def test_a_redelivery_after_a_partial_failure_acts_only_on_the_identities_
         return await real_revoke(record, source=source)
 
     monkeypatch.setattr(clients.revocation, "revoke", revoke)
-    event = _graph_event("UserUpdated", claims["tid"], claims["oid"])
+    event = graph_user_event("UserUpdated", claims["tid"], claims["oid"])
     assert (await _deliver(event)).status_code == 503  # Event Grid will redeliver
     assert emulator.verify(identities[failed][1])["valid"]
     assert emulator.verify(identities[done][1]) == {"valid": False, "reason": "revoked"}
@@ -196,7 +179,7 @@ async def test_cleanup_files_a_lost_graph_row_again_for_a_user_still_active(serv
     assert [
         r["RowKey"] for r in await graph_rows(clients.store.table.client, claims["tid"], claims["oid"])
     ] == [row["RowKey"]]
-    assert (await _deliver(_graph_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
+    assert (await _deliver(graph_user_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
     assert emulator.verify(again["token"]) == {"valid": False, "reason": "identity deleted"}
     assert again["communicationUserId"] == issued["communicationUserId"]
 
@@ -218,7 +201,7 @@ async def test_a_redelivery_does_not_act_again_on_an_identity_done_though_the_ot
         return await real_revoke(record, source=source)
 
     monkeypatch.setattr(clients.revocation, "revoke", revoke)
-    event = _graph_event("UserUpdated", claims["tid"], claims["oid"])
+    event = graph_user_event("UserUpdated", claims["tid"], claims["oid"])
     assert (await _deliver(event)).status_code == 503
     assert (await clients.revocation.delete(failed, source="test")).status == "deleted"
     caller = dataclasses.replace(
@@ -252,7 +235,7 @@ async def test_an_event_whose_first_delivery_is_still_failing_is_acted_on_by_the
         return await real_delete(record, source=source)
 
     monkeypatch.setattr(clients.revocation, "delete", delete)
-    event = _graph_event("UserDeleted", claims["tid"], claims["oid"])
+    event = graph_user_event("UserDeleted", claims["tid"], claims["oid"])
     first = asyncio.create_task(_deliver(event))
     await asyncio.sleep(0.05)
     retry = await _deliver(event)

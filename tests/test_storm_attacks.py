@@ -8,23 +8,13 @@ import asyncio
 
 from azure.core.exceptions import ServiceRequestError
 
-import function_app
 from shared.compose import services
-from tests.service_helpers import body_of, request
+from tests.service_helpers import body_of, post_as
 from tests.test_retention import Pause
 
 
-async def _post(service, route: str, user: str, body: dict | None = None):
-    handler = {
-        "token": function_app.issue_token,
-        "token/refresh": function_app.refresh_token,
-        "token/revoke": function_app.revoke_tokens,
-    }[route]
-    return await handler(request("POST", route, token=service.token(user), body=body))
-
-
 async def _token(service, route: str, user: str, body: dict | None = None) -> dict:
-    response = await _post(service, route, user, body)
+    response = await post_as(service, route, user, body)
     assert response.status_code == 200, response.get_body()
     return body_of(response)
 
@@ -43,13 +33,13 @@ async def test_a_refresh_begun_after_a_revoke_was_answered_never_joins_a_flight_
     await _token(service, "token", user)
     services().tokens.issuer.fresh.forget_all()  # the leader must ask ACS
     held = Pause(monkeypatch, acs_calls, "get_token", after=True)  # ACS issued it; answer held
-    leader = asyncio.create_task(_post(service, "token/refresh", user))
+    leader = asyncio.create_task(post_as(service, "token/refresh", user))
     await held.wait()
 
-    revoked = await _post(service, "token/revoke", user)
+    revoked = await post_as(service, "token/revoke", user)
     assert revoked.status_code == 200 and body_of(revoked)["status"] == "revoked"
 
-    follower = asyncio.create_task(_post(service, "token/refresh", user))  # after the revoke's 200
+    follower = asyncio.create_task(post_as(service, "token/refresh", user))  # after the revoke's 200
     await asyncio.sleep(0.5)  # it has read the mapping and is asking for its token
     held.release()
     await leader
@@ -71,13 +61,13 @@ async def test_a_late_older_revocation_mark_does_not_undo_a_newer_one(service, e
     await _token(service, "token", user)
     services().tokens.issuer.fresh.forget_all()
     late = Pause(monkeypatch, services().store.identities, "note_revoked")  # first mark held
-    first_revoke = asyncio.create_task(_post(service, "token/revoke", user))
+    first_revoke = asyncio.create_task(post_as(service, "token/revoke", user))
     await late.wait()  # the mark (its time already taken) is on its way; ACS not asked yet
 
     between = await _token(service, "token/refresh", user)  # asks ACS: valid, remembered fresh
     assert emulator.verify(between["token"])["valid"]
 
-    second = await _post(service, "token/revoke", user)  # revokes `between`; marks a newer time
+    second = await post_as(service, "token/revoke", user)  # revokes `between`; marks a newer time
     assert second.status_code == 200 and body_of(second)["status"] == "revoked"
     assert emulator.verify(between["token"])["reason"] == "revoked"
     late.release()
@@ -103,11 +93,11 @@ async def test_a_revoke_whose_mark_cannot_be_written_does_not_reach_acs(service,
         return await real_update(entity, *args, **kwargs)
 
     with table_calls.replacing(update_entity=update_entity):
-        revoke = await _post(service, "token/revoke", user)
+        revoke = await post_as(service, "token/revoke", user)
     assert revoke.status_code == 503 and body_of(revoke)["code"] == "dependency_unavailable"
     assert _calls(emulator, "revokeAccessTokens") == revokes and emulator.verify(first["token"])["valid"]
 
-    assert (await _post(service, "token/revoke", user)).status_code == 200  # the client's retry
+    assert (await post_as(service, "token/revoke", user)).status_code == 200  # the client's retry
     assert emulator.verify(first["token"])["reason"] == "revoked"
     after = await _token(service, "token/refresh", user)
     assert after["token"] != first["token"] and emulator.verify(after["token"])["valid"]
@@ -136,14 +126,14 @@ async def test_followers_of_a_failed_first_issue_share_its_answer_and_create_not
     emulator.faults(latencyMs=300)
     try:
         created, deleted = _calls(emulator, "createIdentity"), _calls(emulator, "deleteIdentity")
-        answers = await asyncio.gather(*(_post(service, "token", user) for _ in range(6)))
+        answers = await asyncio.gather(*(post_as(service, "token", user) for _ in range(6)))
     finally:
         emulator.faults(latencyMs=0)
     assert {a.status_code for a in answers} == {503}
     assert {body_of(a)["code"] for a in answers} == {"acs_unavailable"}
     assert _calls(emulator, "deleteIdentity") == deleted, "identities created only to be deleted again"
     assert _calls(emulator, "createIdentity") == created  # the one attempt never reached ACS
-    assert (await _post(service, "token", user)).status_code == 200  # ACS back: the retry works
+    assert (await post_as(service, "token", user)).status_code == 200  # ACS back: the retry works
 
 
 async def test_followers_of_a_throttled_first_issue_are_not_made_to_wait_twice(
@@ -169,7 +159,7 @@ async def test_followers_of_a_throttled_first_issue_are_not_made_to_wait_twice(
         started = time.monotonic()
 
         async def timed():
-            response = await _post(service, "token", "r18-throttled-first")
+            response = await post_as(service, "token", "r18-throttled-first")
             return response, time.monotonic() - started
 
         answers = await asyncio.gather(*(timed() for _ in range(4)))  # within CREATIONS_IN_FLIGHT

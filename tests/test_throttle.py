@@ -15,7 +15,6 @@ import datetime as dt
 
 import pytest
 
-import function_app
 from shared.compose import services
 from shared.errors import Throttled
 from shared.throttle import (
@@ -29,7 +28,7 @@ from shared.throttle import (
     Throttle,
 )
 from tests.service_fixtures import configure
-from tests.service_helpers import Users, body_of, request
+from tests.service_helpers import Users, body_of, post_as
 
 # ---- the throttle's logic ----------------------------------------------------------------------------
 
@@ -179,15 +178,6 @@ def _calls(emulator, operation: str = "issueAccessToken") -> int:
     return emulator.stats()["calls"].get(operation, 0)
 
 
-async def _post(service, route: str, user: str, body: dict | None = None):
-    handler = {
-        "token": function_app.issue_token,
-        "token/refresh": function_app.refresh_token,
-        "token/revoke": function_app.revoke_tokens,
-    }[route]
-    return await handler(request("POST", route, token=service.token(user), body=body))
-
-
 def _throttled(response) -> bool:
     return (
         response.status_code == 429
@@ -203,28 +193,28 @@ def _later(throttle: Throttle, seconds: float) -> None:
 
 async def test_a_429_with_retry_after_is_answered_at_once_and_acs_is_not_asked_until_then(service, emulator):
     for user in ("ra-ann", "ra-ben"):
-        assert (await _post(service, "token", user)).status_code == 200
+        assert (await post_as(service, "token", user)).status_code == 200
     emulator.faults(throttleRate=1.0, retryAfterSeconds=30)
     before = _calls(emulator)
-    first = await _post(service, "token/refresh", "ra-ann", {"expiresInMinutes": 61})
+    first = await post_as(service, "token/refresh", "ra-ann", {"expiresInMinutes": 61})
     assert _throttled(first) and 29 <= int(first.headers["Retry-After"]) <= 30
     assert _calls(emulator) == before + 1  # not retried: neither by azure-core nor by the gateway
     emulator.faults(throttleRate=0.0)  # ACS would answer now; it asked for 30 s
-    second = await _post(service, "token/refresh", "ra-ben", {"expiresInMinutes": 61})
+    second = await post_as(service, "token/refresh", "ra-ben", {"expiresInMinutes": 61})
     assert _throttled(second) and int(second.headers["Retry-After"]) <= 30
     assert _calls(emulator) == before + 1  # answered here
     _later(services().tokens.acs.throttle, 31)
-    third = await _post(service, "token/refresh", "ra-ben", {"expiresInMinutes": 61})
+    third = await post_as(service, "token/refresh", "ra-ben", {"expiresInMinutes": 61})
     assert third.status_code == 200 and _calls(emulator) == before + 2
 
 
 async def test_past_the_issue_limit_acs_refuses_one_call_and_the_rest_are_answered_here(service, emulator):
     users = [f"limit-{i}" for i in range(12)]
     for user in users:
-        assert (await _post(service, "token", user)).status_code == 200
+        assert (await post_as(service, "token", user)).status_code == 200
     emulator.faults(limits={"issueAccessToken": 5, "windowSeconds": 60})
     before, limited = _calls(emulator), emulator.stats()["limited"]["issueAccessToken"]
-    answers = [await _post(service, "token/refresh", u, {"expiresInMinutes": 62}) for u in users]
+    answers = [await post_as(service, "token/refresh", u, {"expiresInMinutes": 62}) for u in users]
     assert [a.status_code for a in answers] == [200] * 5 + [429] * 7
     assert all(_throttled(a) for a in answers[5:])
     assert emulator.stats()["limited"]["issueAccessToken"] - limited == 1
@@ -239,13 +229,14 @@ async def test_a_refusing_acs_without_retry_after_is_not_retried_into(service, e
     from shared.compose import reset_services
 
     await reset_services()
-    assert (await _post(service, "token", "adaptive-amy")).status_code == 200
+    assert (await post_as(service, "token", "adaptive-amy")).status_code == 200
     throttle = services().tokens.acs.throttle
     throttle.chance = lambda: 0.0  # refuse whenever p > 0: the count below is exact
     emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
     before = _calls(emulator)
     answers = [
-        await _post(service, "token/refresh", "adaptive-amy", {"expiresInMinutes": 61 + i}) for i in range(20)
+        await post_as(service, "token/refresh", "adaptive-amy", {"expiresInMinutes": 61 + i})
+        for i in range(20)
     ]
     assert all(_throttled(a) for a in answers)
     # Every attempt reaches ACS until MIN_REQUESTS refusals are on file, then none: 20 requests.
@@ -253,16 +244,16 @@ async def test_a_refusing_acs_without_retry_after_is_not_retried_into(service, e
     emulator.faults(throttleRate=0.0)
     _later(throttle, WINDOW_SECONDS + 1)  # the refusals have left the window
     assert (
-        await _post(service, "token/refresh", "adaptive-amy", {"expiresInMinutes": 90})
+        await post_as(service, "token/refresh", "adaptive-amy", {"expiresInMinutes": 90})
     ).status_code == 200
 
 
 async def test_with_the_retry_budget_spent_a_throttled_call_is_not_retried(service, emulator):
-    assert (await _post(service, "token", "budget-bo")).status_code == 200
+    assert (await post_as(service, "token", "budget-bo")).status_code == 200
     services().tokens.acs.throttle.budget.balance = 0.0
     emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
     before = _calls(emulator)
-    answer = await _post(service, "token/refresh", "budget-bo", {"expiresInMinutes": 61})
+    answer = await post_as(service, "token/refresh", "budget-bo", {"expiresInMinutes": 61})
     assert _throttled(answer) and _calls(emulator) == before + 1
 
 
@@ -280,22 +271,24 @@ async def test_while_acs_refuses_its_calls_go_to_tokens_about_to_expire(service,
     throttle = tokens.acs.throttle
     throttle.chance = lambda: 1.0  # never refuse here: only the choice of who calls ACS is tested
     real = tokens.clock
-    kim = await _post(service, "token", "expiring-kim")
-    assert (await _post(service, "token", "expiring-mo")).status_code == 200
+    kim = await post_as(service, "token", "expiring-kim")
+    assert (await post_as(service, "token", "expiring-mo")).status_code == 200
     tokens.clock = lambda: real() - dt.timedelta(minutes=30)  # lee's token was issued earlier
-    lee = await _post(service, "token", "expiring-lee")
+    lee = await post_as(service, "token", "expiring-lee")
     tokens.clock = lambda: real() + dt.timedelta(minutes=20)
     emulator.faults(throttleRate=1.0, retryAfterSeconds=None)
     for i in range(5):  # another user's refused calls (7 each, over MIN_REQUESTS): ACS is refusing
-        assert _throttled(await _post(service, "token/refresh", "expiring-mo", {"expiresInMinutes": 70 + i}))
+        assert _throttled(
+            await post_as(service, "token/refresh", "expiring-mo", {"expiresInMinutes": 70 + i})
+        )
     emulator.faults(throttleRate=0.0)
     assert throttle.refusing(ISSUE)
     before = _calls(emulator)
-    again = await _post(service, "token/refresh", "expiring-kim")
+    again = await post_as(service, "token/refresh", "expiring-kim")
     assert again.status_code == 200 and body_of(again)["token"] == body_of(kim)["token"]
     assert body_of(again)["expiresOn"] == body_of(kim)["expiresOn"]  # its real expiry
     assert _calls(emulator) == before
-    renewed = await _post(service, "token/refresh", "expiring-lee")
+    renewed = await post_as(service, "token/refresh", "expiring-lee")
     assert renewed.status_code == 200 and body_of(renewed)["token"] != body_of(lee)["token"]
     assert _calls(emulator) == before + 1
 
@@ -303,11 +296,11 @@ async def test_while_acs_refuses_its_calls_go_to_tokens_about_to_expire(service,
 async def test_a_throttled_answer_falls_back_to_a_token_with_half_its_life_left(service, emulator):
     tokens = services().tokens
     real = tokens.clock
-    first = body_of(await _post(service, "token", "fallback-fay"))
+    first = body_of(await post_as(service, "token", "fallback-fay"))
     tokens.clock = lambda: real() + dt.timedelta(minutes=10)  # past reuse, within half its life
     emulator.faults(throttleRate=1.0, retryAfterSeconds=30)
     before = _calls(emulator)
-    answer = await _post(service, "token/refresh", "fallback-fay")
+    answer = await post_as(service, "token/refresh", "fallback-fay")
     assert answer.status_code == 200 and body_of(answer)["token"] == first["token"]
     assert _calls(emulator) == before + 1  # ACS was asked and refused
 
@@ -316,21 +309,21 @@ async def test_post_token_asks_acs_even_while_a_still_good_token_is_held(service
     """POST /api/token never answers a held token (a mapping whose identity is gone must heal)."""
     tokens = services().tokens
     real = tokens.clock
-    assert (await _post(service, "token", "heal-hal")).status_code == 200
+    assert (await post_as(service, "token", "heal-hal")).status_code == 200
     tokens.clock = lambda: real() + dt.timedelta(minutes=10)
     emulator.faults(throttleRate=1.0, retryAfterSeconds=30)
     before = _calls(emulator)
-    assert _throttled(await _post(service, "token", "heal-hal"))
+    assert _throttled(await post_as(service, "token", "heal-hal"))
     assert _calls(emulator) == before + 1
 
 
 async def test_a_revoke_refused_here_is_queued_without_calling_acs(service, emulator):
     for user in ("rv-ann", "rv-ben"):
-        assert (await _post(service, "token", user)).status_code == 200
+        assert (await post_as(service, "token", user)).status_code == 200
     emulator.faults(throttleRate=1.0, retryAfterSeconds=30)
     before = _calls(emulator, "revokeAccessTokens")
     for user in ("rv-ann", "rv-ben"):
-        response = await _post(service, "token/revoke", user)
+        response = await post_as(service, "token/revoke", user)
         assert response.status_code == 202 and body_of(response)["status"] == "pending"
     assert _calls(emulator, "revokeAccessTokens") == before + 1  # the second never reached ACS
 
@@ -339,7 +332,7 @@ async def test_protection_off_waits_out_a_retry_after_in_the_request(stack, emul
     """The storm bench's baseline: ACS's Retry-After waited out and retried, as azure-core does."""
     await configure(monkeypatch, stack, managed_identity=False, STORM_PROTECTION="off")
     users = Users(stack)
-    assert (await _post(users, "token", "off-olga")).status_code == 200
+    assert (await post_as(users, "token", "off-olga")).status_code == 200
     emulator.faults(throttleRate=1.0, retryAfterSeconds=1)
     before = _calls(emulator)
 
@@ -347,7 +340,7 @@ async def test_protection_off_waits_out_a_retry_after_in_the_request(stack, emul
         await asyncio.sleep(0.5)
         await asyncio.to_thread(emulator.faults, throttleRate=0.0)
 
-    answer, _ = await asyncio.gather(_post(users, "token/refresh", "off-olga"), lift_throttle())
+    answer, _ = await asyncio.gather(post_as(users, "token/refresh", "off-olga"), lift_throttle())
     assert answer.status_code == 200 and _calls(emulator) - before == 2
 
 
