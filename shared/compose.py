@@ -155,6 +155,7 @@ def compose(
     from .auth import EasyAuthAuthenticator, JwksCache, JwtAuthenticator
     from .cleanup import Cleanup
     from .graph import GraphSubscriptions
+    from .issuers import TrustedIssuers
     from .ratelimit import MANAGE_PER_MINUTE, REVOCATIONS_PER_MINUTE, RateLimiter
     from .revocation import RevocationService
     from .store.stores import Stores
@@ -184,12 +185,17 @@ def compose(
     else:
         # One key cache per trusted issuer: one issuer's keys never check another's tokens.
         caches = {
-            t.issuer: JwksCache(t.issuer, metadata_issuer=t.metadata_issuer) for t in settings.trusted_issuers
+            t.issuer: JwksCache(t.issuer, metadata_url=t.metadata_url) for t in settings.trusted_issuers
         }
         jwks = next(iter(caches.values()))  # the first's (for one issuer, its only one)
         authenticator = JwtAuthenticator(settings, caches)
         closers_of_keys = [cache.close for cache in caches.values()]
-    store = Stores(table, object_id_issuer=settings.object_id_issuer)
+    trusted = TrustedIssuers(settings.trusted_issuers)
+    store = Stores(
+        table,
+        object_id_issuer=settings.object_id_issuer,
+        object_id_issuers=trusted.object_id_issuers if settings.issuer_list else None,
+    )
     # Past ACS's limits (shared/throttle.py); off, every call goes to ACS (the storm bench's baseline).
     gateway = AcsGateway(acs, Throttle(enabled=settings.storm_protection))
     revocation = RevocationService(store, gateway, clock)

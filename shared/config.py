@@ -109,7 +109,11 @@ def _is_loopback(host: str | None) -> bool:
 
 
 def https_url(value: str, *, http_on_loopback: bool = False) -> str | None:
-    url = urlparse(value)
+    try:
+        url = urlparse(value)
+        url.hostname  # noqa: B018 - raises for a malformed host (an unclosed IPv6 bracket)
+    except ValueError:
+        return "must be an https URL"
     if url.scheme == "https" and url.hostname:
         return None
     if url.scheme == "http" and http_on_loopback and _is_loopback(url.hostname):

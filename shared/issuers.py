@@ -7,17 +7,18 @@ An entry is an exact issuer, or an Entra multi-tenant template naming `{tenantid
 Microsoft.Identity.Web validates them: `https://login.microsoftonline.com/{tenantid}/v2.0` matches
 the tenants on its allow-list (or any, when `anyTenant` says so), its keys are Entra's common set
 (the `common` discovery document, whose `issuer` is the template itself), and the token's `tid`
-must be the tenant its `iss` names.
+must be the tenant its `iss` names. In a list, an entry's users are admins only through the
+`adminRole` it names, and a template names none: each customer tenant assigns its own app roles.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from . import jsonlimits
 from .config import https_url
 
 TENANT = "{tenantid}"
@@ -33,6 +34,7 @@ ENTRY_FIELDS = frozenset(
         "allowedScopes",
         "maxExpiresInMinutes",
         "adminRole",
+        "metadata",
     }
 )
 
@@ -45,38 +47,50 @@ class TrustedIssuer:
     audiences: tuple[str, ...]
     algorithms: tuple[str, ...]
     user_claim: str = "sub"
-    tenants: frozenset[str] | None = None  # a template's allow-list (lower case); None: any tenant
+    tenants: frozenset[str] = frozenset()  # a template's allow-list, lower case
+    any_tenant: bool = False  # a template accepting every tenant: only when the operator says so
     allowed_scopes: tuple[str, ...] | None = None  # None: TOKEN_ALLOWED_SCOPES
     max_minutes: int | None = None  # None: TOKEN_MAX_MINUTES
-    admin_role: str = ADMIN_ROLE
+    # The app role its admins hold; None: its users are never admins (AUTH_ISSUERS' default).
+    admin_role: str | None = ADMIN_ROLE
+    metadata: str | None = None  # its discovery document's URL, where not at the issuer's own
 
     @property
     def multi_tenant(self) -> bool:
         return TENANT in self.issuer
 
     @property
-    def metadata_issuer(self) -> str:
-        """Where its discovery document is: a template's is the `common` tenant's (Entra)."""
-        return self.issuer.replace(TENANT, "common")
+    def metadata_url(self) -> str:
+        """Its discovery document: given, or the issuer's own; a template's is the `common`
+        tenant's (Entra), whose `issuer` is the template itself."""
+        if self.metadata:
+            return self.metadata
+        return self.issuer.replace(TENANT, "common").rstrip("/") + "/.well-known/openid-configuration"
 
     def tenant_of(self, iss: str) -> str | None:
         """The tenant id a template's `iss` names, if `iss` matches it and the tenant is allowed."""
-        prefix, _, suffix = self.issuer.partition(TENANT)
-        if not (iss.startswith(prefix) and iss.endswith(suffix) and len(iss) > len(prefix) + len(suffix)):
-            return None
-        tenant = iss[len(prefix) : len(iss) - len(suffix)]
-        if not _is_guid(tenant):
-            return None
-        if self.tenants is not None and tenant.lower() not in self.tenants:
+        tenant = _tenant_in(self.issuer, iss)
+        if tenant is None or not (self.any_tenant or tenant in self.tenants):
             return None
         return tenant
 
 
-def _is_guid(value: str) -> bool:
+def _tenant_in(template: str, iss: str) -> str | None:
+    """The tenant id in `iss` where the template has TENANT: a GUID as Entra writes it (lower case)."""
+    prefix, _, suffix = template.partition(TENANT)
+    if not (iss.startswith(prefix) and iss.endswith(suffix) and len(iss) == len(prefix) + 36 + len(suffix)):
+        return None
+    tenant = iss[len(prefix) : len(prefix) + 36]
+    return tenant if _is_guid(tenant, canonical=True) else None
+
+
+def _is_guid(value: str, *, canonical: bool = False) -> bool:
+    """A GUID in its 36-character form; `canonical`: in lower case too, as Entra writes tenant ids."""
     try:
-        return len(value) == 36 and str(uuid.UUID(value)) == value.lower()
+        written = str(uuid.UUID(value))
     except ValueError:
         return False
+    return len(value) == 36 and written == (value if canonical else value.lower())
 
 
 class TrustedIssuers:
@@ -89,7 +103,7 @@ class TrustedIssuers:
 
     def select(self, iss: object) -> tuple[TrustedIssuer, str | None] | None:
         """(entry, tenant id for a template's) or None: no entry trusts this `iss`."""
-        if not isinstance(iss, str) or len(iss) > 512:
+        if not isinstance(iss, str):
             return None
         if (entry := self._exact.get(iss)) is not None:
             return entry, None
@@ -97,6 +111,20 @@ class TrustedIssuers:
             if (tenant := entry.tenant_of(iss)) is not None:
                 return entry, tenant
         return None
+
+    def object_id_issuers(self, tenant_id: str) -> tuple[str, ...]:
+        """The issuers whose users in this Entra tenant would be keyed by object id (`userClaim`
+        oid): where a Microsoft Graph event, naming (tenant, object id), finds them directly."""
+        tenant = tenant_id.lower()
+        found = []
+        for entry in self.entries:
+            if entry.user_claim != "oid":
+                continue
+            if not entry.multi_tenant:
+                found.append(entry.issuer)
+            elif entry.tenant_of(entry.issuer.replace(TENANT, tenant)) is not None:
+                found.append(entry.issuer.replace(TENANT, tenant))
+        return tuple(found)
 
 
 # ---- AUTH_ISSUERS ---------------------------------------------------------------------------------
@@ -107,8 +135,8 @@ def parse(
 ) -> tuple[TrustedIssuer, ...]:
     """AUTH_ISSUERS' JSON array; ValueError naming the first wrong field (`[1].audiences: ...`)."""
     try:
-        value = json.loads(raw)
-    except ValueError:
+        value = jsonlimits.loads(raw)
+    except (ValueError, jsonlimits.TooDeep):  # also JSONDecodeError
         raise ValueError("must be a JSON array of issuer objects") from None
     if not isinstance(value, list) or not value:
         raise ValueError("must be a JSON array of at least one issuer object")
@@ -118,6 +146,9 @@ def parse(
         if entry.issuer in seen:
             raise ValueError(f"[{i}].issuer: {entry.issuer} is listed twice")
         seen.add(entry.issuer)
+        for other in entries:  # an exact issuer would take a template's tenant from it, unseen
+            if other.multi_tenant and not entry.multi_tenant and _tenant_in(other.issuer, entry.issuer):
+                raise ValueError(f"[{i}].issuer: {entry.issuer} is a tenant of {other.issuer}: list it there")
     return entries
 
 
@@ -154,7 +185,7 @@ def _entry(item: Any, at: str, safe_algorithms: tuple[str, ...], scopes: tuple[s
     user_claim = item.get("userClaim", "sub")
     if not isinstance(user_claim, str) or not user_claim.strip():
         raise ValueError(f"{at}.userClaim: must be a claim name")
-    tenants = _tenants(item, at, multi_tenant=TENANT in issuer)
+    tenants, any_tenant = _tenants(item, at, multi_tenant=TENANT in issuer)
     allowed = None
     if "allowedScopes" in item:
         allowed = _strings(item["allowedScopes"], f"{at}.allowedScopes")
@@ -163,34 +194,47 @@ def _entry(item: Any, at: str, safe_algorithms: tuple[str, ...], scopes: tuple[s
     max_minutes = item.get("maxExpiresInMinutes")
     if max_minutes is not None and (not isinstance(max_minutes, int) or isinstance(max_minutes, bool)):
         raise ValueError(f"{at}.maxExpiresInMinutes: must be an integer")
-    admin_role = item.get("adminRole", ADMIN_ROLE)
-    if not isinstance(admin_role, str) or not admin_role.strip():
+    # No admin role unless named: whoever assigns app roles at an issuer would otherwise act on
+    # every user of every issuer through /api/manage. Never for a template: each customer
+    # tenant's own admins assign its app roles.
+    admin_role = item.get("adminRole")
+    if admin_role is not None and (not isinstance(admin_role, str) or not admin_role.strip()):
         raise ValueError(f"{at}.adminRole: must be an app role name")
+    if admin_role is not None and TENANT in issuer:
+        raise ValueError(
+            f"{at}.adminRole: not for an issuer naming {TENANT}: every tenant's own admins assign "
+            "its app roles, so any of them could act on everyone's identities"
+        )
+    metadata = item.get("metadata")
+    if metadata is not None and (not isinstance(metadata, str) or not metadata.strip()):
+        raise ValueError(f"{at}.metadata: must be the URL of the issuer's discovery document")
     return TrustedIssuer(
         issuer=issuer,
         audiences=audiences,
         algorithms=algorithms,
         user_claim=user_claim.strip(),
         tenants=tenants,
+        any_tenant=any_tenant,
         allowed_scopes=allowed,
         max_minutes=max_minutes,
-        admin_role=admin_role.strip(),
+        admin_role=admin_role.strip() if admin_role else None,
+        metadata=metadata.strip() if metadata else None,
     )
 
 
-def _tenants(item: dict, at: str, *, multi_tenant: bool) -> frozenset[str] | None:
-    """A template's allow-list: its tenant ids, or None with `"anyTenant": true` (never by default)."""
+def _tenants(item: dict, at: str, *, multi_tenant: bool) -> tuple[frozenset[str], bool]:
+    """A template's allow-list, and whether it takes any tenant (`"anyTenant": true`, never by default)."""
     tenants, any_tenant = item.get("tenants"), item.get("anyTenant", False)
     if not multi_tenant:
         if tenants is not None or any_tenant:
             raise ValueError(f"{at}: tenants and anyTenant are for an issuer naming {TENANT}")
-        return None
+        return frozenset(), False
     if not isinstance(any_tenant, bool):
         raise ValueError(f"{at}.anyTenant: must be true or false")
     if any_tenant:
         if tenants is not None:
             raise ValueError(f"{at}: either tenants or anyTenant, not both")
-        return None
+        return frozenset(), True
     if tenants is None:
         raise ValueError(
             f"{at}.tenants: required for an issuer naming {TENANT}: the tenant ids to accept "
@@ -199,14 +243,16 @@ def _tenants(item: dict, at: str, *, multi_tenant: bool) -> frozenset[str] | Non
     listed = _strings(tenants, f"{at}.tenants")
     if bad := [t for t in listed if not _is_guid(t)]:
         raise ValueError(f"{at}.tenants: not tenant ids (GUIDs): {', '.join(bad)}")
-    return frozenset(t.lower() for t in listed)
+    return frozenset(t.lower() for t in listed), False
 
 
 def problem(entries: tuple[TrustedIssuer, ...], *, min_minutes: int, max_minutes: int) -> str | None:
     """What is wrong with the list given the other settings (issuer URLs, lifetimes), or None."""
     for i, entry in enumerate(entries):
-        if url_problem := https_url(entry.metadata_issuer, http_on_loopback=True):
+        if url_problem := https_url(entry.issuer.replace(TENANT, "common"), http_on_loopback=True):
             return f"[{i}].issuer: {url_problem}"
+        if entry.metadata and (url_problem := https_url(entry.metadata, http_on_loopback=True)):
+            return f"[{i}].metadata: {url_problem}"
         if entry.max_minutes is not None and not min_minutes <= entry.max_minutes <= max_minutes:
             return f"[{i}].maxExpiresInMinutes: must be within {min_minutes}..{max_minutes}"
     return None

@@ -218,8 +218,8 @@ def load(env: Mapping[str, str]) -> Settings:
     if issuer_list and (auth_mode != "jwt" or any(env.get(s.name) for s in SINGLE_ISSUER)):
         raise AUTH_ISSUERS.error("needs AUTH_MODE=jwt, and replaces AUTH_ISSUER and its 3 settings: set one")
     if auth_mode == "jwt" and not issuer_list:
-        if issuer is None:
-            raise AUTH_ISSUER.error("is required: the OpenID Connect issuer of your app's users")
+        if issuer is None or "{" in issuer:
+            raise AUTH_ISSUER.error("is required: one issuer (a multi-tenant one goes in AUTH_ISSUERS)")
         _require_url(AUTH_ISSUER, issuer, http_on_loopback=True)
         if not audiences:
             raise AUTH_AUDIENCE.error("is required: the audience (client id or App ID URI) of your API")

@@ -31,6 +31,7 @@ from tests.service_helpers import body_of, graph_user_event, request
 
 TENANT_A, TENANT_B, TENANT_C = ENTRA_TENANTS
 TEMPLATE = "https://login.microsoftonline.com/{tenantid}/v2.0"
+BASE = {"ACS_ENDPOINT": "https://a.example", "TABLES_ENDPOINT": "https://t.example"}
 
 
 def _parse(entries: list) -> tuple[TrustedIssuer, ...]:
@@ -66,6 +67,41 @@ def test_an_iss_selects_its_exact_issuer_or_an_allowed_tenant_of_a_template():
         assert trusted.select(refused) is None, refused
 
 
+def test_tenant_ids_in_iss_are_taken_as_entra_writes_them_only():
+    trusted = TrustedIssuers(_parse([{"issuer": TEMPLATE, "audiences": "a", "tenants": [TENANT_A]}]))
+    assert (
+        trusted.select(TEMPLATE.replace("{tenantid}", TENANT_A.upper())) is None
+    )  # another iss: another key
+
+
+def test_an_exact_issuer_may_not_shadow_a_tenant_of_a_template():
+    with pytest.raises(ValueError, match="is a tenant of"):
+        _parse(
+            [
+                {"issuer": TEMPLATE, "audiences": "a", "tenants": [TENANT_A]},
+                {"issuer": TEMPLATE.replace("{tenantid}", TENANT_A), "audiences": "b"},
+            ]
+        )
+
+
+def test_admin_roles_are_granted_only_where_named_and_never_by_a_template():
+    exact, template = _parse(
+        [
+            {"issuer": "https://idp.example", "audiences": "a"},
+            {"issuer": TEMPLATE, "audiences": "a", "tenants": [TENANT_A]},
+        ]
+    )
+    assert exact.admin_role is None and template.admin_role is None
+    with pytest.raises(ValueError, match="adminRole"):
+        _parse([{"issuer": TEMPLATE, "audiences": "a", "tenants": [TENANT_A], "adminRole": "Admin"}])
+
+
+def test_a_single_auth_issuer_with_a_placeholder_is_refused_not_any_tenant():
+    with pytest.raises(SettingError) as refused:
+        load({**BASE, "AUTH_ISSUER": TEMPLATE, "AUTH_AUDIENCE": "api"})
+    assert refused.value.setting == "AUTH_ISSUER"
+
+
 def test_any_tenant_is_accepted_only_when_the_entry_says_so():
     (entry,) = _parse([{"issuer": TEMPLATE, "audiences": "api", "anyTenant": True}])
     assert entry.tenant_of(TEMPLATE.replace("{tenantid}", TENANT_C)) == TENANT_C
@@ -88,6 +124,7 @@ def test_any_tenant_is_accepted_only_when_the_entry_says_so():
         ([{"issuer": "https://i.example", "audiences": "a", "color": "red"}], "unknown field"),
         ([{"issuer": "https://{tenant}/v2.0", "audiences": "a"}], "only placeholder"),
         ([{"issuer": "https://i.example", "audiences": "a"}] * 2, "listed twice"),
+        ("[" * 100_000, "JSON array"),  # nested past any parser's stack: a clear error, never a 500
     ],
 )
 def test_a_wrong_issuer_list_names_what_is_wrong(entries, names):
@@ -97,9 +134,6 @@ def test_a_wrong_issuer_list_names_what_is_wrong(entries, names):
             safe_algorithms=SAFE_ALGORITHMS,
             scopes=SCOPES,
         )
-
-
-BASE = {"ACS_ENDPOINT": "https://a.example", "TABLES_ENDPOINT": "https://t.example"}
 
 
 def test_the_single_issuer_settings_are_one_trusted_issuer_as_before():
@@ -122,6 +156,11 @@ def test_auth_issuers_replaces_the_single_issuer_settings_and_checks_the_rest():
     for wrong, says in (
         ([{"issuer": "http://idp.example", "audiences": "a"}], "https"),
         ([{"issuer": "https://idp.example", "audiences": "a", "maxExpiresInMinutes": 30}], "60..1440"),
+        ([{"issuer": "https://[x/", "audiences": "a"}], "https URL"),
+        (
+            [{"issuer": "https://idp.example", "audiences": "a", "metadata": "http://idp.example/m"}],
+            "metadata",
+        ),
     ):
         with pytest.raises(SettingError, match=says):
             load({**BASE, "AUTH_ISSUERS": json.dumps(wrong)})
@@ -168,11 +207,16 @@ class Issuers:
 
 @pytest.fixture
 async def issuers(stack, emulator, monkeypatch):
-    """The service trusting three issuers: the dev one (sub), the Entra-style one for tenants A and
-    B (oid), and the second one, whose users may only chat, for 2 hours at most, and whose admins
-    hold another role."""
+    """The service trusting three issuers: the dev one (sub; its admins hold TokenService.Admin),
+    the Entra-style one for tenants A and B (oid; no admins: each tenant assigns its own roles),
+    and the second one, whose users may only chat, for 2 hours at most, and whose admins hold
+    another role."""
     entries = [
-        {"issuer": stack["issuers"]["dev"], "audiences": stack["audience"]},
+        {
+            "issuer": stack["issuers"]["dev"],
+            "audiences": stack["audience"],
+            "adminRole": "TokenService.Admin",
+        },
         {
             "issuer": stack["issuers"]["entra"],
             "audiences": [stack["audience"]],
@@ -284,6 +328,12 @@ async def test_each_issuers_policy_applies_to_its_users(issuers):
     assert await retention(issuers.token("second", "iss-boss", roles=("Second.Admin",))) == 200
     assert await retention(issuers.token("dev", "iss-boss", roles=("Second.Admin",))) == 403
     assert await retention(issuers.token("dev", "iss-boss", roles=("TokenService.Admin",))) == 200
+    # A customer tenant's own admins assign its app roles: none of them is an admin here.
+    for tenant in (TENANT_A, TENANT_B):
+        assert (
+            await retention(issuers.token("entra", "iss-boss", tenant=tenant, roles=("TokenService.Admin",)))
+            == 403
+        )
 
 
 async def test_graph_events_find_users_of_every_tenant(issuers, emulator):
@@ -299,3 +349,52 @@ async def test_graph_events_find_users_of_every_tenant(issuers, emulator):
     assert delivered.status_code == 200, delivered.get_body()
     assert not emulator.verify(issued[TENANT_B]["token"])["valid"]
     assert emulator.verify(issued[TENANT_A]["token"])["valid"]
+
+
+async def test_an_entry_may_name_its_discovery_document(stack, emulator, monkeypatch):
+    """B2C and the like publish it under another path than the issuer's (`metadata`)."""
+    second = stack["issuers"]["second"]
+    entries = [
+        {
+            "issuer": second,
+            "audiences": stack["audience"],
+            "metadata": f"{second}/.well-known/openid-configuration",
+        }
+    ]
+    await configure(monkeypatch, stack, managed_identity=False)
+    for single in SINGLE_ISSUER:
+        monkeypatch.delenv(single.name, raising=False)
+    monkeypatch.setenv("AUTH_ISSUERS", json.dumps(entries))
+    reset_settings()
+    await reset_services()
+    try:
+        response = await _post("token", Issuers(stack).token("second", "iss-metadata"))
+        assert response.status_code == 200, response.get_body()
+    finally:
+        await reset_services()
+        reset_settings()
+
+
+async def test_oid_keyed_users_made_under_auth_issuer_are_found_by_graph_events_after_the_switch(
+    stack, emulator, monkeypatch
+):
+    """AUTH_ISSUER with AUTH_USER_CLAIM=oid files no Graph lookup rows; after moving to AUTH_ISSUERS
+    (the same issuer, userClaim oid) a Graph event still finds those users, by their key."""
+    await configure(monkeypatch, stack, managed_identity=False, AUTH_USER_CLAIM="oid")
+    users = Issuers(stack)
+    issued = body_of(await _post("token", users.token("dev", "iss-switched")))
+    entries = [{"issuer": stack["issuers"]["dev"], "audiences": stack["audience"], "userClaim": "oid"}]
+    for single in SINGLE_ISSUER:
+        monkeypatch.delenv(single.name, raising=False)
+    monkeypatch.setenv("AUTH_ISSUERS", json.dumps(entries))
+    reset_settings()
+    await reset_services()
+    try:
+        event = graph_user_event("UserDeleted", stack["tenant_id"], object_id_for("iss-switched"))
+        headers = {"Content-Type": "application/cloudevents+json; charset=utf-8"}
+        delivered = await function_app.events(request("POST", "events", raw=event, headers=headers))
+        assert delivered.status_code == 200, delivered.get_body()
+        assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
+    finally:
+        await reset_services()
+        reset_settings()

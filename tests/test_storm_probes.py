@@ -11,10 +11,10 @@ import jwt
 import function_app
 from shared.compose import compose, install, services
 from shared.settings import get_settings
-from tests.service_helpers import body_of, request
+from tests.service_helpers import body_of, post_as, request
 from tests.test_events_webhook import _batch, _deliver, _graph_event
 from tests.test_retention import Pause
-from tests.test_storm_attacks import _post, _token
+from tests.test_storm_attacks import _token
 
 
 async def _cleanup() -> dict:
@@ -26,11 +26,11 @@ async def test_pending_revoke_completed_by_the_timer_then_reuse(service, emulato
     first = await _token(service, "token", user)
     emulator.faults(down=True)
     try:
-        pending = await _post(service, "token/revoke", user)
+        pending = await post_as(service, "token/revoke", user)
     finally:
         emulator.faults(down=False)
     assert pending.status_code == 202
-    blocked = await _post(service, "token/refresh", user)
+    blocked = await post_as(service, "token/refresh", user)
     assert blocked.status_code == 409
     assert (await _cleanup()).get("revoked") == 1
     after = await _token(service, "token/refresh", user)
@@ -42,7 +42,7 @@ async def test_pending_revoke_completed_by_another_workers_timer_then_reuse(serv
     first = await _token(service, "token", user)
     emulator.faults(down=True)
     try:
-        assert (await _post(service, "token/revoke", user)).status_code == 202
+        assert (await post_as(service, "token/revoke", user)).status_code == 202
     finally:
         emulator.faults(down=False)
     worker_a = services()
@@ -62,7 +62,7 @@ async def test_identity_deleted_and_recreated(service, emulator):
     first = await _token(service, "token", user)
     deleted = await function_app.delete_identity(request("DELETE", "identity", token=service.token(user)))
     assert deleted.status_code == 200
-    gone = await _post(service, "token/refresh", user)
+    gone = await post_as(service, "token/refresh", user)
     assert gone.status_code == 404
     again = await _token(service, "token", user)
     assert again["communicationUserId"] != first["communicationUserId"]
@@ -88,9 +88,9 @@ async def test_leader_cancelled_followers_still_answered(service, emulator, acs_
     await _token(service, "token", user)
     services().tokens.issuer.fresh.forget_all()
     held = Pause(monkeypatch, acs_calls, "get_token")
-    leader = asyncio.create_task(_post(service, "token/refresh", user))
+    leader = asyncio.create_task(post_as(service, "token/refresh", user))
     await held.wait()
-    follower = asyncio.create_task(_post(service, "token/refresh", user))
+    follower = asyncio.create_task(post_as(service, "token/refresh", user))
     await asyncio.sleep(0.5)
     leader.cancel()
     held.release()
@@ -104,9 +104,9 @@ async def test_leader_of_a_first_issue_cancelled_followers_still_answered(
 ):
     user = "r18p-cancel-first"
     held = Pause(monkeypatch, acs_calls, "create_user_and_token")
-    leader = asyncio.create_task(_post(service, "token", user))
+    leader = asyncio.create_task(post_as(service, "token", user))
     await held.wait()
-    followers = [asyncio.create_task(_post(service, "token", user)) for _ in range(3)]
+    followers = [asyncio.create_task(post_as(service, "token", user)) for _ in range(3)]
     await asyncio.sleep(0.5)
     leader.cancel()
     held.release()
@@ -157,7 +157,7 @@ async def test_first_issue_follower_with_an_ended_bearer_gets_401(
     delivered = await _deliver(_batch([_graph_event("UserUpdated", claims)]))
     assert delivered.status_code == 200, delivered.get_body()
     assert body_of(delivered)["results"].get("ignored", 0) == 0, delivered.get_body()
-    newer = asyncio.create_task(_post(service, "token", user))
+    newer = asyncio.create_task(post_as(service, "token", user))
     await asyncio.sleep(0.3)
     held.release()
     old_answer, new_answer = await follower_first, await newer

@@ -29,7 +29,8 @@ class Caller:
     trusted: TrustedIssuer | None = None
 
     @property
-    def admin_role(self) -> str:
+    def admin_role(self) -> str | None:
+        """The app role that makes this caller an admin; None: its issuer has none."""
         return self.trusted.admin_role if self.trusted is not None else ADMIN_ROLE
 
     def has_role(self, role: str) -> bool:

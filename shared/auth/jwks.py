@@ -47,12 +47,12 @@ class JwksCache:
         session_factory=aiohttp.ClientSession,
         clock=time.monotonic,
         *,
-        metadata_issuer: str | None = None,
+        metadata_url: str | None = None,
     ) -> None:
         self.issuer = issuer
-        # Where the discovery document is: the issuer's own, or for an Entra multi-tenant template
-        # the `common` tenant's, whose `issuer` is the template itself (shared/issuers.py).
-        self.metadata_issuer = metadata_issuer or issuer
+        # The discovery document: the issuer's own, or one given (an Entra multi-tenant template's
+        # is the `common` tenant's, whose `issuer` is the template itself: shared/issuers.py).
+        self.metadata_url = metadata_url or issuer.rstrip("/") + "/.well-known/openid-configuration"
         self._session_factory = session_factory
         self._session: aiohttp.ClientSession | None = None
         self.clock = clock
@@ -110,9 +110,7 @@ class JwksCache:
         return body
 
     async def _refresh(self) -> None:
-        discovery = await self._get_json(
-            self.metadata_issuer.rstrip("/") + "/.well-known/openid-configuration"
-        )
+        discovery = await self._get_json(self.metadata_url)
         if discovery.get("issuer") != self.issuer:
             raise Unavailable(
                 "The discovery document names another issuer than the one configured.",

@@ -86,8 +86,12 @@ async def _admit(req: func.HttpRequest, auth: Auth, limit: Limit | None) -> Call
     limiter = _limiter(clients, limit)
     if limiter is not None:
         limiter.check(f"{caller.issuer}\n{caller.subject}")
-    if auth is Auth.ADMIN and not caller.has_role(caller.admin_role):
-        raise Forbidden(f"This route needs the app role {caller.admin_role}.")
+    if auth is Auth.ADMIN:
+        role = caller.admin_role
+        if role is None:
+            raise Forbidden("This route needs an admin role, and your issuer grants none here.")
+        if not caller.has_role(role):
+            raise Forbidden(f"This route needs the app role {role}.")
     return Call(req, caller, clients)
 
 

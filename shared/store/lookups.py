@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Callable
 from typing import Any
 
 from .. import telemetry
@@ -35,9 +36,19 @@ def graph_entity(graph_row: str, user_key: str) -> Entity:
 
 
 class Lookups:
-    def __init__(self, table: Table, *, object_id_issuer: str | None = None) -> None:
+    def __init__(
+        self,
+        table: Table,
+        *,
+        object_id_issuer: str | None = None,
+        object_id_issuers: Callable[[str], tuple[str, ...]] | None = None,
+    ) -> None:
         self.table = table
         self.object_id_issuer = object_id_issuer
+        # With several issuers (AUTH_ISSUERS), every Entra user has a lookup row; users of issuers
+        # keyed by object id are also looked for directly, so that mappings made before their rows
+        # were written (under AUTH_ISSUER with AUTH_USER_CLAIM=oid) are found too.
+        self.object_id_issuers = object_id_issuers
 
     def graph_row(self, record: IdentityRecord) -> str | None:
         """The user's Graph lookup row, when Graph events need one to find them."""
@@ -72,6 +83,11 @@ class Lookups:
         object_id_issuer = self.object_id_issuer
         if object_id_issuer is None:
             user_keys = await self.graph_user_keys(tenant_id, object_id)
+            for issuer in self.object_id_issuers(tenant_id) if self.object_id_issuers else ():
+                user_keys += [
+                    keys.user_key(issuer, oid) for oid in dict.fromkeys((object_id, object_id.lower()))
+                ]
+            user_keys = list(dict.fromkeys(user_keys))
             found = await asyncio.gather(*(read_mapping(self.table, key) for key in user_keys))
             # A row is a hint: act only on a mapping recorded for this very Entra user.
             return [
