@@ -11,7 +11,9 @@ It is as strong as a local dev tool needs, and no stronger than `make token`:
 - same-origin browser requests only: an Origin, when sent, must be the dev host's own, so no
   other site (not even one allowed by Host.CORS) can sign anyone in;
 - a JSON body (a cross-site form post cannot send one), no query string;
-- plain users only: no app roles, hence no TokenService.Admin tokens; 60-minute tokens.
+- plain users only: no app roles, hence no TokenService.Admin tokens; 60-minute tokens;
+- by default from the dev issuer; `"issuer": "entra"` (with `"tenant"`, a tenant id) or
+  `"second"` signs in with the other dev issuers, whose keys sit beside its (devstack/issuer.py).
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ import ipaddress
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from .issuer import mint_user_token
-from .layout import DEV_SIGNIN_ENV
+from .issuer import TENANT_TEMPLATE, mint_user_token
+from .layout import DEV_SIGNIN_ENV, ISSUER_KEY_FILES
 from .signing import SigningKey
 
 PATH = "/.devstack/token"
@@ -49,22 +51,34 @@ def _refuse(status: int, detail: str) -> web.Response:
     return web.json_response({"error": detail}, status=status, headers={"Cache-Control": "no-store"})
 
 
+GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+FIELDS = frozenset({"user", "issuer", "tenant"})
+
+
 @dataclass(frozen=True)
 class DevSignin:
     key: SigningKey
     issuer: str
     audience: str
     tenant_id: str
+    # The other dev issuers: name -> (key, `iss`; the Entra-style one's a template).
+    others: Mapping[str, tuple[SigningKey, str]] = field(default_factory=dict)
 
     @staticmethod
     def config(*, key_file: Path, env: Mapping) -> str:
         """The DEVHOST_DEV_SIGNIN value `devstack up` hands the dev host: a path, never the key."""
+        others = {
+            name: {"keyFile": str(key_file.parent / ISSUER_KEY_FILES[name]), "issuer": issuer}
+            for name, issuer in (env.get("issuers") or {}).items()
+            if name != "dev" and (key_file.parent / ISSUER_KEY_FILES[name]).exists()
+        }
         return json.dumps(
             {
                 "keyFile": str(key_file),
                 "issuer": env["issuer"],
                 "audience": env["audience"],
                 "tenantId": env["tenant_id"],
+                "others": others,
             }
         )
 
@@ -79,6 +93,10 @@ class DevSignin:
             issuer=config["issuer"],
             audience=config["audience"],
             tenant_id=config["tenantId"],
+            others={
+                name: (SigningKey.load(Path(other["keyFile"])), other["issuer"])
+                for name, other in (config.get("others") or {}).items()
+            },
         )
 
     def middleware(self) -> Middleware:
@@ -108,18 +126,38 @@ class DevSignin:
             body = json.loads(raw) if len(raw) <= MAX_BODY_BYTES else None
         except (UnicodeDecodeError, json.JSONDecodeError):
             body = None
-        user = body.get("user") if isinstance(body, dict) and set(body) == {"user"} else None
+        if not isinstance(body, dict) or not set(body) <= FIELDS:
+            body = {}
+        user = body.get("user")
         if not isinstance(user, str) or not USER_PATTERN.fullmatch(user):
             return _refuse(400, 'body must be {"user": "<1-64 of A-Z a-z 0-9 . _ @ ->"}')
+        signer = self._signer(body.get("issuer", "dev"), body.get("tenant"))
+        if signer is None:
+            names = ", ".join(["dev", *self.others])
+            return _refuse(400, f"issuer must be one of {names}; entra needs a tenant id (a GUID)")
+        key, issuer, tenant = signer
         token = mint_user_token(
-            key=self.key,
-            issuer=self.issuer,
+            key=key,
+            issuer=issuer,
             audience=self.audience,
             user=user,
             roles=(),
             minutes=TOKEN_MINUTES,
-            tenant_id=self.tenant_id,
+            tenant_id=tenant,
         )
         return web.json_response(
             {"token": token, "expiresInMinutes": TOKEN_MINUTES}, headers={"Cache-Control": "no-store"}
         )
+
+    def _signer(self, name: object, tenant: object) -> tuple[SigningKey, str, str] | None:
+        """(key, iss, tid) for the dev issuer named; None for an unknown one or a bad tenant."""
+        if name == "dev" and tenant is None:
+            return self.key, self.issuer, self.tenant_id
+        if not isinstance(name, str) or name not in self.others:
+            return None
+        key, issuer = self.others[name]
+        if TENANT_TEMPLATE not in issuer:
+            return (key, issuer, self.tenant_id) if tenant is None else None
+        if not isinstance(tenant, str) or not GUID.fullmatch(tenant):
+            return None
+        return key, issuer.replace(TENANT_TEMPLATE, tenant), tenant

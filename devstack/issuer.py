@@ -59,6 +59,24 @@ def object_id_for(user: str) -> str:
     return str(uuid.uuid5(_OBJECT_ID_NAMESPACE, user))
 
 
+def auth_issuers_example(root: str, audience: str) -> str:
+    """AUTH_ISSUERS trusting the dev issuers on the server at `root`: the dev one (its admins hold
+    TokenService.Admin), the Entra-style one for tenants A and B, the second one for chat only."""
+    issuers = issuers_of(root)
+    return json.dumps(
+        [
+            {"issuer": issuers["dev"], "audiences": audience, "adminRole": "TokenService.Admin"},
+            {
+                "issuer": issuers["entra"],
+                "audiences": audience,
+                "userClaim": "oid",
+                "tenants": list(ENTRA_TENANTS[:2]),
+            },
+            {"issuer": issuers["second"], "audiences": audience, "allowedScopes": ["chat"]},
+        ]
+    )
+
+
 def discovery_document(issuer: str, jwks_uri: str | None = None) -> dict:
     return {
         "issuer": issuer,

@@ -45,6 +45,10 @@ def settings_for_host(
         # The emulator accepts Teams tokens for this app only, as ACS does for the app you registered.
         app.TEAMS_CLIENT_APP_ID.name: env["teams_app_id"],
     }
+    if values.get(app.AUTH_ISSUERS.name):  # several issuers (README): the stack's one stays out
+        for single in app.SINGLE_ISSUER:
+            stack_values.pop(single.name, None)
+            values.pop(single.name, None)
     if "graph_endpoint" in env:  # the Graph stand-in: the service renews its subscription there
         stack_values[app.GRAPH_ENDPOINT.name] = env["graph_endpoint"]
     if managed_identity:

@@ -35,7 +35,7 @@ from .children import stop as stop_child
 from .cors import CorsPolicy
 from .dev_signin import DevSignin
 from .graph import GraphStandIn
-from .issuer import DEV_TENANT_ID, ENTRA_TENANTS, DevIssuer, issuers_of
+from .issuer import DEV_TENANT_ID, ENTRA_TENANTS, DevIssuer, auth_issuers_example, issuers_of
 from .layout import (  # noqa: F401  (re-exported: stack.Ports and friends are the stack's API)
     DEFAULT_AUDIENCE,
     DEFAULT_FUNCTION_APP,
@@ -228,6 +228,8 @@ def build_env(
         # Every dev issuer's `iss` (the Entra-style one as its template) and that one's tenants.
         "issuers": issuers_of(f"http://127.0.0.1:{ports.issuer}"),
         "entra_tenants": list(ENTRA_TENANTS),
+        # A value for AUTH_ISSUERS trusting all three (the Entra-style one for two of its tenants).
+        "auth_issuers_example": auth_issuers_example(f"http://127.0.0.1:{ports.issuer}", audience),
         "identity_endpoint": f"http://127.0.0.1:{ports.msi}/msi/token",
         "graph_endpoint": f"https://127.0.0.1:{ports.graph}",
         "graph_hooks": f"https://127.0.0.1:{ports.graph}/_graph/",

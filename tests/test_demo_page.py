@@ -167,3 +167,32 @@ def test_devstack_up_hands_the_host_a_key_path_not_the_key(tmp_path):
     assert DEV_SIGNIN_ENV not in host_launcher.environment(
         stack_env, function_key="k", host_key="h", master_key="m", local_settings={}, base={}
     )
+
+
+@pytest.mark.parametrize("issuer", ["entra", "second"])
+def test_dev_signin_signs_in_with_the_other_dev_issuers(stack, issuer):
+    """The demo's issuer choice (README, "Several identity providers")."""
+    tenant = stack["entra_tenants"][1]
+    body = {"user": "signin-multi", "issuer": issuer} | ({"tenant": tenant} if issuer == "entra" else {})
+    response = _signin(stack, body)
+    assert response.status_code == 200, response.text
+    claims = jwt.decode(response.json()["token"], options={"verify_signature": False})
+    expected = stack["issuers"][issuer].replace("{tenantid}", tenant)
+    assert claims["iss"] == expected and claims["roles"] == []
+    assert claims["tid"] == (tenant if issuer == "entra" else stack["tenant_id"])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"user": "x", "issuer": "evil"},
+        {"user": "x", "issuer": "entra"},  # a tenant is needed
+        {"user": "x", "issuer": "entra", "tenant": "contoso"},
+        {"user": "x", "issuer": "second", "tenant": "aaaaaaaa-0000-4000-8000-00000000000a"},
+        {"user": "x", "issuer": "dev", "tenant": "aaaaaaaa-0000-4000-8000-00000000000a"},
+        {"user": "x", "issuer": ["entra"]},
+    ],
+)
+def test_dev_signin_refuses_an_issuer_it_does_not_have(stack, body):
+    response = _signin(stack, body)
+    assert response.status_code == 400 and "issuer" in response.json()["error"]

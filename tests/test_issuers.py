@@ -398,3 +398,16 @@ async def test_oid_keyed_users_made_under_auth_issuer_are_found_by_graph_events_
     finally:
         await reset_services()
         reset_settings()
+
+
+def test_the_local_stack_trusts_its_three_issuers_with_the_example_value(stack):
+    """`make env KEY=auth_issuers_example` in local.settings.json's AUTH_ISSUERS: the stack then sets
+    no AUTH_ISSUER of its own (devstack/service_settings.py), and the service trusts all three."""
+    from devstack.service_settings import settings_for_host
+
+    local = {"Values": {"AUTH_ISSUERS": stack["auth_issuers_example"], "AUTH_USER_CLAIM": "sub"}}
+    values = settings_for_host(stack.env, managed_identity=False, local_settings=local)
+    assert not {single.name for single in SINGLE_ISSUER} & set(values)
+    trusted = load(values).trusted_issuers
+    assert [t.issuer for t in trusted] == [stack["issuers"][name] for name in ("dev", "entra", "second")]
+    assert trusted[1].tenants == {TENANT_A, TENANT_B} and trusted[0].admin_role == "TokenService.Admin"

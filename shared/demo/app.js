@@ -76,13 +76,21 @@ async function run(step) {
   }
 }
 
+// The local stack's dev issuers (README, "Several identity providers"): the service accepts the
+// Entra-style and second ones only when AUTH_ISSUERS trusts them (`make env KEY=auth_issuers_example`).
+function signInAs(user, choice) {
+  const [issuer, tenant] = choice.split(":");
+  if (issuer === "dev") return { user };
+  return tenant ? { user, issuer, tenant } : { user, issuer };
+}
+
 $("dev-signin").addEventListener("submit", (event) => {
   event.preventDefault();
   run(async () => {
     const response = await fetch("/.devstack/token", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ user: $("user").value.trim() }),
+      body: JSON.stringify(signInAs($("user").value.trim(), $("issuer").value)),
     });
     if (response.status === 404) {
       throw new Error("This host has no dev sign-in (it exists on the local stack only): paste a token.");
