@@ -1,8 +1,9 @@
 """Adaptive throttling against ACS: once ACS refuses (429), refuse here first instead of into it.
 
 ACS limits each resource per operation per 30 s (REFERENCE.md, "Service limits"). Past a limit
-every call it gets is a 429, and retrying into it only keeps it there. Per worker and per ACS
-operation:
+every call it gets is a 429, and retrying into it only keeps it there: Microsoft's "Service limits
+for Azure Communication Services" says to "avoid immediate retries because all requests accrue
+against your usage limits", refused ones included. Per worker and per ACS operation:
 - a 429 carrying Retry-After closes the operation's gate until then: calls are answered here with
   our own 429 and the time left. When it has passed one call goes first (half-open), and the rest
   follow once ACS has accepted a call again;

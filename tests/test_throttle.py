@@ -3,7 +3,9 @@ is called into, with 429 and a Retry-After derived from ACS's; retries from a pe
 while ACS refuses, ACS's calls go to the tokens about to expire. The throttle's logic with a clock
 and a chance of our own; the service against the emulator over HTTP, through the real SDK.
 
-azure-core retries any answer carrying Retry-After, and POST 500/503/504, by itself
+ACS's own guidance (learn.microsoft.com, "Service limits for Azure Communication Services"): over a
+limit it answers 429, and "all requests accrue against your usage limits", so a client should
+"avoid immediate retries". azure-core retries any answer carrying Retry-After, and POST 500/503/504, by itself
 (azure/core/pipeline/policies/_retry.py, RetryPolicyBase.is_retry); the service turns that off
 (`retry_status` 0) so that the gateway decides, and a refusing ACS is not retried into.
 """
