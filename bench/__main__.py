@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.storm_only:
         print("starting the local stack for the token storm ...", flush=True)
         with LocalStack(tls_dir) as stack:
-            key = stack.state_dir / "issuer-key.pem"
+            key = stack.state_dir / ISSUER_KEY_FILE
             results = run_storm(stack.env, key, config, log=lambda line: print(line, flush=True))
         shutil.rmtree(tls_dir, ignore_errors=True)
         return _finish(results, args, targets, report, chart=None)

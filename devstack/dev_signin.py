@@ -28,6 +28,8 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from shared.config import is_guid
+
 from .issuer import TENANT_TEMPLATE, mint_user_token
 from .layout import DEV_SIGNIN_ENV, ISSUER_KEY_FILES
 from .signing import SigningKey
@@ -51,7 +53,6 @@ def _refuse(status: int, detail: str) -> web.Response:
     return web.json_response({"error": detail}, status=status, headers={"Cache-Control": "no-store"})
 
 
-GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 FIELDS = frozenset({"user", "issuer", "tenant"})
 
 
@@ -158,6 +159,6 @@ class DevSignin:
         key, issuer = self.others[name]
         if TENANT_TEMPLATE not in issuer:
             return (key, issuer, self.tenant_id) if tenant is None else None
-        if not isinstance(tenant, str) or not GUID.fullmatch(tenant):
+        if not isinstance(tenant, str) or not is_guid(tenant, canonical=True):
             return None
         return key, issuer.replace(TENANT_TEMPLATE, tenant), tenant

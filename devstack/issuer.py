@@ -28,6 +28,8 @@ from dataclasses import dataclass, fields
 import jwt
 from aiohttp import web
 
+from shared.issuers import TENANT
+
 from .hooks import require_loopback
 from .signing import SigningKey
 
@@ -43,7 +45,7 @@ ENTRA_TENANTS = (
     "cccccccc-0000-4000-8000-00000000000c",
 )
 ENTRA_PATH, SECOND_PATH = "/entra", "/second"
-TENANT_TEMPLATE = "{tenantid}"
+TENANT_TEMPLATE = TENANT  # as shared/issuers.py names the placeholder
 
 
 def issuers_of(root: str) -> dict[str, str]:
@@ -223,7 +225,8 @@ class DevIssuer:
         """A tenant's document names its own issuer; `common`'s names the template (Entra's way)."""
         await self._fault(request, "discovery")
         tenant = request.match_info["tenant"]
-        issuer = f"{self.issuer}{ENTRA_PATH}/{TENANT_TEMPLATE if tenant == 'common' else tenant}/v2.0"
+        issuer = issuers_of(self.issuer)["entra"]
+        issuer = issuer if tenant == "common" else issuer.replace(TENANT_TEMPLATE, tenant)
         return web.json_response(
             discovery_document(issuer, f"{self.issuer}{ENTRA_PATH}/common/discovery/v2.0/keys")
         )
@@ -234,7 +237,7 @@ class DevIssuer:
 
     async def second_discovery(self, request: web.Request) -> web.Response:
         await self._fault(request, "discovery")
-        return web.json_response(discovery_document(self.issuer + SECOND_PATH))
+        return web.json_response(discovery_document(issuers_of(self.issuer)["second"]))
 
     async def second_jwks(self, request: web.Request) -> web.Response:
         await self._fault(request, "jwks")

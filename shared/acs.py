@@ -33,9 +33,6 @@ from .errors import BadRequest, Code, Forbidden, NotFound, ServiceError, Throttl
 from .throttle import CREATE_AND_ISSUE, DELETE, ISSUE, REVOKE, TEAMS_EXCHANGE, Throttle
 
 log = logging.getLogger("acs_token_service.acs")
-TEAMS_TOKEN_INVALID = Code.TEAMS_TOKEN_INVALID
-TEAMS_APP_REJECTED = Code.TEAMS_APP_REJECTED  # ACS: "AAD application is not the expected one."
-TEAMS_APP_INVALID = Code.TEAMS_APP_INVALID  # ACS: the appId we sent is missing or malformed
 
 # The answers worth another try, as azure-core's retry policy has them (RetryPolicyBase.is_retry's
 # "safe status code list"); a 429 means ACS did nothing, so any call may be tried again.
@@ -44,8 +41,10 @@ RETRIED = frozenset({408, 429, 500, 502, 503, 504})
 # spread out): 7.75 s at most in all, well inside an HTTP client's patience. With 30% throttling
 # and 10% errors, six retries fail 0.16% of calls (three, azure-core's default, 2.6%).
 RETRY_BACKOFF_SECONDS = (0.25, 0.5, 1.0, 2.0, 2.0, 2.0)
-# Revocations and deletions try once more, then queue for the timer; a probe asks once.
+# Revocations and deletions try once more, then queue for the timer (the request path's and the
+# timer's alike); a probe asks once.
 QUEUED_RETRIES = 1
+QUEUED_OPTIONS = {"retry_total": QUEUED_RETRIES, "retry_backoff_factor": 0.2}  # azure-core's, per call
 # With protection off, a Retry-After is waited out in the request as azure-core does, up to this.
 LONGEST_WAIT = 30
 # A Retry-After is honoured up to this (s): ACS's windows are 30 s; a day's would stop a worker.
@@ -98,9 +97,10 @@ def _teams_rejection(err: HttpResponseError) -> ServiceError:
             code=Code.CALLER_OID_MISSING,
         )
     if target == "appid" and "not the expected one" in message:
-        return BadRequest("ACS refused the Teams token's application.", code=TEAMS_APP_REJECTED)
+        # ACS: "AAD application is not the expected one."
+        return BadRequest("ACS refused the Teams token's application.", code=Code.TEAMS_APP_REJECTED)
     if target == "appid":  # required or malformed: only ever the configured app id
-        return BadRequest("ACS refused the configured Teams client app id.", code=TEAMS_APP_INVALID)
+        return BadRequest("ACS refused the configured Teams client app id.", code=Code.TEAMS_APP_INVALID)
     return translate(err)
 
 
@@ -163,17 +163,14 @@ class AcsGateway:
             except Throttled:
                 telemetry.acs_refused_here(operation)
                 raise
-            reported = False
             try:
                 result = await call()
-                self.throttle.answered(operation, probe, refused=False)
-                reported = True
-                return result
             except HttpResponseError as err:
                 status, retry_after = err.status_code or 0, _retry_after_header(err)
                 throttled = status == 429
+                if throttled:
+                    telemetry.acs_throttled(retry_after)
                 self.throttle.answered(operation, probe, refused=throttled, retry_after=retry_after)
-                reported = True
                 if status not in RETRIED or attempt == retries:
                     raise
                 if throttled and retry_after and self.throttle.enabled:
@@ -184,9 +181,12 @@ class AcsGateway:
                 if throttled and retry_after:  # protection off: waited out, as azure-core did
                     delay = min(retry_after, LONGEST_WAIT)
                 await asyncio.sleep(delay)
-            finally:
-                if not reported:  # no answer (unreachable, cancelled, anything else): nothing learnt
-                    self.throttle.abandoned(operation, probe)
+            except BaseException:  # no answer (unreachable, cancelled, anything else): nothing learnt
+                self.throttle.abandoned(operation, probe)
+                raise
+            else:
+                self.throttle.answered(operation, probe, refused=False)
+                return result
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     @telemetry.acs_operation("createIdentity")
@@ -291,7 +291,7 @@ class AcsGateway:
             if getattr(getattr(err, "error", None), "code", None) == "InvalidAccessToken":
                 raise BadRequest(
                     "ACS did not accept the Teams access token: it is invalid, expired or not for ACS.",
-                    code=TEAMS_TOKEN_INVALID,
+                    code=Code.TEAMS_TOKEN_INVALID,
                 ) from None
             raise translate(err) from None
         except HttpResponseError as err:

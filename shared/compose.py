@@ -57,8 +57,7 @@ class Services:
 
     settings: Settings
     authenticator: JwtAuthenticator | EasyAuthAuthenticator
-    jwks: JwksCache | None  # the first trusted issuer's keys (jwt); every issuer's: `issuer_keys`
-    issuer_keys: dict[str, JwksCache]
+    issuer_keys: dict[str, JwksCache]  # each trusted issuer's key cache (jwt), by issuer
     tokens: TokenService
     revocation: RevocationService
     cleanup: Cleanup
@@ -70,6 +69,11 @@ class Services:
     revocation_limiter: RateLimiter
     manage_limiter: RateLimiter
     closers: tuple[Callable[[], Awaitable[None]], ...]
+
+    @property
+    def jwks(self) -> JwksCache | None:
+        """The first trusted issuer's keys (for one issuer, its only ones); None with Easy Auth."""
+        return next(iter(self.issuer_keys.values()), None)
 
     async def close(self) -> None:
         for close in self.closers:
@@ -129,9 +133,7 @@ def acs_client(settings: Settings, credential: Any | None = None) -> AsyncIdenti
     by connection string, or by endpoint with the credential."""
     from azure.communication.identity.aio import CommunicationIdentityClient
 
-    from . import telemetry
-
-    options = {**ACS_CLIENT_OPTIONS, **transport_options(), **telemetry.acs_client_options()}
+    options = {**ACS_CLIENT_OPTIONS, **transport_options()}
     if settings.acs_connection_string:
         return CommunicationIdentityClient.from_connection_string(settings.acs_connection_string, **options)
     assert settings.acs_endpoint and credential  # settings.load asks for one or the other
@@ -176,21 +178,15 @@ def compose(
     if table is None:
         table = table_client(settings, credential)
 
-    jwks = None
+    trusted = TrustedIssuers(settings.trusted_issuers)
     caches: dict[str, JwksCache] = {}
-    closers_of_keys = []
     authenticator: JwtAuthenticator | EasyAuthAuthenticator
     if settings.auth_mode == "easyauth":
         authenticator = EasyAuthAuthenticator(settings)
     else:
         # One key cache per trusted issuer: one issuer's keys never check another's tokens.
-        caches = {
-            t.issuer: JwksCache(t.issuer, metadata_url=t.metadata_url) for t in settings.trusted_issuers
-        }
-        jwks = next(iter(caches.values()))  # the first's (for one issuer, its only one)
-        authenticator = JwtAuthenticator(settings, caches)
-        closers_of_keys = [cache.close for cache in caches.values()]
-    trusted = TrustedIssuers(settings.trusted_issuers)
+        caches = {t.issuer: JwksCache(t.issuer, metadata_url=t.metadata_url) for t in trusted.entries}
+        authenticator = JwtAuthenticator(trusted, caches)
     store = Stores(
         table,
         object_id_issuer=settings.object_id_issuer,
@@ -210,12 +206,13 @@ def compose(
         clock=clock,
     )
     closers = (
-        [acs.close, table.close, graph.close] + closers_of_keys + ([credential.close] if credential else [])
+        [acs.close, table.close, graph.close]
+        + [keys.close for keys in caches.values()]
+        + ([credential.close] if credential else [])
     )
     return Services(
         settings=settings,
         authenticator=authenticator,
-        jwks=jwks,
         issuer_keys=caches,
         tokens=TokenService(
             store,

@@ -8,6 +8,7 @@ A type or a rule says what is wrong in words the operator reads after "App setti
 from __future__ import annotations
 
 import ipaddress
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -78,6 +79,15 @@ def names(value: str) -> tuple[str, ...]:
     if not items:
         raise ValueError("must list at least one value")
     return items
+
+
+def is_guid(value: str, *, canonical: bool = False) -> bool:
+    """A GUID in its 36-character form; `canonical`: in lower case too, as Entra writes tenant ids."""
+    try:
+        written = str(uuid.UUID(value))
+    except ValueError:
+        return False
+    return len(value) == 36 and written == (value if canonical else value.lower())
 
 
 # ---- rules ---------------------------------------------------------------------------------------

@@ -14,12 +14,11 @@ must be the tenant its `iss` names. In a list, an entry's users are admins only 
 from __future__ import annotations
 
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from . import jsonlimits
-from .config import https_url
+from .config import https_url, is_guid
 
 TENANT = "{tenantid}"
 ADMIN_ROLE = "TokenService.Admin"
@@ -81,16 +80,7 @@ def _tenant_in(template: str, iss: str) -> str | None:
     if not (iss.startswith(prefix) and iss.endswith(suffix) and len(iss) == len(prefix) + 36 + len(suffix)):
         return None
     tenant = iss[len(prefix) : len(prefix) + 36]
-    return tenant if _is_guid(tenant, canonical=True) else None
-
-
-def _is_guid(value: str, *, canonical: bool = False) -> bool:
-    """A GUID in its 36-character form; `canonical`: in lower case too, as Entra writes tenant ids."""
-    try:
-        written = str(uuid.UUID(value))
-    except ValueError:
-        return False
-    return len(value) == 36 and written == (value if canonical else value.lower())
+    return tenant if is_guid(tenant, canonical=True) else None
 
 
 class TrustedIssuers:
@@ -241,7 +231,7 @@ def _tenants(item: dict, at: str, *, multi_tenant: bool) -> tuple[frozenset[str]
             '(or "anyTenant": true to accept every Entra tenant in the world)'
         )
     listed = _strings(tenants, f"{at}.tenants")
-    if bad := [t for t in listed if not _is_guid(t)]:
+    if bad := [t for t in listed if not is_guid(t)]:
         raise ValueError(f"{at}.tenants: not tenant ids (GUIDs): {', '.join(bad)}")
     return frozenset(t.lower() for t in listed), False
 

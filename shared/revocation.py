@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from . import telemetry
-from .acs import AcsGateway
+from .acs import QUEUED_OPTIONS, AcsGateway
 from .clock import Clock, utcnow
 from .errors import NotFound, Unavailable
 from .store.record import IdentityRecord
@@ -21,7 +21,6 @@ from .store.stores import Stores
 
 log = logging.getLogger("acs_token_service.revocation")
 
-REQUEST_PATH_OPTIONS = {"retry_total": 1, "retry_backoff_factor": 0.2}
 FIRST_RETRY = dt.timedelta(seconds=30)
 
 
@@ -50,9 +49,10 @@ class RevocationService:
             return Outcome("pending", record.communication_user_id)
         # Marked first: from here no worker answers a token issued before again (shared/storm.py);
         # if the mark cannot be written, ACS is not asked and the caller retries (503).
-        await self.store.identities.note_revoked(record, self.clock())
+        # The mapping as marked, so that a write after ACS's answer needs no re-read (a new etag).
+        record = await self.store.identities.note_revoked(record, self.clock()) or record
         try:
-            await self.acs.revoke(record.communication_user_id, **REQUEST_PATH_OPTIONS)
+            await self.acs.revoke(record.communication_user_id, **QUEUED_OPTIONS)
         except NotFound:
             log.info("revoke found the identity gone source=%s user=%s", source, _ref(record))
             await self.store.identities.remove(record, reason="gone")
@@ -75,7 +75,7 @@ class RevocationService:
         # mapping that names an identity ACS no longer has.
         await self.store.identities.mark_pending(record, "delete", self.clock(), FIRST_RETRY)
         try:
-            await self.acs.delete(record.communication_user_id, **REQUEST_PATH_OPTIONS)
+            await self.acs.delete(record.communication_user_id, **QUEUED_OPTIONS)
         except Unavailable as err:
             log.info("delete pending source=%s user=%s reason=%s", source, _ref(record), err.code)
             return Outcome("pending", record.communication_user_id)

@@ -91,7 +91,7 @@ class FreshTokens:
         if issued is None:
             return None
         lifetime = issued.token.expires_on - issued.at
-        if now - issued.at > lifetime * (1 - min(share, STILL_GOOD_SHARE)):
+        if now - issued.at > lifetime * (1 - STILL_GOOD_SHARE):
             del self._tokens[key]  # no use of it remains
             return None
         return issued.token if now - issued.at <= lifetime * (1 - share) else None

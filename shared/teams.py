@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass
 
 from . import telemetry
-from .acs import TEAMS_APP_INVALID, TEAMS_APP_REJECTED, AcsGateway, IssuedToken
+from .acs import AcsGateway, IssuedToken
 from .auth import Caller, unverified_segment
 from .errors import BadRequest, Code, Forbidden, ServiceError, SettingError
 from .policy import parse_json_object
@@ -113,9 +113,9 @@ class TeamsExchange:
                 request.teams_token, self.client_app_id, caller.object_id
             )
         except ServiceError as err:
-            if err.code not in (TEAMS_APP_REJECTED, TEAMS_APP_INVALID):
+            if err.code not in (Code.TEAMS_APP_REJECTED, Code.TEAMS_APP_INVALID):
                 raise
-            if err.code == TEAMS_APP_REJECTED and token_app is None:  # the client's token is the suspect
+            if err.code == Code.TEAMS_APP_REJECTED and token_app is None:  # the client's token is the suspect
                 raise BadRequest(
                     "ACS refused the Teams token's application.", code=Code.TEAMS_APP_MISMATCH
                 ) from None

@@ -82,7 +82,7 @@ class TokenService:
     async def _issue(self, caller: Caller, request: TokenRequest) -> TokenResult:
         key = user_key(caller.issuer, caller.subject)
         for _ in range(CREATIONS_WAITED):
-            if self.storm_protection and self._creations.in_flight(key):
+            if self._creations.in_flight(key):  # only ever with storm protection on
                 await self._wait_for_creation(key)  # this worker is creating the user's identity now
                 continue
             record = await self.store.identities.get(key)

@@ -29,6 +29,19 @@ async def configure(monkeypatch, stack, *, managed_identity: bool, **extra: str)
     await reset_services()
 
 
+async def trust_only(monkeypatch, entries: list[dict]) -> None:
+    """AUTH_ISSUERS = `entries`, in place of the stack's AUTH_ISSUER and its three settings."""
+    import json
+
+    from shared.settings import SINGLE_ISSUER
+
+    for single in SINGLE_ISSUER:
+        monkeypatch.delenv(single.name, raising=False)
+    monkeypatch.setenv("AUTH_ISSUERS", json.dumps(entries))
+    reset_settings()
+    await reset_services()
+
+
 async def _service(stack, monkeypatch, *, managed_identity: bool):
     await configure(monkeypatch, stack, managed_identity=managed_identity)
     yield Users(stack)

@@ -78,8 +78,8 @@ def request(
     )
 
 
-async def post_as(users: Users, route: str, user: str, body: dict | None = None) -> func.HttpResponse:
-    """POST one of the user's own token routes as `user` would, through function_app's handler."""
+async def post(route: str, bearer: str, body: dict | None = None) -> func.HttpResponse:
+    """POST one of a user's own token routes with `bearer`, through function_app's handler."""
     import function_app
 
     handler = {
@@ -87,7 +87,20 @@ async def post_as(users: Users, route: str, user: str, body: dict | None = None)
         "token/refresh": function_app.refresh_token,
         "token/revoke": function_app.revoke_tokens,
     }[route]
-    return await handler(request("POST", route, token=users.token(user), body=body))
+    return await handler(request("POST", route, token=bearer, body=body))
+
+
+async def post_as(users: Users, route: str, user: str, body: dict | None = None) -> func.HttpResponse:
+    """`post` as `user` would, with a bearer the dev issuer minted."""
+    return await post(route, users.token(user), body)
+
+
+async def deliver(body: bytes) -> func.HttpResponse:
+    """One CloudEvent (e.g. `graph_user_event`'s) to the webhook, as Event Grid delivers it."""
+    import function_app
+
+    headers = {"Content-Type": "application/cloudevents+json; charset=utf-8"}
+    return await function_app.events(request("POST", "events", raw=body, headers=headers))
 
 
 def graph_user_event(kind: str, tenant_id: str, object_id: str) -> bytes:

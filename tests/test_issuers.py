@@ -26,8 +26,8 @@ from shared.compose import reset_services, services
 from shared.errors import SettingError
 from shared.issuers import TrustedIssuer, TrustedIssuers, parse
 from shared.settings import SAFE_ALGORITHMS, SCOPES, SINGLE_ISSUER, load, reset_settings
-from tests.service_fixtures import configure
-from tests.service_helpers import body_of, graph_user_event, request
+from tests.service_fixtures import configure, trust_only
+from tests.service_helpers import body_of, deliver, graph_user_event, post, request
 
 TENANT_A, TENANT_B, TENANT_C = ENTRA_TENANTS
 TEMPLATE = "https://login.microsoftonline.com/{tenantid}/v2.0"
@@ -232,19 +232,10 @@ async def issuers(stack, emulator, monkeypatch):
         },
     ]
     await configure(monkeypatch, stack, managed_identity=False)
-    for single in SINGLE_ISSUER:
-        monkeypatch.delenv(single.name, raising=False)
-    monkeypatch.setenv("AUTH_ISSUERS", json.dumps(entries))
-    reset_settings()
-    await reset_services()
+    await trust_only(monkeypatch, entries)
     yield Issuers(stack)
     await reset_services()
     reset_settings()
-
-
-async def _post(route: str, token: str, body: dict | None = None):
-    handler = {"token": function_app.issue_token, "token/refresh": function_app.refresh_token}[route]
-    return await handler(request("POST", route, token=token, body=body))
 
 
 def _refused(response) -> bool:
@@ -260,12 +251,12 @@ async def test_each_issuer_and_tenant_has_its_own_users(issuers):
     }
     identities = {}
     for who, token in tokens.items():
-        response = await _post("token", token)
+        response = await post("token", token)
         assert response.status_code == 200, (who, response.get_body())
         identities[who] = body_of(response)["communicationUserId"]
     assert len(set(identities.values())) == 4
     for who, token in tokens.items():  # stable: each refresh finds the same identity
-        assert body_of(await _post("token/refresh", token))["communicationUserId"] == identities[who]
+        assert body_of(await post("token/refresh", token))["communicationUserId"] == identities[who]
     mapped = await services().store.identities.get(
         __import__("shared.store.keys", fromlist=["user_key"]).user_key(
             issuers.entra_iss(TENANT_B), object_id_for("iss-bob")
@@ -275,25 +266,25 @@ async def test_each_issuer_and_tenant_has_its_own_users(issuers):
 
 
 async def test_a_tenant_not_on_the_allow_list_is_refused_without_asking_anyone(issuers):
-    assert (await _post("token", issuers.token("entra", "iss-warm-up", tenant=TENANT_A))).status_code == 200
+    assert (await post("token", issuers.token("entra", "iss-warm-up", tenant=TENANT_A))).status_code == 200
     before = issuers.requests_served()
-    assert _refused(await _post("token", issuers.token("entra", "iss-carol", tenant=TENANT_C)))
+    assert _refused(await post("token", issuers.token("entra", "iss-carol", tenant=TENANT_C)))
     assert issuers.requests_served() == before
 
 
 async def test_an_iss_naming_one_tenant_with_another_tid_is_refused(issuers):
     token = issuers.token("entra", "iss-mallory", tenant=TENANT_A, tid=TENANT_B)
-    response = await _post("token", token)
+    response = await post("token", token)
     assert _refused(response) and "tid" in body_of(response)["detail"]
 
 
 async def test_one_issuers_key_never_validates_another_issuers_token(issuers):
     for issuer, key in (("dev", "second"), ("second", "dev"), ("second", "entra"), ("entra", "dev")):
         assert (
-            await _post("token", issuers.token(key, "iss-warm-" + key))
+            await post("token", issuers.token(key, "iss-warm-" + key))
         ).status_code == 200  # the key is known
         forged = issuers.token(issuer, f"iss-forged-{issuer}-{key}", key=key)
-        assert _refused(await _post("token", forged)), (issuer, key)
+        assert _refused(await post("token", forged)), (issuer, key)
 
 
 async def test_an_unknown_issuer_makes_no_discovery_request(issuers):
@@ -304,20 +295,20 @@ async def test_an_unknown_issuer_makes_no_discovery_request(issuers):
         "http://169.254.169.254/metadata",  # the classic SSRF target
     ):
         token = issuers.token("dev", "iss-ssrf", iss=iss)
-        response = await _post("token", token)
+        response = await post("token", token)
         assert _refused(response) and "does not trust" in body_of(response)["detail"], iss
     assert issuers.requests_served() == before
 
 
 async def test_each_issuers_policy_applies_to_its_users(issuers):
     second, dev = issuers.token("second", "iss-pat"), issuers.token("dev", "iss-pat")
-    voip = await _post("token", second, {"scopes": ["voip"]})
+    voip = await post("token", second, {"scopes": ["voip"]})
     assert voip.status_code == 400 and body_of(voip)["code"] == "scope_not_allowed"
-    long = await _post("token", second, {"expiresInMinutes": 240})
+    long = await post("token", second, {"expiresInMinutes": 240})
     assert long.status_code == 400 and body_of(long)["code"] == "invalid_expiry"
-    default = body_of(await _post("token", second))
+    default = body_of(await post("token", second))
     assert default["scopes"] == ["chat"]  # the service's default scopes, within the issuer's
-    assert (await _post("token", dev, {"scopes": ["voip"], "expiresInMinutes": 240})).status_code == 200
+    assert (await post("token", dev, {"scopes": ["voip"], "expiresInMinutes": 240})).status_code == 200
 
     async def retention(token: str) -> int:
         return (
@@ -340,12 +331,11 @@ async def test_graph_events_find_users_of_every_tenant(issuers, emulator):
     """A Graph event names (tenant, object id): it reaches that tenant's user and no other's."""
     issued = {}
     for tenant in (TENANT_A, TENANT_B):
-        response = await _post("token", issuers.token("entra", "iss-gina", tenant=tenant))
+        response = await post("token", issuers.token("entra", "iss-gina", tenant=tenant))
         assert response.status_code == 200, response.get_body()
         issued[tenant] = body_of(response)
     event = graph_user_event("UserDeleted", TENANT_B, object_id_for("iss-gina"))
-    headers = {"Content-Type": "application/cloudevents+json; charset=utf-8"}
-    delivered = await function_app.events(request("POST", "events", raw=event, headers=headers))
+    delivered = await deliver(event)
     assert delivered.status_code == 200, delivered.get_body()
     assert not emulator.verify(issued[TENANT_B]["token"])["valid"]
     assert emulator.verify(issued[TENANT_A]["token"])["valid"]
@@ -362,13 +352,9 @@ async def test_an_entry_may_name_its_discovery_document(stack, emulator, monkeyp
         }
     ]
     await configure(monkeypatch, stack, managed_identity=False)
-    for single in SINGLE_ISSUER:
-        monkeypatch.delenv(single.name, raising=False)
-    monkeypatch.setenv("AUTH_ISSUERS", json.dumps(entries))
-    reset_settings()
-    await reset_services()
+    await trust_only(monkeypatch, entries)
     try:
-        response = await _post("token", Issuers(stack).token("second", "iss-metadata"))
+        response = await post("token", Issuers(stack).token("second", "iss-metadata"))
         assert response.status_code == 200, response.get_body()
     finally:
         await reset_services()
@@ -382,17 +368,12 @@ async def test_oid_keyed_users_made_under_auth_issuer_are_found_by_graph_events_
     (the same issuer, userClaim oid) a Graph event still finds those users, by their key."""
     await configure(monkeypatch, stack, managed_identity=False, AUTH_USER_CLAIM="oid")
     users = Issuers(stack)
-    issued = body_of(await _post("token", users.token("dev", "iss-switched")))
+    issued = body_of(await post("token", users.token("dev", "iss-switched")))
     entries = [{"issuer": stack["issuers"]["dev"], "audiences": stack["audience"], "userClaim": "oid"}]
-    for single in SINGLE_ISSUER:
-        monkeypatch.delenv(single.name, raising=False)
-    monkeypatch.setenv("AUTH_ISSUERS", json.dumps(entries))
-    reset_settings()
-    await reset_services()
+    await trust_only(monkeypatch, entries)
     try:
         event = graph_user_event("UserDeleted", stack["tenant_id"], object_id_for("iss-switched"))
-        headers = {"Content-Type": "application/cloudevents+json; charset=utf-8"}
-        delivered = await function_app.events(request("POST", "events", raw=event, headers=headers))
+        delivered = await deliver(event)
         assert delivered.status_code == 200, delivered.get_body()
         assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
     finally:

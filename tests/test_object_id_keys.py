@@ -17,7 +17,7 @@ from shared.policy import TokenRequest
 from shared.settings import load, reset_settings
 from shared.store import keys
 from tests.service_fixtures import configure
-from tests.service_helpers import Users, body_of, graph_rows, graph_user_event, request
+from tests.service_helpers import Users, body_of, deliver, graph_rows, graph_user_event, request
 
 BASE = {
     "AUTH_ISSUER": "https://login.microsoftonline.com/t/v2.0",
@@ -32,11 +32,6 @@ def test_only_jwt_validation_with_the_oid_claim_keys_users_by_object_id():
     assert load({**BASE, "AUTH_USER_CLAIM": "oid"}).object_id_issuer == BASE["AUTH_ISSUER"]
     easy = {**BASE, "AUTH_MODE": "easyauth", "WEBSITE_AUTH_ENABLED": "True", "AUTH_USER_CLAIM": "oid"}
     assert load(easy).object_id_issuer is None  # the issuer comes with each request there
-
-
-async def _deliver(body: bytes):
-    headers = {"Content-Type": "application/cloudevents+json; charset=utf-8"}
-    return await function_app.events(request("POST", "events", raw=body, headers=headers))
 
 
 async def test_graph_events_find_oid_keyed_users_without_a_lookup_row(stack, emulator, monkeypatch):
@@ -55,13 +50,11 @@ async def test_graph_events_find_oid_keyed_users_without_a_lookup_row(stack, emu
 
         # The same object id in another tenant is not this user: nothing happens.
         other_tenant = str(uuid.uuid4())
-        ignored = await _deliver(graph_user_event("UserDeleted", other_tenant, claims["oid"]))
+        ignored = await deliver(graph_user_event("UserDeleted", other_tenant, claims["oid"]))
         assert ignored.status_code == 200, ignored.get_body()
         assert emulator.verify(issued["token"])["valid"]
 
-        deleted = await _deliver(
-            graph_user_event("UserDeleted", claims["tid"].upper(), claims["oid"].upper())
-        )
+        deleted = await deliver(graph_user_event("UserDeleted", claims["tid"].upper(), claims["oid"].upper()))
         assert deleted.status_code == 200, deleted.get_body()
         assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
         assert await store.identities.get(key) is None
@@ -85,10 +78,10 @@ async def test_a_graph_row_acts_only_on_the_entra_user_the_mapping_records(servi
             "userKey": key,
         }
     )
-    assert (await _deliver(graph_user_event("UserDeleted", claims["tid"], stranger))).status_code == 200
+    assert (await deliver(graph_user_event("UserDeleted", claims["tid"], stranger))).status_code == 200
     assert emulator.verify(issued["token"])["valid"]
 
-    assert (await _deliver(graph_user_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
+    assert (await deliver(graph_user_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
     assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
 
 
@@ -120,7 +113,7 @@ async def test_a_graph_event_reaches_every_app_key_of_the_entra_user(service, em
     store = services().store
     assert len(await graph_rows(store.table.client, claims["tid"], claims["oid"])) == 2
 
-    assert (await _deliver(graph_user_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
+    assert (await deliver(graph_user_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
     for caller, token in identities.values():
         assert emulator.verify(token) == {"valid": False, "reason": "identity deleted"}
         assert await store.identities.get(keys.user_key(caller.issuer, caller.subject)) is None
@@ -146,7 +139,7 @@ async def test_a_redelivery_after_a_partial_failure_acts_only_on_the_identities_
 
     monkeypatch.setattr(clients.revocation, "revoke", revoke)
     event = graph_user_event("UserUpdated", claims["tid"], claims["oid"])
-    assert (await _deliver(event)).status_code == 503  # Event Grid will redeliver
+    assert (await deliver(event)).status_code == 503  # Event Grid will redeliver
     assert emulator.verify(identities[failed][1])["valid"]
     assert emulator.verify(identities[done][1]) == {"valid": False, "reason": "revoked"}
 
@@ -157,7 +150,7 @@ async def test_a_redelivery_after_a_partial_failure_acts_only_on_the_identities_
     )
     reissued = await clients.tokens.issue(caller, TokenRequest(scopes=("chat",), minutes=60))
     assert reissued.communication_user_id == done
-    assert (await _deliver(event)).status_code == 200
+    assert (await deliver(event)).status_code == 200
     assert emulator.verify(identities[failed][1]) == {"valid": False, "reason": "revoked"}
     assert emulator.verify(reissued.token.token)["valid"]
 
@@ -179,7 +172,7 @@ async def test_cleanup_files_a_lost_graph_row_again_for_a_user_still_active(serv
     assert [
         r["RowKey"] for r in await graph_rows(clients.store.table.client, claims["tid"], claims["oid"])
     ] == [row["RowKey"]]
-    assert (await _deliver(graph_user_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
+    assert (await deliver(graph_user_event("UserDeleted", claims["tid"], claims["oid"]))).status_code == 200
     assert emulator.verify(again["token"]) == {"valid": False, "reason": "identity deleted"}
     assert again["communicationUserId"] == issued["communicationUserId"]
 
@@ -202,14 +195,14 @@ async def test_a_redelivery_does_not_act_again_on_an_identity_done_though_the_ot
 
     monkeypatch.setattr(clients.revocation, "revoke", revoke)
     event = graph_user_event("UserUpdated", claims["tid"], claims["oid"])
-    assert (await _deliver(event)).status_code == 503
+    assert (await deliver(event)).status_code == 503
     assert (await clients.revocation.delete(failed, source="test")).status == "deleted"
     caller = dataclasses.replace(
         identities[done.communication_user_id][0], issued_at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
     )
     reissued = await clients.tokens.issue(caller, TokenRequest(scopes=("chat",), minutes=60))
 
-    redelivered = await _deliver(event)
+    redelivered = await deliver(event)
     assert redelivered.status_code == 200, redelivered.get_body()
     assert body_of(redelivered)["results"] == {"duplicate": 1, "ignored": 0}
     assert emulator.verify(reissued.token.token)["valid"]
@@ -236,12 +229,12 @@ async def test_an_event_whose_first_delivery_is_still_failing_is_acted_on_by_the
 
     monkeypatch.setattr(clients.revocation, "delete", delete)
     event = graph_user_event("UserDeleted", claims["tid"], claims["oid"])
-    first = asyncio.create_task(_deliver(event))
+    first = asyncio.create_task(deliver(event))
     await asyncio.sleep(0.05)
-    retry = await _deliver(event)
+    retry = await deliver(event)
     stuck.set()
     assert (await first).status_code == 503
     assert retry.status_code == 200 and body_of(retry)["results"]["deleted"] == 1, retry.get_body()
     assert emulator.verify(issued["token"]) == {"valid": False, "reason": "identity deleted"}
-    again = await _deliver(event)  # a later redelivery: done, nothing to do
+    again = await deliver(event)  # a later redelivery: done, nothing to do
     assert body_of(again)["results"] == {"duplicate": 1, "ignored": 0}

@@ -188,6 +188,15 @@ def _throttled(response) -> bool:
     )
 
 
+async def _fast_backoff(monkeypatch) -> None:
+    """The same six retries without the production waits (7.75 s) the test is not about."""
+    import shared.acs
+    from shared.compose import reset_services
+
+    monkeypatch.setattr(shared.acs, "RETRY_BACKOFF_SECONDS", (0.01,) * 6)
+    await reset_services()
+
+
 def _later(throttle: Throttle, seconds: float) -> None:
     real = throttle.clock
     throttle.clock = lambda: real() + seconds
@@ -225,12 +234,7 @@ async def test_past_the_issue_limit_acs_refuses_one_call_and_the_rest_are_answer
 
 async def test_a_refusing_acs_without_retry_after_is_not_retried_into(service, emulator, monkeypatch):
     """ACS's 429s carry no Retry-After: after MIN_REQUESTS refusals the worker refuses itself."""
-    import shared.acs
-
-    monkeypatch.setattr(shared.acs, "RETRY_BACKOFF_SECONDS", (0.01,) * 6)
-    from shared.compose import reset_services
-
-    await reset_services()
+    await _fast_backoff(monkeypatch)
     assert (await post_as(service, "token", "adaptive-amy")).status_code == 200
     throttle = services().tokens.acs.throttle
     throttle.chance = lambda: 0.0  # refuse whenever p > 0: the count below is exact
@@ -263,12 +267,7 @@ async def test_while_acs_refuses_its_calls_go_to_tokens_about_to_expire(service,
     """Kim holds a token this worker issued 20 minutes ago (two thirds of its life left): while ACS
     is refusing, kim's refresh is answered that token and costs no call. Lee's has less than half
     left: lee's refresh is the one ACS is asked for."""
-    import shared.acs
-
-    monkeypatch.setattr(shared.acs, "RETRY_BACKOFF_SECONDS", (0.01,) * 6)
-    from shared.compose import reset_services
-
-    await reset_services()
+    await _fast_backoff(monkeypatch)
     tokens = services().tokens
     throttle = tokens.acs.throttle
     throttle.chance = lambda: 1.0  # never refuse here: only the choice of who calls ACS is tested

@@ -27,7 +27,6 @@ import jwt
 from .. import jsonlimits
 from ..errors import Unauthenticated
 from ..issuers import TrustedIssuer, TrustedIssuers
-from ..settings import Settings
 from .caller import Caller, caller_from_claims
 from .jwks import JwksCache
 
@@ -77,10 +76,9 @@ def _unverified_header(token: str) -> dict:
 class JwtAuthenticator:
     """The caller a bearer JWT names, after every check; tokens that passed are remembered."""
 
-    def __init__(self, settings: Settings, keys: Mapping[str, JwksCache]) -> None:
-        """`keys`: each trusted issuer's key cache, by its `issuer` (`Settings.trusted_issuers`)."""
-        self.settings = settings
-        self.trusted = TrustedIssuers(settings.trusted_issuers)
+    def __init__(self, trusted: TrustedIssuers, keys: Mapping[str, JwksCache]) -> None:
+        """`keys`: each trusted issuer's key cache, by its `issuer`."""
+        self.trusted = trusted
         self.keys = keys
         # sha256(token) -> (caller, exp, kid, key, keys): tokens that passed every check.
         self._verified: OrderedDict[bytes, tuple[Caller, int, str, jwt.PyJWK, JwksCache]] = OrderedDict()

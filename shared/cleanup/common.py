@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Literal
 
-from ..acs import AcsGateway
+from ..acs import QUEUED_OPTIONS, AcsGateway
 from ..clock import Clock
 from ..store.stores import Stores
 
@@ -14,8 +14,8 @@ RUN_BUDGET = 240  # ACS calls of each kind per run
 CONCURRENCY = 16
 LEASE = dt.timedelta(minutes=2)
 MAX_BACKOFF = dt.timedelta(hours=1)
-# The run's ACS calls retry once, briefly: the next run is the retry.
-TIMER_OPTIONS = {"retry_total": 1, "retry_backoff_factor": 0.2}
+# The run's ACS calls retry once, briefly, as a request's revocation does: the next run is the retry.
+TIMER_OPTIONS = QUEUED_OPTIONS
 
 Spend = Literal["revoke", "delete", "claim"]
 

@@ -104,9 +104,7 @@ class PendingSteps(RetentionSteps):
         now = self.clock()
         op = work.op
         if op == "revoke" and not record.pending:
-            if work.requested_at is not None and now - work.requested_at < BLOCK_GRACE:
-                await self.store.pending.retry_later(work, now + LEASE)  # its block may be on its way
-                counts["waiting_for_block"] += 1
+            if await self._block_may_land(work, counts):
                 return
             await self.store.pending.finish(work)  # done: the user is unblocked
             counts["dropped_stale"] += 1
@@ -127,24 +125,29 @@ class PendingSteps(RetentionSteps):
         await self.store.pending.finish(work)
         counts["deleted"] += 1
 
+    async def _block_may_land(self, work: PendingWork, counts: Counter) -> bool:
+        """A request's revoke whose block may still be on its way (BLOCK_GRACE): taken again after a
+        LEASE instead of finished now, when its block would land on nobody's work."""
+        now = self.clock()
+        if work.requested_at is None or now - work.requested_at >= BLOCK_GRACE:
+            return False
+        await self.store.pending.retry_later(work, now + LEASE)
+        counts["waiting_for_block"] += 1
+        return True
+
     async def _revoke(self, work: PendingWork, record: IdentityRecord, counts: Counter) -> None:
-        marked = await self.store.identities.note_revoked(
-            record, self.clock()
-        )  # first, as a request's (storm.py)
+        # Marked first, as a request's revocation is (shared/storm.py).
+        marked = await self.store.identities.note_revoked(record, self.clock())
         try:
             await self.acs.revoke(work.communication_user_id, **TIMER_OPTIONS)
         except NotFound:
-            await self.store.identities.remove(
-                record, reason="gone"
-            )  # the identity is gone: so are its tokens
+            # The identity is gone: so are its tokens.
+            await self.store.identities.remove(record, reason="gone")
             await self.store.pending.finish(work)
             counts["revoked_identity_gone"] += 1
             return
         if record.pending != "revoke":  # its block has not landed; retention's claim stays its own
-            if work.requested_at is not None and self.clock() - work.requested_at < BLOCK_GRACE:
-                # The block may still be on its way: finished now, it would land on nobody's work.
-                await self.store.pending.retry_later(work, self.clock() + LEASE)
-                counts["waiting_for_block"] += 1
+            if await self._block_may_land(work, counts):
                 return
             await self.store.pending.finish(work)
             counts["revoked"] += 1

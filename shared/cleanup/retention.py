@@ -33,8 +33,8 @@ RETIRE_GRACE = dt.timedelta(minutes=10)
 # is done with ACS before another run may take it over.
 ACS_DELETE_DEADLINE = dt.timedelta(seconds=60)
 PROBE_DEADLINE = dt.timedelta(seconds=15)  # asking ACS whether an identity is still there
-# Whether an identity is still there is asked once: azure-core honours Retry-After uncapped, and a
-# throttled answer only defers the question to the next run.
+# Whether an identity is still there is asked once (the gateway does not retry `exists`), and
+# azure-core does not retry a connection either: a failed answer only defers it to the next run.
 PROBE_OPTIONS = {"retry_total": 0}
 # ACS answers that say it did not act (shared/acs.py): a retirement may give way to a use then.
 ACS_REFUSALS = (Code.ACS_THROTTLED, Code.ACS_AUTH_FAILED, Code.ACS_REJECTED)

@@ -193,11 +193,7 @@ class Identities:
         current: IdentityRecord | None = record if record.etag else None
         for _ in range(3):
             if current is None:
-                current = (
-                    IdentityRecord.from_entity(entity)
-                    if (entity := await self.table.get(record.user_key, keys.IDENTITY_ROW)) is not None
-                    else None
-                )
+                current = await read_mapping(self.table, record.user_key)
                 if current is None or current.communication_user_id != record.communication_user_id:
                     return False
             try:

@@ -2,9 +2,9 @@
 Monitor, configured off the event loop."""
 
 from .measure import (
-    acs_client_options,
     acs_operation,
     acs_refused_here,
+    acs_throttled,
     counts_revocations,
     counts_tokens,
     table_operation,
@@ -13,9 +13,9 @@ from .measure import (
 from .setup import configure, configure_in_background
 
 __all__ = [
-    "acs_client_options",
     "acs_operation",
     "acs_refused_here",
+    "acs_throttled",
     "configure",
     "configure_in_background",
     "counts_revocations",

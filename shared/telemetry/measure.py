@@ -19,7 +19,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from azure.core.pipeline.policies import SansIOHTTPPolicy
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -61,7 +60,7 @@ ACS_REFUSED_HERE = _meter.create_counter(
     description="ACS calls the worker's throttle answered itself (429) instead of making, by operation",
 )
 
-# The ACS operation in progress, for the per-attempt response policy below.
+# The ACS operation in progress, for the gateway's per-attempt counts below.
 _acs_operation: contextvars.ContextVar[str] = contextvars.ContextVar("acs_operation", default="unknown")
 
 
@@ -132,31 +131,20 @@ def acs_operation(operation: str) -> Callable:
     return decorate
 
 
-class AcsResponsePolicy(SansIOHTTPPolicy):
-    """Sees every attempt's response (it sits after azure-core's retry policy): counts 429s, each
-    attempt's, whoever retries it, with ACS's Retry-After on the span."""
-
-    def on_response(self, request, response) -> None:
-        if response.http_response.status_code != 429:
-            return
-        operation = _acs_operation.get()
-        ACS_THROTTLED.add(1, {"acs.operation": operation})
-        retry_after = response.http_response.headers.get("Retry-After", "")
-        event: dict[str, Any] = {"acs.operation": operation}
-        if retry_after.isdigit():
-            event["retry_after_s"] = int(retry_after)
-        trace.get_current_span().add_event("acs.throttled", event)
+def acs_throttled(retry_after: int | None) -> None:
+    """One 429 of ACS's, each attempt counted (the gateway retries them), its Retry-After on the span."""
+    operation = _acs_operation.get()
+    ACS_THROTTLED.add(1, {"acs.operation": operation})
+    event: dict[str, Any] = {"acs.operation": operation}
+    if retry_after is not None:
+        event["retry_after_s"] = retry_after
+    trace.get_current_span().add_event("acs.throttled", event)
 
 
 def acs_refused_here(operation: str) -> None:
     """A call the throttle answered without making it (shared/throttle.py)."""
     ACS_REFUSED_HERE.add(1, {"acs.operation": operation})
     trace.get_current_span().add_event("acs.refused_here", {"acs.operation": operation})
-
-
-def acs_client_options() -> dict[str, Any]:
-    """Extra keyword arguments for the ACS client: the per-attempt response policy."""
-    return {"per_retry_policies": [AcsResponsePolicy()]}
 
 
 # ---- Table Storage -------------------------------------------------------------------------------
